@@ -1,0 +1,85 @@
+"""The seams between the GPU thread and what runs the models.
+
+``DeviceRuntime`` is the device the GPU thread owns: on a CUDA machine the primary context, one stream
+and the buffers (worker.engines.cuda); on a CPU-only machine a stand-in with the same shape
+(``CpuRuntime``), so the GPU thread is the same code in both places.
+
+``InferenceEngine`` is one model on that device, in Polygraphy's activate / infer / deactivate shape.
+Inference is split into ``enqueue`` (queue copies and kernels on the runtime's stream, return a
+collector) and the collector (read outputs after the runtime synchronised), so that a pipeline of
+several models costs one synchronisation per batch.
+
+Every method of both is called on the GPU thread only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from worker.models.spec import ModelSpec
+
+Outputs = dict[str, np.ndarray]
+Collector = Callable[[], Outputs]
+
+
+class DeviceRuntime(Protocol):
+    kind: str  # "cuda" or "cpu"
+    device_name: str
+
+    def start(self) -> None:
+        """Take the device for this thread (context, stream). Called once, first, on the GPU thread."""
+
+    def stop(self) -> None:
+        """Release everything ``start`` took, after every engine was deactivated."""
+
+    def synchronize(self) -> None:
+        """Wait for all work queued on the stream."""
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A reusable host array for batch assembly (page-locked on CUDA, so copies run async)."""
+
+    def memory_in_use(self) -> int:
+        """Bytes of device memory in use (0 where unknown)."""
+
+
+class InferenceEngine(Protocol):
+    spec: ModelSpec
+
+    def activate(self, runtime: DeviceRuntime, max_batch_size: int) -> None:
+        """Load the model and allocate buffers for up to ``max_batch_size`` images."""
+
+    def enqueue(self, batch: np.ndarray) -> Collector:
+        """Queue inference of ``batch`` (uint8, N x H x W x C, pre-processed on the CPU).
+
+        Returns a callable that gives the outputs (host arrays, leading dimension N) once the runtime
+        has synchronised. Arrays may be views of reused buffers: copy what must outlive the batch.
+        """
+
+    def deactivate(self) -> None:
+        """Free everything ``activate`` allocated."""
+
+
+class CpuRuntime:
+    """The runtime of a machine without a usable GPU: ONNX Runtime's CPU provider on the GPU thread."""
+
+    kind = "cpu"
+    device_name = "cpu"
+    stream_handle = 0
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def host_buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
+
+    def memory_in_use(self) -> int:
+        return 0

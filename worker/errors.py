@@ -1,0 +1,79 @@
+"""A small error tree. Each class says what the flow must do with the message that raised it.
+
+- ``PoisonMessage``: the input itself is bad; retrying cannot help. It goes to the dead-letter topic with
+  ``reason`` (a stable, machine-readable code) and the message text in headers, and then counts as done.
+- ``RetriableError``: the input is fine but we could not finish it (device error, broker trouble). Its
+  offset is never committed, so a restart redoes it.
+- ``FatalError``: the process cannot go on (engine will not load, a stage crashed). Exit non-zero.
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base of every error the worker raises on purpose."""
+
+    retriable = False
+    poison = False
+
+
+class ConfigError(WorkerError):
+    """Bad settings or pipeline file: stop start-up with the message."""
+
+
+class PoisonMessage(WorkerError):
+    """The message can never be processed; it belongs in the dead-letter topic."""
+
+    poison = True
+    reason = "poison"
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class EmptyValue(PoisonMessage):
+    reason = "empty_value"
+
+
+class TooLarge(PoisonMessage):
+    reason = "too_large"
+
+
+class UnsupportedImage(PoisonMessage):
+    reason = "unsupported_image"
+
+
+class UndecodableImage(PoisonMessage):
+    reason = "undecodable_image"
+
+
+class MalformedEnvelope(PoisonMessage):
+    reason = "malformed_envelope"
+
+
+class ModelRejectedInput(PoisonMessage):
+    """The model raised on this input alone (found by retrying a failed batch item by item)."""
+
+    reason = "model_error"
+
+
+class RetriableError(WorkerError):
+    retriable = True
+
+
+class DeviceError(RetriableError):
+    """A CUDA error: the batch fails as retriable and the process exits so a restart redoes it."""
+
+    def __init__(self, message: str, cuda_error: str = "") -> None:
+        super().__init__(message)
+        self.cuda_error = cuda_error
+
+
+class FatalError(WorkerError):
+    """The process cannot continue."""
+
+
+class EngineLoadError(FatalError, ConfigError):
+    """A model or engine cannot be loaded: start-up stops with this message."""

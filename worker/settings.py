@@ -1,0 +1,216 @@
+"""One frozen settings object, built once at start-up from flags and ``WORKER_*`` variables.
+
+Precedence (highest first): command-line flag, environment variable ``WORKER_<FIELD>``, default.
+Every field's help text is its documentation: ``worker run --help`` prints them all, and the Helm
+chart sets the same names as environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.errors import ConfigError
+
+ENV_PREFIX = "WORKER_"
+SECRET_FIELDS = frozenset({"sasl_password", "ssl_keyfile_password"})
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- Kafka -----------------------------------------------------------------------------
+    bootstrap_servers: str = _opt("localhost:9092", "Kafka bootstrap servers, comma separated.")
+    input_topic: str = _opt("images", "Topic the image messages are read from.")
+    output_topic: str = _opt("results", "Topic the inference results are written to.")
+    dlq_topic: str = _opt("images.dlq", "Dead-letter topic for poison messages (payload + error headers).")
+    group_id: str = _opt("gpu-worker", "Consumer group id.")
+    client_id: str = _opt("gpu-worker", "Kafka client id (shows up in broker logs and quotas).")
+    auto_offset_reset: str = _opt(
+        "earliest", "Where a group with no committed offset starts.", ("earliest", "latest")
+    )
+    security_protocol: str = _opt(
+        "PLAINTEXT", "Kafka security protocol.", ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    )
+    sasl_mechanism: str = _opt(
+        "PLAIN", "SASL mechanism.", ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
+    )
+    sasl_username: str = _opt("", "SASL user name.")
+    sasl_password: str = _opt("", "SASL password (masked in logs).")
+    ssl_cafile: str = _opt("", "CA bundle (PEM) that signs the brokers' certificates.")
+    ssl_certfile: str = _opt("", "Client certificate (PEM) for mutual TLS.")
+    ssl_keyfile: str = _opt("", "Client private key (PEM) for mutual TLS.")
+    ssl_keyfile_password: str = _opt("", "Password of the client private key (masked in logs).")
+    session_timeout_ms: int = _opt(30000, "Consumer group session timeout.")
+    max_poll_interval_ms: int = _opt(300000, "Longest gap between polls before the group evicts us.")
+    fetch_max_bytes: int = _opt(52428800, "Most bytes one fetch returns across partitions.")
+    max_partition_fetch_bytes: int = _opt(8388608, "Most bytes one fetch returns per partition.")
+    producer_linger_ms: int = _opt(5, "Producer linger: how long a result batch waits to fill.")
+    producer_max_request_size: int = _opt(10485760, "Largest produce request (results and DLQ records).")
+    producer_max_pending: int = _opt(
+        2048, "Most result/DLQ records sent but not yet acknowledged; past it sends wait."
+    )
+    # --- Model ----------------------------------------------------------------------------
+    pipeline: str = _opt(
+        "", "Model pipeline file (YAML). Empty: the bundled demo pipeline (exact-function models)."
+    )
+    device: str = _opt(
+        "auto", "Where inference runs: auto (CUDA if usable, else CPU), cuda, or cpu.",
+        ("auto", "cuda", "cpu"),
+    )
+    gpu_device_index: int = _opt(0, "CUDA device index; run one worker process per GPU.")
+    max_batch_size: int = _opt(32, "Largest micro-batch sent to the models.")
+    max_wait_ms: float = _opt(5.0, "Longest a request waits for its micro-batch to fill.")
+    ort_arena: bool = _opt(True, "ONNX Runtime CUDA provider: use its memory arena.")
+    ort_cudnn_search: str = _opt(
+        "HEURISTIC", "ONNX Runtime cuDNN convolution algorithm search.", ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+    )
+    engine_cache_dir: str = _opt(
+        "", "Where TensorRT engines built from ONNX files are cached. Empty: ~/.cache/gpu-worker/engines."
+    )
+    # --- Decode ---------------------------------------------------------------------------
+    decode_workers: int = _opt(0, "Decode threads. 0: one per CPU core.")
+    decoder: str = _opt(
+        "cpu", "Image decoder: cpu (OpenCV), or cpu-reduced (DCT-domain downscaled JPEG decode).",
+        ("cpu", "cpu-reduced"),
+    )
+    max_bytes: int = _opt(20_000_000, "Largest accepted message value in bytes; larger ones go to the DLQ.")
+    max_pixels: int = _opt(
+        40_000_000, "Largest accepted width*height, read from the header before decoding (bomb guard)."
+    )
+    # --- Flow control and commits ---------------------------------------------------------
+    max_in_flight: int = _opt(1024, "Most messages consumed but not yet finished; past it partitions pause.")
+    resume_in_flight: int = _opt(0, "Resume paused partitions below this many in flight. 0: half of max_in_flight.")
+    commit_interval_ms: int = _opt(1000, "How often finished offsets are committed.")
+    drain_timeout_s: float = _opt(20.0, "On SIGTERM, how long in-flight work may take to finish.")
+    rebalance_timeout_s: float = _opt(10.0, "On partition revoke, how long in-flight work may take.")
+    # --- Operations -----------------------------------------------------------------------
+    http_port: int = _opt(8080, "Port of /healthz, /readyz and /metrics. 0: no HTTP server.")
+    log_format: str = _opt("auto", "Log format: auto (console on a terminal, else JSON), json, console.",
+                           ("auto", "json", "console"))
+    log_level: str = _opt("info", "Log level.", ("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_batch_size", "max_in_flight", "commit_interval_ms", "producer_max_pending"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_wait_ms", "drain_timeout_s", "rebalance_timeout_s", "decode_workers",
+                     "max_bytes", "max_pixels", "resume_in_flight", "http_port"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.resume_in_flight > self.max_in_flight:
+            problems.append(
+                f"resume_in_flight={self.resume_in_flight} must not exceed max_in_flight={self.max_in_flight}"
+            )
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        if problems:
+            raise ConfigError("invalid settings: " + "; ".join(problems))
+
+    # --- derived values -------------------------------------------------------------------
+    @property
+    def resume_threshold(self) -> int:
+        return self.resume_in_flight or max(1, self.max_in_flight // 2)
+
+    @property
+    def decode_threads(self) -> int:
+        return self.decode_workers or (os.cpu_count() or 1)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings for the start-up log line, secrets masked."""
+        out = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            if out[name]:
+                out[name] = "***"
+        return out
+
+    def kafka_common(self) -> dict[str, Any]:
+        """Connection and security options shared by consumer, producer and admin client."""
+        opts: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            opts["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile or None,
+                certfile=self.ssl_certfile or None,
+                keyfile=self.ssl_keyfile or None,
+                password=self.ssl_keyfile_password or None,
+            )
+        if self.security_protocol.startswith("SASL"):
+            opts["sasl_mechanism"] = self.sasl_mechanism
+            opts["sasl_plain_username"] = self.sasl_username or None
+            opts["sasl_plain_password"] = self.sasl_password or None
+        return opts
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _convert(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ConfigError(f"{f.name}: cannot read {raw!r} as {kind} (flag --{f.name.replace('_', '-')} "
+                          f"or env {_env_name(f.name)})") from None
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser, exclude: frozenset[str] = frozenset()) -> None:
+    """One flag per field; defaults stay None so that unset flags fall through to the environment."""
+    group = parser.add_argument_group("settings (each also read from env WORKER_<NAME>)")
+    for f in dataclasses.fields(Settings):
+        if f.name in exclude:
+            continue
+        choices = f.metadata.get("choices")
+        extra = f" One of: {', '.join(choices)}." if choices else ""
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            metavar=(f.type if isinstance(f.type, str) else f.type.__name__).upper(),
+            help=f"{f.metadata['help']}{extra} [env {_env_name(f.name)}; default {f.default!r}]",
+        )
+
+
+def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
+         **overrides: Any) -> Settings:
+    """Build the settings: flags over environment over defaults; ``overrides`` win over all."""
+    environ = os.environ if environ is None else environ
+    flags = flags or {}
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = flags.get(f.name)
+        if raw is None:
+            raw = environ.get(_env_name(f.name))
+        if raw is not None:
+            values[f.name] = _convert(f, raw) if isinstance(raw, str) else raw
+    values.update(overrides)
+    return Settings(**values)
