@@ -1,0 +1,70 @@
+"""Engines and the device runtime they share, created from the settings.
+
+Nothing here imports CUDA, pycuda or TensorRT at module level: a machine without a GPU imports
+``worker.engines`` and gets the CPU runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker import log
+from worker.engines.base import CpuRuntime, DeviceRuntime, InferenceEngine
+from worker.errors import ConfigError
+from worker.models.spec import ModelSpec
+
+__all__ = ["CpuRuntime", "DeviceRuntime", "InferenceEngine", "create_engine", "create_runtime", "cuda_unusable"]
+
+_log = log.get(__name__)
+
+
+def cuda_unusable(device_index: int = 0) -> str:
+    """Why CUDA cannot be used for ``device_index`` here, or "" when it can.
+
+    Only ``cuInit`` and device queries run: no context is created on the calling thread.
+    """
+    try:
+        import pycuda.driver as cuda
+    except ImportError as exc:
+        return f"pycuda is not importable ({exc}); install the gpu extra"
+    try:
+        cuda.init()
+        count = cuda.Device.count()
+    except Exception as exc:  # pycuda raises RuntimeError or cuda.Error subclasses here
+        return f"the CUDA driver did not initialise: {exc}"
+    if count == 0:
+        return "the CUDA driver sees no device"
+    if not 0 <= device_index < count:
+        return f"gpu_device_index={device_index} but the CUDA driver sees {count} device(s) (0..{count - 1})"
+    return ""
+
+
+def create_runtime(settings: Any) -> DeviceRuntime:
+    """The device runtime for ``settings.device``: auto (CUDA if usable, else CPU), cuda, or cpu."""
+    if settings.device == "cpu":
+        return CpuRuntime()
+    why = cuda_unusable(settings.gpu_device_index)
+    if not why:
+        from worker.engines.cuda import CudaRuntime
+
+        return CudaRuntime(settings.gpu_device_index)
+    if settings.device == "cuda":
+        raise ConfigError(f"device=cuda but CUDA is not usable: {why}")
+    _log.warning("cuda_unavailable_using_cpu", reason=why)
+    return CpuRuntime()
+
+
+def create_engine(spec: ModelSpec, settings: Any) -> InferenceEngine:
+    """The engine of ``spec.backend``; nothing is loaded until ``activate``."""
+    if spec.backend == "onnxruntime":
+        from worker.engines.onnxruntime import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(spec, settings)
+    if spec.backend == "tensorrt":
+        if settings.device == "cpu":
+            raise ConfigError(f"model {spec.name}: backend=tensorrt needs device=cuda or auto on a GPU, "
+                              "not device=cpu; use backend=onnxruntime for CPU runs")
+        from worker.engines.tensorrt import TensorRTEngine
+
+        return TensorRTEngine(spec, settings)
+    raise ConfigError(f"model {spec.name}: unknown backend {spec.backend!r}")
