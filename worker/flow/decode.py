@@ -1,0 +1,151 @@
+"""Decode stage: message value → one pre-processed uint8 tensor per model. Runs in a bounded thread pool.
+
+OpenCV releases the GIL while it decodes and resizes, so a thread pool scales over cores without the
+pickling cost of processes. Everything here is synchronous and raises ``PoisonMessage`` subclasses for
+bad input, each with a specific reason code and a message that says what was wrong.
+
+Order of checks, cheapest first, so a decompression bomb is refused before any pixel is allocated:
+size of the value → envelope → header (format, dimensions, depth, colour model) → full decode →
+decoded dimensions equal the header's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# OpenCV's own pixel limit is 2**30; ours (max_pixels) is checked earlier from the header. Set theirs
+# too, before cv2 is imported, so that no path through OpenCV can allocate more than a sane image.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 28))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from worker.errors import MalformedEnvelope, UndecodableImage, UnsupportedImage  # noqa: E402
+from worker.flow.imageinfo import ImageInfo, check_limits, check_size, sniff  # noqa: E402
+from worker.models.preprocess import prepare  # noqa: E402
+from worker.models.spec import PipelineSpec  # noqa: E402
+
+CORRELATION_HEADERS = ("correlation-id", "correlation_id", "x-correlation-id", "traceparent")
+_REDUCED_FLAGS = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
+
+
+@dataclass(frozen=True)
+class Decoded:
+    inputs: tuple[np.ndarray, ...]  # one uint8 HWC array per model of the pipeline
+    width: int
+    height: int
+    format: str
+    correlation_id: str | None
+    decode_s: float
+
+
+def header_value(headers: Sequence[tuple[str, bytes]] | None, names: Sequence[str]) -> str | None:
+    for key, value in headers or ():
+        if key.lower() in names and value is not None:
+            return value.decode("utf-8", "replace")
+    return None
+
+
+def unwrap_envelope(value: bytes, headers: Sequence[tuple[str, bytes]] | None) -> tuple[bytes, str | None]:
+    """Return (image bytes, correlation id).
+
+    A value is either the encoded image itself, or a JSON envelope (header ``content-type:
+    application/json``, or a value starting with ``{``): ``{"image": "<base64>", "correlation_id": "..."}``.
+    """
+    correlation = header_value(headers, CORRELATION_HEADERS)
+    content_type = (header_value(headers, ("content-type",)) or "").split(";")[0].strip().lower()
+    if content_type != "application/json" and not value[:1] == b"{":
+        return value, correlation
+    try:
+        doc = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedEnvelope(f"JSON envelope does not parse: {exc}") from None
+    if not isinstance(doc, dict):
+        raise MalformedEnvelope(f"JSON envelope must be an object, got {type(doc).__name__}")
+    image = doc.get("image")
+    if not isinstance(image, str) or not image:
+        raise MalformedEnvelope("JSON envelope needs a non-empty base64 string field 'image'; "
+                                f"fields present: {sorted(doc)}")
+    try:
+        data = base64.b64decode(image, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MalformedEnvelope(f"envelope field 'image' is not valid base64: {exc}") from None
+    cid = doc.get("correlation_id", correlation)
+    if cid is not None and not isinstance(cid, (str, int)):
+        raise MalformedEnvelope(f"envelope field 'correlation_id' must be a string, got {type(cid).__name__}")
+    return data, (str(cid) if cid is not None else None)
+
+
+def reduction_factor(info: ImageInfo, targets: Sequence[tuple[int, int]]) -> int:
+    """Largest DCT-domain reduction (1/2, 1/4, 1/8) that still leaves every model's input size covered.
+
+    libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 scale by skipping DCT coefficients: several times less
+    work when a 12-megapixel photo feeds a 224x224 model.
+    """
+    if info.format != "jpeg":
+        return 1
+    need_w = max(w for w, _ in targets)
+    need_h = max(h for _, h in targets)
+    for factor in (8, 4, 2):
+        if info.width // factor >= need_w and info.height // factor >= need_h:
+            return factor
+    return 1
+
+
+def inspect(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
+    """Header-only checks: size, format, dimensions against max_pixels, sample depth, colour model."""
+    check_size(len(data), max_bytes)
+    info = sniff(data)
+    check_limits(info, max_pixels)
+    if info.bit_depth != 8:
+        raise UnsupportedImage(f"{info.format} image has {info.bit_depth}-bit samples; only 8-bit is supported")
+    if info.color in ("cmyk", "ycck"):
+        raise UnsupportedImage(f"{info.format} image is {info.color.upper()}; convert to RGB before sending")
+    return info
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int, reduce: int = 1,
+                 info: ImageInfo | None = None) -> np.ndarray:
+    """Bytes → uint8 array (H, W) or (H, W, 3|4), BGR(A) as OpenCV gives it. Raises PoisonMessage."""
+    info = info or inspect(data, max_bytes, max_pixels)
+    flag = _REDUCED_FLAGS.get(reduce, cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    except cv2.error as exc:
+        raise UndecodableImage(f"{info.format} {info.width}x{info.height}: OpenCV failed: {exc.msg.strip()}") \
+            from None
+    if image is None:
+        raise UndecodableImage(f"{info.format} {info.width}x{info.height} header is valid but the image data "
+                               "could not be decoded (truncated or corrupt)")
+    if image.dtype != np.uint8:
+        raise UnsupportedImage(f"{info.format} decoded to {image.dtype}; only 8-bit images are supported")
+    h, w = image.shape[:2]
+    expect = ((info.height + reduce - 1) // reduce, (info.width + reduce - 1) // reduce)
+    if reduce == 1 and (h, w) != expect:
+        raise UndecodableImage(f"{info.format} header says {info.width}x{info.height} but decoded {w}x{h}")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels not in (1, 3, 4):
+        raise UnsupportedImage(f"{info.format} image has {channels} channels; supported: gray, RGB, RGBA")
+    return image
+
+
+def decode_message(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None, pipeline: PipelineSpec,
+                   max_bytes: int, max_pixels: int, reduced: bool = False) -> Decoded:
+    """The whole decode stage for one message (runs in the decode pool)."""
+    started = time.perf_counter()
+    value = value or b""
+    check_size(len(value), max_bytes)  # before the envelope: base64 inflates nothing we must read
+    data, correlation = unwrap_envelope(value, headers)
+    info = inspect(data, max_bytes, max_pixels)
+    reduce = 1
+    if reduced:
+        reduce = reduction_factor(info, [(m.preprocess.width, m.preprocess.height) for m in pipeline.models])
+    image = decode_image(data, max_bytes, max_pixels, reduce, info)
+    inputs = tuple(prepare(image, m.preprocess) for m in pipeline.models)
+    return Decoded(inputs, info.width, info.height, info.format, correlation, time.perf_counter() - started)

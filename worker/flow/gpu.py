@@ -1,0 +1,301 @@
+"""The GPU thread: the only thread that touches the device.
+
+It owns the runtime (on CUDA: the primary context, pushed once, and one stream) and every engine,
+micro-batches requests from all partitions, runs each batch through every model of the pipeline with
+one synchronisation, and resolves each request's asyncio future on the event loop with
+``call_soon_threadsafe`` (asyncio futures are not thread-safe).
+
+Failures, by kind:
+- ``DeviceError`` (a CUDA error): every request of the batch fails as retriable, the thread stops and
+  ``on_fatal`` is told, so the process exits non-zero without committing those offsets.
+- any other exception from a model: the batch is retried item by item, once, to isolate the bad
+  input; only the items that fail alone become ``ModelRejectedInput`` (poison, to the DLQ).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from worker import log
+from worker.engines.base import DeviceRuntime, InferenceEngine, Outputs
+from worker.errors import DeviceError, FatalError, ModelRejectedInput, WorkerError
+from worker.flow.batch import MicroBatcher
+from worker.metrics import Metrics
+
+_STOP = object()
+# Phrases of CUDA failures that engines may surface as plain exceptions (ONNX Runtime raises
+# RuntimeException "CUDA failure 2: out of memory"); they mean the device, not the input, is at fault.
+_CUDA_MARKERS = ("CUDA failure", "CUDA error", "CUDA_ERROR", "cudaError", "CUBLAS_STATUS", "CUDNN_STATUS",
+                 "out of memory", "illegal memory access", "launch failure")
+
+
+@dataclass
+class InferenceRequest:
+    """One image on its way through the GPU thread; ``inputs`` holds one uint8 HWC array per model."""
+
+    inputs: Sequence[np.ndarray]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    context: dict[str, Any] = field(default_factory=dict)  # topic/partition/offset, for logs
+    enqueued_at: float = 0.0
+
+
+@dataclass
+class InferenceResult:
+    outputs: list[Outputs]  # one dict per model, arrays without the batch dimension
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+def as_device_error(exc: BaseException) -> DeviceError | None:
+    if isinstance(exc, DeviceError):
+        return exc
+    text = str(exc)
+    if any(marker in text for marker in _CUDA_MARKERS):
+        return DeviceError(f"device failure: {text}", cuda_error=_cuda_error_name(text))
+    return None
+
+
+def _cuda_error_name(text: str) -> str:
+    for token in text.replace(":", " ").replace(",", " ").split():
+        if token.startswith(("CUDA_ERROR_", "cudaError", "CUBLAS_STATUS_", "CUDNN_STATUS_")):
+            return token
+    return "out of memory" if "out of memory" in text else ""
+
+
+def _resolve(fut: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    if fut.done():  # cancelled while the GPU worked on it (e.g. shutdown)
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+class GpuThread:
+    def __init__(self, runtime: DeviceRuntime, engines: Sequence[InferenceEngine], max_batch_size: int,
+                 max_wait_ms: float, metrics: Metrics | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, warmup: bool = True) -> None:
+        self.runtime = runtime
+        self.engines = list(engines)
+        self.max_batch_size = max_batch_size
+        self.metrics = metrics
+        self.on_fatal = on_fatal
+        self.warmup = warmup
+        self._clock = clock
+        self._batcher: MicroBatcher[InferenceRequest] = MicroBatcher(max_batch_size, max_wait_ms / 1000.0)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name="gpu", daemon=True)
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self.fatal_error: BaseException | None = None
+        self.heartbeat = clock()
+        self.batches = 0
+        self.images = 0
+        self._log = log.get("gpu")
+
+    # --- called from the event loop ------------------------------------------------------
+    async def start(self) -> None:
+        """Start the thread and wait (off the loop) until every model is loaded and warmed up."""
+        self._thread.start()
+        await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    def submit(self, request: InferenceRequest) -> None:
+        if self.fatal_error is not None:
+            raise FatalError(f"GPU thread has stopped: {self.fatal_error}")
+        request.enqueued_at = self._clock()
+        self._queue.put(request)
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + len(self._batcher)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.fatal_error is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then tear down the device in reverse order (blocking: call off-loop)."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._log.error("gpu thread did not stop in time", timeout_s=timeout)
+
+    # --- the thread ----------------------------------------------------------------------
+    def _main(self) -> None:
+        activated: list[InferenceEngine] = []
+        started = False
+        try:
+            self.runtime.start()
+            started = True
+            for engine in self.engines:
+                engine.activate(self.runtime, self.max_batch_size)
+                activated.append(engine)
+            self._host = [self.runtime.host_buffer((self.max_batch_size, *e.spec.preprocess.hwc_shape),
+                                                   np.uint8) for e in self.engines]
+            if self.warmup:
+                self._warm_up()
+        except BaseException as exc:  # noqa: BLE001 - reported to start() and re-raised there
+            self._startup_error = exc if isinstance(exc, WorkerError) else FatalError(
+                f"model start-up failed: {type(exc).__name__}: {exc}")
+            self._ready.set()
+            self._teardown(activated, started)
+            return
+        self._log.info("gpu thread ready", device=self.runtime.device_name, kind=self.runtime.kind,
+                       models=[e.spec.name for e in self.engines], max_batch_size=self.max_batch_size)
+        self._ready.set()
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - a dead GPU thread must take the process down
+            self._fail(exc)
+        finally:
+            self._teardown(activated, started)
+
+    def _warm_up(self) -> None:
+        """Run the smallest and largest batch once so that allocations and kernel selection happen
+        before the worker reports ready, not on the first real messages."""
+        for n in sorted({1, self.max_batch_size}):
+            batch = [buf[:n] for buf in self._host]
+            for b in batch:
+                b.fill(0)
+            self._infer(batch)
+
+    def _loop(self) -> None:
+        stopping = False
+        while True:
+            self.heartbeat = self._clock()
+            if self.metrics is not None:
+                self.metrics.gpu_queue_depth.set(self.queue_depth())
+            if stopping and not len(self._batcher) and self._queue.empty():
+                return
+            timeout = self._batcher.time_left(self._clock())
+            try:
+                item = self._queue.get(timeout=1.0 if timeout is None else timeout)
+            except queue.Empty:
+                item = None
+            while item is not None:
+                if item is _STOP:
+                    stopping = True
+                else:
+                    self._batcher.add(item, item.enqueued_at)
+                if len(self._batcher) >= self.max_batch_size:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            now = self._clock()
+            if self._batcher.ready(now) or (stopping and len(self._batcher)):
+                self._run_batch([req for req, _ in self._batcher.take()], now)
+
+    def _infer(self, batches: Sequence[np.ndarray]) -> list[Outputs]:
+        collectors = [engine.enqueue(batch) for engine, batch in zip(self.engines, batches)]
+        self.runtime.synchronize()  # one synchronisation per batch, whatever the number of models
+        return [collect() for collect in collectors]
+
+    def _assemble(self, requests: Sequence[InferenceRequest]) -> list[np.ndarray]:
+        n = len(requests)
+        for i, buf in enumerate(self._host):
+            for j, req in enumerate(requests):
+                buf[j] = req.inputs[i]
+        return [buf[:n] for buf in self._host]
+
+    def _run_batch(self, requests: list[InferenceRequest], now: float) -> None:
+        n = len(requests)
+        started = self._clock()
+        try:
+            outputs = self._infer(self._assemble(requests))
+        except BaseException as exc:  # noqa: BLE001 - classified below
+            device_error = as_device_error(exc)
+            if device_error is not None:
+                for req in requests:
+                    req.loop.call_soon_threadsafe(_resolve, req.future, None, device_error)
+                raise device_error from exc
+            self._isolate(requests, exc)
+            return
+        elapsed = self._clock() - started
+        self.batches += 1
+        self.images += n
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(n)
+            self.metrics.inference_seconds.observe(elapsed)
+            self.metrics.gpu_memory.set(self.runtime.memory_in_use())
+        oldest_wait = max(started - r.enqueued_at for r in requests)
+        self._log.info("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
+                       inference_ms=round(elapsed * 1000, 3))
+        for j, req in enumerate(requests):
+            # Copy: collectors may return views of buffers reused by the next batch.
+            per_model = [{name: np.array(arr[j]) for name, arr in out.items()} for out in outputs]
+            result = InferenceResult(per_model, queue_s=started - req.enqueued_at, inference_s=elapsed,
+                                     batch_size=n)
+            req.loop.call_soon_threadsafe(_resolve, req.future, result)
+
+    def _isolate(self, requests: list[InferenceRequest], batch_error: BaseException) -> None:
+        """A model raised on the batch: retry each item alone, once, so only the bad one is rejected."""
+        self._log.warning("batch failed; retrying items one by one", size=len(requests),
+                          error=f"{type(batch_error).__name__}: {batch_error}")
+        for req in requests:
+            try:
+                outputs = self._infer(self._assemble([req]))
+            except BaseException as exc:  # noqa: BLE001 - classified below
+                device_error = as_device_error(exc)
+                if device_error is not None:
+                    req.loop.call_soon_threadsafe(_resolve, req.future, None, device_error)
+                    raise device_error from exc
+                names = "+".join(e.spec.name for e in self.engines)
+                error = ModelRejectedInput(f"model {names} failed on this input alone: "
+                                           f"{type(exc).__name__}: {exc}")
+                self._log.warning("model rejected input", error=str(error), **req.context)
+                req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+                continue
+            per_model = [{name: np.array(arr[0]) for name, arr in out.items()} for out in outputs]
+            req.loop.call_soon_threadsafe(
+                _resolve, req.future, InferenceResult(per_model, self._clock() - req.enqueued_at, 0.0, 1))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.fatal_error = exc
+        name = getattr(exc, "cuda_error", "")
+        self._log.error("gpu thread failed", error=f"{type(exc).__name__}: {exc}", cuda_error=name or None)
+        # Fail everything still queued so that no coroutine waits for a thread that is gone.
+        pending = [req for req, _ in self._batcher.take()]
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                pending.append(item)
+        error = exc if isinstance(exc, WorkerError) else FatalError(f"GPU thread failed: {exc}")
+        for req in pending:
+            req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+        if self.on_fatal is not None:
+            self.on_fatal(error)
+
+    def _teardown(self, activated: list[InferenceEngine], started: bool) -> None:
+        """Reverse order of start: sync the stream, engines last-in first-out, then the runtime."""
+        try:
+            if started:
+                self.runtime.synchronize()
+        except BaseException as exc:  # noqa: BLE001 - still release what we can
+            self._log.error("stream synchronize failed at teardown", error=str(exc))
+        for engine in reversed(activated):
+            try:
+                engine.deactivate()
+            except BaseException as exc:  # noqa: BLE001
+                self._log.error("engine deactivate failed", model=engine.spec.name, error=str(exc))
+        if started:
+            try:
+                self.runtime.stop()
+            except BaseException as exc:  # noqa: BLE001
+                self._log.error("runtime stop failed", error=str(exc))

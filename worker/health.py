@@ -1,0 +1,86 @@
+"""Probes and metrics over HTTP, served on the event loop (aiohttp).
+
+- ``/healthz`` (liveness): the event loop and the GPU thread both beat recently. A wedged loop or a dead
+  GPU thread fails it, so Kubernetes restarts the pod.
+- ``/readyz`` (readiness): models loaded and warmed, consumer joined its group, broker reachable.
+- ``/metrics``: Prometheus text format.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from worker.metrics import Metrics
+
+STALE_AFTER_S = 30.0
+
+
+@dataclass
+class HealthState:
+    models_ready: bool = False
+    joined: bool = False
+    broker_ok: bool = False
+    loop_heartbeat: float = field(default_factory=time.monotonic)
+    gpu_heartbeat: Callable[[], float] = time.monotonic
+    gpu_alive: Callable[[], bool] = lambda: True
+
+    def loop_beat(self) -> None:
+        self.loop_heartbeat = time.monotonic()
+
+    def liveness(self, now: float | None = None) -> tuple[bool, dict]:
+        now = time.monotonic() if now is None else now
+        loop_age = now - self.loop_heartbeat
+        gpu_age = now - self.gpu_heartbeat()
+        checks = {"event_loop_heartbeat_age_s": round(loop_age, 3), "gpu_heartbeat_age_s": round(gpu_age, 3),
+                  "gpu_thread_alive": self.gpu_alive()}
+        return (loop_age < STALE_AFTER_S and gpu_age < STALE_AFTER_S and self.gpu_alive()), checks
+
+    def readiness(self) -> tuple[bool, dict]:
+        checks = {"models_ready": self.models_ready, "consumer_joined": self.joined,
+                  "broker_reachable": self.broker_ok}
+        return all(checks.values()), checks
+
+
+def make_app(state: HealthState, metrics: Metrics) -> web.Application:
+    def respond(ok: bool, checks: dict) -> web.Response:
+        return web.Response(status=200 if ok else 503, content_type="application/json",
+                            text=json.dumps({"ok": ok, **checks}))
+
+    async def healthz(_: web.Request) -> web.Response:
+        return respond(*state.liveness())
+
+    async def readyz(_: web.Request) -> web.Response:
+        return respond(*state.readiness())
+
+    async def prometheus(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    app = web.Application()
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", prometheus)])
+    return app
+
+
+class HealthServer:
+    def __init__(self, state: HealthState, metrics: Metrics, port: int, host: str = "0.0.0.0") -> None:
+        self._runner = web.AppRunner(make_app(state, metrics), access_log=None)
+        self.port = port
+        self.host = host
+
+    async def start(self) -> int:
+        """Start serving; returns the bound port (useful with port 0 in tests)."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

@@ -1,0 +1,56 @@
+"""Prometheus metrics. Names follow Prometheus conventions: ``_total`` counters, base units.
+
+One registry per worker (not the global default), so tests and `worker demo` can run several workers
+in one process. prometheus_client is thread-safe: the GPU thread records its own batch metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+from worker import __version__
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.consumed = Counter("worker_messages_consumed", "Messages read from the input topic.", registry=r)
+        self.published = Counter("worker_messages_published", "Results acknowledged by the broker.", registry=r)
+        self.dead_lettered = Counter("worker_messages_dead_lettered", "DLQ records acknowledged, by reason.",
+                                     ["reason"], registry=r)
+        self.failed = Counter("worker_messages_failed",
+                              "Messages that failed retriably (not committed; redone after restart).",
+                              ["reason"], registry=r)
+        self.batch_size = Histogram("worker_batch_size", "Images per GPU micro-batch.",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.decode_seconds = Histogram("worker_decode_seconds", "Decode and CPU pre-processing per image.",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("worker_queue_seconds", "Wait in the GPU queue per image.",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("worker_inference_seconds", "Device time per batch, all models.",
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.end_to_end_seconds = Histogram("worker_end_to_end_seconds",
+                                            "From consume to broker ack of the result, per message.",
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("worker_in_flight_messages", "Consumed and not yet finished.", registry=r)
+        self.gpu_queue_depth = Gauge("worker_gpu_queue_depth", "Requests waiting for the GPU thread.",
+                                     registry=r)
+        self.decode_queue_depth = Gauge("worker_decode_queue_depth", "Messages waiting for or in decode.",
+                                        registry=r)
+        self.paused = Gauge("worker_partitions_paused", "1 while backpressure pauses consumption.", registry=r)
+        self.lag = Gauge("worker_consumer_lag_messages", "End offset minus committed offset.",
+                         ["topic", "partition"], registry=r)
+        self.commits = Counter("worker_commits", "Offset commits sent to the broker.", registry=r)
+        self.commit_failures = Counter("worker_commit_failures", "Offset commits that failed.", registry=r)
+        self.rebalances = Counter("worker_rebalances", "Partition assignments and revocations.", ["kind"],
+                                  registry=r)
+        self.gpu_memory = Gauge("worker_gpu_memory_used_bytes", "Device memory in use on our GPU.",
+                                registry=r)
+        self.build = Info("worker_build", "Build information.", registry=r)
+        self.build.info({"version": __version__})
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,59 @@
+"""Builds a running worker from settings: pipeline, device runtime, engines, GPU thread, HTTP probes.
+
+Shared by `worker run`, `worker replay`, `worker demo` and `worker bench`, so every mode runs the
+same pipeline code.
+"""
+
+from __future__ import annotations
+
+from worker import log
+from worker.app import Worker
+from worker.engines import create_engine, create_runtime
+from worker.flow.consume import Plan
+from worker.flow.gpu import GpuThread
+from worker.health import HealthServer, HealthState
+from worker.metrics import Metrics
+from worker.models.bundled import default_pipeline_path
+from worker.models.spec import PipelineSpec, load_pipeline
+from worker.settings import Settings
+
+
+def pipeline_for(settings: Settings) -> PipelineSpec:
+    return load_pipeline(settings.pipeline or default_pipeline_path())
+
+
+async def serve(settings: Settings, plan: Plan | None = None, metrics: Metrics | None = None,
+                worker_out: list | None = None) -> int:
+    """Run a worker until it stops; returns the process exit code.
+
+    ``worker_out``, if given, receives the Worker object (tests and the demo read its counters).
+    """
+    logger = log.get("service")
+    logger.info("starting", settings=settings.masked())
+    pipeline = pipeline_for(settings)
+    metrics = metrics or Metrics()
+    health = HealthState()
+    runtime = create_runtime(settings)
+    engines = [create_engine(spec, settings) for spec in pipeline.models]
+    worker_ref: list[Worker] = []
+    gpu = GpuThread(runtime, engines, settings.max_batch_size, settings.max_wait_ms, metrics=metrics,
+                    on_fatal=lambda exc: worker_ref[0].fail(exc) if worker_ref else None)
+    health.gpu_heartbeat = lambda: gpu.heartbeat
+    health.gpu_alive = gpu.alive
+    server = HealthServer(health, metrics, settings.http_port) if settings.http_port else None
+    if server is not None:
+        port = await server.start()
+        logger.info("http listening", port=port, paths=["/healthz", "/readyz", "/metrics"])
+    try:
+        await gpu.start()  # raises a clear error if a model or engine cannot load
+        health.models_ready = True
+        worker = Worker(settings, pipeline, gpu, metrics=metrics, plan=plan, health=health)
+        worker_ref.append(worker)
+        if worker_out is not None:
+            worker_out.append(worker)
+        return await worker.run()
+    finally:
+        if not worker_ref:
+            gpu.stop()
+        if server is not None:
+            await server.stop()
