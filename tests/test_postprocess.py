@@ -1,0 +1,71 @@
+"""postprocess(): raw outputs as JSON-ready lists, top-k with softmax and labels, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from worker.errors import ConfigError
+from worker.models.postprocess import postprocess, softmax
+from worker.models.spec import ModelSpec, OutputSpec, Preprocess
+
+PRE = Preprocess(width=4, height=4)
+
+
+def spec(*outputs: OutputSpec) -> ModelSpec:
+    return ModelSpec(name="m", path="bundled:channel_means", preprocess=PRE, outputs=outputs)
+
+
+def test_every_output_raw_when_none_listed():
+    outputs = {"means": np.array([1.5, 2.0, 3.25], np.float32),
+               "bits": np.array([[0, 1], [1, 0]], np.uint8),
+               "half": np.array([0.5, -2.0], np.float16),
+               "flag": np.array(True)}
+    result = postprocess(outputs, spec())
+    assert list(result) == ["means", "bits", "half", "flag"]
+    assert result["means"] == {"shape": [3], "dtype": "float32", "data": [1.5, 2.0, 3.25]}
+    assert result["bits"] == {"shape": [2, 2], "dtype": "uint8", "data": [[0, 1], [1, 0]]}
+    assert result["half"] == {"shape": [2], "dtype": "float16", "data": [0.5, -2.0]}
+    assert result["flag"] == {"shape": [], "dtype": "bool", "data": True}
+    assert type(result["half"]["data"][0]) is float and type(result["bits"]["data"][0][0]) is int
+    json.dumps(result)  # no NumPy types left
+
+
+def test_only_listed_outputs_in_listed_order():
+    outputs = {"a": np.zeros(2, np.float32), "b": np.ones(1, np.float32)}
+    assert list(postprocess(outputs, spec(OutputSpec("b"), OutputSpec("a")))) == ["b", "a"]
+    assert list(postprocess(outputs, spec(OutputSpec("b")))) == ["b"]
+
+
+def test_topk_sorted_with_labels():
+    logits = np.array([0.1, 3.0, -1.0, 2.0, 3.0], np.float32)
+    out = OutputSpec("logits", kind="topk", k=3, labels=("cat", "dog", "eel", "fox"))
+    result = postprocess({"logits": logits}, spec(out))["logits"]
+    # equal scores keep index order; index 4 has no label, so no label key
+    assert result == [{"index": 1, "score": 3.0, "label": "dog"}, {"index": 4, "score": 3.0},
+                      {"index": 3, "score": 2.0, "label": "fox"}]
+    json.dumps(result)
+
+
+def test_topk_softmax_is_stable_and_matches_definition():
+    logits = np.array([1000.0, 999.0, 998.0, -1000.0], np.float32)  # naive exp overflows
+    result = postprocess({"y": logits}, spec(OutputSpec("y", kind="topk", k=10, softmax=True)))["y"]
+    assert [r["index"] for r in result] == [0, 1, 2, 3]  # k larger than the output: all of it
+    e = np.exp(np.array([0.0, -1.0, -2.0, -2000.0]))
+    np.testing.assert_allclose([r["score"] for r in result], e / e.sum(), rtol=1e-12)
+    assert sum(r["score"] for r in result) == pytest.approx(1.0)
+    np.testing.assert_allclose(softmax(np.array([1.0, 2.0])), [1 / (1 + np.e), np.e / (1 + np.e)])
+
+
+def test_topk_flattens_and_handles_float16():
+    y = np.array([[1, 5], [3, 2]], np.float16)
+    result = postprocess({"y": y}, spec(OutputSpec("y", kind="topk", k=2)))["y"]
+    assert result == [{"index": 1, "score": 5.0}, {"index": 2, "score": 3.0}]
+    assert all(type(r["score"]) is float for r in result)
+
+
+def test_unknown_output_names_the_real_ones():
+    with pytest.raises(ConfigError, match=r"model 'm' has no output 'logits'; its outputs are \['means'\]"):
+        postprocess({"means": np.zeros(3, np.float32)}, spec(OutputSpec("logits", kind="topk")))

@@ -1,0 +1,67 @@
+"""Model outputs of one image -> the JSON-ready part of its result message.
+
+For each output the pipeline lists (every output, raw, when it lists none):
+
+- ``raw``: ``{"shape": [...], "dtype": "float32", "data": nested lists}``. Values become Python numbers
+  (float16 -> float) so that ``json.dumps`` takes them as they are. Non-finite floats stay NaN/Infinity;
+  a model that emits them is broken and the result should say so rather than hide it.
+- ``topk``: ``[{"index": i, "score": s, "label": "..."}, ...]``, best first, over the flattened output.
+  ``softmax: true`` turns scores into probabilities first (max-subtracted, in float64, so large logits do
+  not overflow). Equal scores keep index order, so results are reproducible. ``label`` is present only
+  when labels were configured and cover that index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from worker.errors import ConfigError
+from worker.models.spec import ModelSpec, OutputSpec
+
+
+def check_outputs(spec: ModelSpec, available: Iterable[str]) -> None:
+    """Refuse a pipeline that names outputs the model does not have (call it once, at start-up)."""
+    available = list(available)
+    missing = [o.name for o in spec.outputs if o.name not in available]
+    if missing:
+        raise ConfigError(f"model {spec.name!r} has no output {', '.join(map(repr, missing))}; its outputs "
+                          f"are {available}. Fix outputs[].name in the pipeline file")
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x.astype(np.float64) - np.max(x)
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def raw(array: np.ndarray) -> dict[str, Any]:
+    array = np.asarray(array)
+    return {"shape": list(array.shape), "dtype": str(array.dtype), "data": array.tolist()}
+
+
+def topk(array: np.ndarray, out: OutputSpec) -> list[dict[str, Any]]:
+    scores = np.asarray(array).ravel()
+    if scores.size == 0:
+        return []
+    scores = softmax(scores) if out.softmax else scores.astype(np.float64)
+    # A stable sort of the negated scores: best first, ties in index order. Outputs are small
+    # (classes, not pixels), so a full sort costs microseconds and avoids argpartition's tie order.
+    order = np.argsort(-scores, kind="stable")[: out.k]
+    result = []
+    for i in order.tolist():
+        item: dict[str, Any] = {"index": i, "score": float(scores[i])}
+        if i < len(out.labels):
+            item["label"] = out.labels[i]
+        result.append(item)
+    return result
+
+
+def postprocess(outputs: dict[str, np.ndarray], spec: ModelSpec) -> dict[str, Any]:
+    """One image's outputs (no batch dimension) -> ``{output name: raw dict or top-k list}``."""
+    check_outputs(spec, outputs)
+    selected = spec.outputs or tuple(OutputSpec(name=name) for name in outputs)
+    return {o.name: (topk(outputs[o.name], o) if o.kind == "topk" else raw(outputs[o.name]))
+            for o in selected}
