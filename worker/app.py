@@ -164,6 +164,11 @@ class Worker:
                 await asyncio.wait_for(closer(), timeout=10)
             except Exception as exc:  # noqa: BLE001 - closing must go on
                 self._log.warning("close failed", error=f"{type(exc).__name__}: {exc}")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
         await self._loop.run_in_executor(None, self.gpu.stop)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self._log.info("stopped", exit_code=self.exit_code, **self.counts)

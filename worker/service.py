@@ -13,7 +13,7 @@ from worker.flow.consume import Plan
 from worker.flow.gpu import GpuThread
 from worker.health import HealthServer, HealthState
 from worker.metrics import Metrics
-from worker.models.bundled import default_pipeline_path
+from worker.models import default_pipeline_path
 from worker.models.spec import PipelineSpec, load_pipeline
 from worker.settings import Settings
 

@@ -23,6 +23,7 @@ class _PartitionState:
     heap: list[int] = field(default_factory=list)  # pending offsets, lazily pruned
     next_offset: int | None = None  # one past the highest offset started
     committed: int | None = None  # last position handed to the broker
+    base: int | None = None  # first offset started: the position we began at, nothing to commit
 
 
 class OffsetTracker:
@@ -38,6 +39,8 @@ class OffsetTracker:
         if st.committed is not None and offset < st.committed:
             # Re-delivery below the committed position (e.g. a seek back): already done.
             return
+        if st.base is None:
+            st.base = offset
         st.pending.add(offset)
         heapq.heappush(st.heap, offset)
         if st.next_offset is None or offset + 1 > st.next_offset:
@@ -72,7 +75,8 @@ class OffsetTracker:
             if partitions is not None and tp not in partitions:  # type: ignore[operator]
                 continue
             pos = self.committable(tp)
-            if pos is not None and (st.committed is None or pos > st.committed):
+            floor = st.committed if st.committed is not None else st.base
+            if pos is not None and (floor is None or pos > floor):
                 out[tp] = pos
         return out
 
