@@ -1,0 +1,360 @@
+{{/* Names ------------------------------------------------------------------------------------ */}}
+
+{{- define "gpu-worker.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "gpu-worker.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "gpu-worker.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "gpu-worker.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gpu-worker.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "gpu-worker.labels" -}}
+helm.sh/chart: {{ include "gpu-worker.chart" . }}
+{{ include "gpu-worker.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "gpu-worker.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "gpu-worker.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "gpu-worker.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "gpu-worker.replayGroupId" -}}
+{{- default (printf "%s-replay" .Values.kafka.groupId) .Values.replay.groupId }}
+{{- end }}
+
+{{- define "gpu-worker.tlsEnabled" -}}
+{{- if has .Values.kafka.security.protocol (list "SSL" "SASL_SSL") }}true{{ end }}
+{{- end }}
+
+{{- define "gpu-worker.saslEnabled" -}}
+{{- if hasPrefix "SASL" .Values.kafka.security.protocol }}true{{ end }}
+{{- end }}
+
+{{/* Checks that values.schema.json cannot express (they compare two values) ---------------- */}}
+
+{{- define "gpu-worker.validate" -}}
+{{- $partitions := int .Values.kafka.partitions }}
+{{- if and .Values.keda.enabled (gt (int .Values.keda.maxReplicas) $partitions) }}
+{{- fail (printf "keda.maxReplicas=%d exceeds kafka.partitions=%d: a consumer beyond the partition count of topic %q gets no partition and holds a GPU idle. Lower keda.maxReplicas, or set kafka.partitions to the topic's real partition count." (int .Values.keda.maxReplicas) $partitions .Values.kafka.inputTopic) }}
+{{- end }}
+{{- if and .Values.keda.enabled (gt (int .Values.keda.minReplicas) (int .Values.keda.maxReplicas)) }}
+{{- fail (printf "keda.minReplicas=%d exceeds keda.maxReplicas=%d" (int .Values.keda.minReplicas) (int .Values.keda.maxReplicas)) }}
+{{- end }}
+{{- if and (not .Values.keda.enabled) (gt (int .Values.replicaCount) $partitions) }}
+{{- fail (printf "replicaCount=%d exceeds kafka.partitions=%d: a consumer beyond the partition count of topic %q gets no partition and holds a GPU idle." (int .Values.replicaCount) $partitions .Values.kafka.inputTopic) }}
+{{- end }}
+{{- if and .Values.keda.enabled (ne .Values.kafka.security.protocol "PLAINTEXT") (not .Values.keda.authenticationRef) }}
+{{- fail (printf "keda.authenticationRef is empty but kafka.security.protocol=%s: KEDA's Kafka scaler cannot read consumer lag without SASL/TLS credentials. Create a TriggerAuthentication (see docs/deploy.md) and name it in keda.authenticationRef." .Values.kafka.security.protocol) }}
+{{- end }}
+{{- if and (include "gpu-worker.saslEnabled" .) (not .Values.kafka.security.sasl.passwordSecret.name) (ne .Values.kafka.security.sasl.mechanism "GSSAPI") }}
+{{- fail (printf "kafka.security.protocol=%s needs kafka.security.sasl.passwordSecret.name (an existing Secret with the SASL password)" .Values.kafka.security.protocol) }}
+{{- end }}
+{{- if and (include "gpu-worker.tlsEnabled" .) (not .Values.kafka.security.tls.secretName) }}
+{{- fail (printf "kafka.security.protocol=%s needs kafka.security.tls.secretName (an existing Secret with the CA bundle under key %q)" .Values.kafka.security.protocol .Values.kafka.security.tls.caKey) }}
+{{- end }}
+{{- if ne (empty .Values.kafka.security.tls.certKey) (empty .Values.kafka.security.tls.keyKey) }}
+{{- fail "kafka.security.tls.certKey and kafka.security.tls.keyKey go together (mutual TLS needs both the client certificate and its key)" }}
+{{- end }}
+{{- if and .Values.replay.enabled (eq (include "gpu-worker.replayGroupId" .) .Values.kafka.groupId) }}
+{{- fail (printf "replay.groupId=%q is the live consumer group: a replay must use its own group so that it never moves the live group's offsets" .Values.kafka.groupId) }}
+{{- end }}
+{{- $_ := include "gpu-worker.terminationGracePeriodSeconds" . }}
+{{- end }}
+
+{{/* The grace period: the drain timeout rounded up plus a margin, or the user's value if above it. */}}
+{{- define "gpu-worker.terminationGracePeriodSeconds" -}}
+{{- $drain := float64 .Values.worker.drainTimeoutSeconds }}
+{{- $grace := .Values.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $grace }}
+{{- add (int (ceil $drain)) (int .Values.terminationGraceMarginSeconds) }}
+{{- else }}
+{{- if le (float64 $grace) $drain }}
+{{- fail (printf "terminationGracePeriodSeconds=%v must be above worker.drainTimeoutSeconds=%v: Kubernetes kills the pod when the grace period ends, cutting the drain and its final offset commit (already-processed messages would be redone). Leave it empty to get drainTimeoutSeconds + %v." $grace $drain .Values.terminationGraceMarginSeconds) }}
+{{- end }}
+{{- int $grace }}
+{{- end }}
+{{- end }}
+
+{{/* Environment shared by the worker Deployment and the replay Job ------------------------------ */}}
+
+{{- define "gpu-worker.env" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: WORKER_CLIENT_ID
+  value: "$(POD_NAME)"
+- name: WORKER_BOOTSTRAP_SERVERS
+  value: {{ .Values.kafka.bootstrapServers | quote }}
+- name: WORKER_INPUT_TOPIC
+  value: {{ .Values.kafka.inputTopic | quote }}
+- name: WORKER_OUTPUT_TOPIC
+  value: {{ .Values.kafka.outputTopic | quote }}
+- name: WORKER_DLQ_TOPIC
+  value: {{ .Values.kafka.dlqTopic | quote }}
+- name: WORKER_SECURITY_PROTOCOL
+  value: {{ .Values.kafka.security.protocol | quote }}
+{{- if include "gpu-worker.saslEnabled" . }}
+- name: WORKER_SASL_MECHANISM
+  value: {{ .Values.kafka.security.sasl.mechanism | quote }}
+- name: WORKER_SASL_USERNAME
+  value: {{ .Values.kafka.security.sasl.username | quote }}
+{{- with .Values.kafka.security.sasl.passwordSecret }}
+{{- if .name }}
+- name: WORKER_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name | quote }}
+      key: {{ .key | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if include "gpu-worker.tlsEnabled" . }}
+{{- with .Values.kafka.security.tls }}
+- name: WORKER_SSL_CAFILE
+  value: {{ printf "/etc/gpu-worker/kafka-tls/%s" .caKey | quote }}
+{{- if .certKey }}
+- name: WORKER_SSL_CERTFILE
+  value: {{ printf "/etc/gpu-worker/kafka-tls/%s" .certKey | quote }}
+- name: WORKER_SSL_KEYFILE
+  value: {{ printf "/etc/gpu-worker/kafka-tls/%s" .keyKey | quote }}
+{{- end }}
+{{- if .keyPasswordSecret.name }}
+- name: WORKER_SSL_KEYFILE_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .keyPasswordSecret.name | quote }}
+      key: {{ .keyPasswordSecret.key | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.pipeline }}
+- name: WORKER_PIPELINE
+  value: "/etc/gpu-worker/pipeline/pipeline.yaml"
+{{- end }}
+{{- with .Values.worker }}
+- name: WORKER_DEVICE
+  value: {{ .device | quote }}
+- name: WORKER_GPU_DEVICE_INDEX
+  value: {{ int .gpuDeviceIndex | quote }}
+- name: WORKER_MAX_BATCH_SIZE
+  value: {{ int .maxBatchSize | quote }}
+- name: WORKER_MAX_WAIT_MS
+  value: {{ toString .maxWaitMs | quote }}
+- name: WORKER_DECODE_WORKERS
+  value: {{ int .decodeWorkers | quote }}
+- name: WORKER_MAX_IN_FLIGHT
+  value: {{ int .maxInFlight | quote }}
+- name: WORKER_DRAIN_TIMEOUT_S
+  value: {{ toString .drainTimeoutSeconds | quote }}
+- name: WORKER_HTTP_PORT
+  value: {{ int .httpPort | quote }}
+- name: WORKER_LOG_FORMAT
+  value: {{ .logFormat | quote }}
+- name: WORKER_LOG_LEVEL
+  value: {{ .logLevel | quote }}
+- name: WORKER_ENGINE_CACHE_DIR
+  value: {{ .engineCacheDir | quote }}
+- name: WORKER_MODEL_CACHE
+  value: {{ .modelCacheDir | quote }}
+{{- with .extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes and mounts ------------------------------------------------------------------------ */}}
+
+{{- define "gpu-worker.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+- name: engine-cache
+{{- if .Values.engineCache.existingClaim }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.engineCache.existingClaim }}
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.engineCache.sizeLimit }}
+{{- end }}
+- name: model-cache
+  emptyDir:
+    sizeLimit: {{ .Values.models.sizeLimit }}
+{{- if .Values.pipeline }}
+- name: pipeline
+  configMap:
+    name: {{ include "gpu-worker.fullname" . }}-pipeline
+{{- end }}
+{{- if include "gpu-worker.tlsEnabled" . }}
+- name: kafka-tls
+  secret:
+    secretName: {{ .Values.kafka.security.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- if eq .Values.models.source "pvc" }}
+- name: models
+  persistentVolumeClaim:
+    claimName: {{ .Values.models.pvc.claimName }}
+    readOnly: true
+{{- else if has .Values.models.source (list "image" "url") }}
+- name: models
+  emptyDir:
+    sizeLimit: {{ .Values.models.sizeLimit }}
+{{- end }}
+{{- end }}
+
+{{- define "gpu-worker.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: engine-cache
+  mountPath: {{ .Values.worker.engineCacheDir }}
+- name: model-cache
+  mountPath: {{ .Values.worker.modelCacheDir }}
+{{- if .Values.pipeline }}
+- name: pipeline
+  mountPath: /etc/gpu-worker/pipeline
+  readOnly: true
+{{- end }}
+{{- if include "gpu-worker.tlsEnabled" . }}
+- name: kafka-tls
+  mountPath: /etc/gpu-worker/kafka-tls
+  readOnly: true
+{{- end }}
+{{- if ne .Values.models.source "none" }}
+- name: models
+  mountPath: {{ .Values.models.mountPath }}
+  readOnly: true
+{{- if and (eq .Values.models.source "pvc") .Values.models.pvc.subPath }}
+  subPath: {{ .Values.models.pvc.subPath }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Init containers that fill the models emptyDir --------------------------------------------- */}}
+
+{{- define "gpu-worker.initContainers" -}}
+{{- $m := .Values.models }}
+{{- if eq $m.source "image" }}
+- name: copy-models
+  image: {{ printf "%s:%s" $m.image.repository $m.image.tag | quote }}
+  imagePullPolicy: {{ $m.image.pullPolicy }}
+  command: ["/bin/sh", "-ec", 'cp -R "$MODELS_SRC"/. "$MODELS_DIR"/ && ls -la "$MODELS_DIR"']
+  env:
+    - name: MODELS_SRC
+      value: {{ $m.image.path | quote }}
+    - name: MODELS_DIR
+      value: /models-out
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml $m.initResources | nindent 4 }}
+  volumeMounts:
+    - name: models
+      mountPath: /models-out
+{{- else if eq $m.source "url" }}
+- name: download-models
+  image: {{ printf "%s:%s" $m.url.image.repository $m.url.image.tag | quote }}
+  imagePullPolicy: {{ $m.url.image.pullPolicy }}
+  # Arguments come in triples: url, file name, sha256 ("-": not checked). Passed as arguments, not
+  # pasted into the script, so that no value can change the script.
+  command:
+    - /bin/sh
+    - -ec
+    - |
+      cd "$MODELS_DIR"
+      while [ "$#" -gt 0 ]; do
+        url=$1; name=$2; sum=$3; shift 3
+        echo "downloading $url -> $MODELS_DIR/$name"
+        curl --fail --silent --show-error --location --retry 5 --retry-connrefused \
+          --output "$name.part" "$url"
+        if [ "$sum" != "-" ]; then echo "$sum  $name.part" | sha256sum -c -; fi
+        mv "$name.part" "$name"
+      done
+    - download-models
+  args:
+    {{- range $m.url.files }}
+    - {{ .url | quote }}
+    - {{ .filename | quote }}
+    - {{ default "-" .sha256 | quote }}
+    {{- end }}
+  env:
+    - name: MODELS_DIR
+      value: /models-out
+    - name: HOME
+      value: /tmp
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml $m.initResources | nindent 4 }}
+  volumeMounts:
+    - name: models
+      mountPath: /models-out
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+{{- end }}
+
+{{/* Pod placement shared by the Deployment and the replay Job -------------------------------- */}}
+
+{{- define "gpu-worker.podPlacement" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{- define "gpu-worker.resources" -}}
+{{- $res := deepCopy .Values.resources }}
+{{- $limits := default dict $res.limits }}
+{{- $_ := set $limits .Values.gpu.resourceName (int .Values.gpu.count) }}
+{{- $_ := set $res "limits" $limits }}
+{{- toYaml $res }}
+{{- end }}
