@@ -129,3 +129,183 @@ def test_factory_refuses_tensorrt_on_cpu(spec):
     trt_spec = ModelSpec(name="t", path=spec.path, preprocess=PRE, backend="tensorrt")
     with pytest.raises(ConfigError, match="backend=tensorrt needs"):
         create_engine(trt_spec, Settings(device="cpu"))
+
+
+# --- the CUDA path, with a stand-in device ------------------------------------------------------
+# FakeCudaRuntime's "device memory" is host memory; host-to-device copies happen when queued (they
+# precede the model on the stream), device-to-host copies only at synchronize(), as on a real stream.
+# The session is ONNX Runtime's CPU provider behind the CUDA-provider interface: IO binding to "cuda"
+# pointers is rebound to the same pointers on "cpu". This checks our binding, shapes, copies and run
+# options; tests/gpu checks the CUDA provider itself.
+
+import ctypes  # noqa: E402
+
+from worker.engines.cuda import DeviceBuffer  # noqa: E402
+
+
+class FakeCudaRuntime:
+    kind = "cuda"
+    device_index = 0
+    stream_handle = 0xBEEF
+    device_name = gpu_name = "Fake GPU"
+    compute_capability = (9, 0)
+
+    def __init__(self) -> None:
+        self.memory: dict[int, np.ndarray] = {}
+        self.pending: list[tuple[np.ndarray, int]] = []
+        self.htod = 0
+
+    def device_buffer(self, nbytes: int, label: str = "") -> DeviceBuffer:
+        arr = np.full(max(nbytes, 1), 0xAB, np.uint8)  # poison: unwritten outputs show
+        self.memory[arr.ctypes.data] = arr
+        return DeviceBuffer(arr.ctypes.data, nbytes, label, arr)
+
+    def free(self, buf: DeviceBuffer) -> None:
+        del self.memory[buf.ptr]
+
+    def host_buffer(self, shape, dtype) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    def to_device(self, dst: int, src: np.ndarray, what: str = "") -> None:
+        self.htod += 1
+        ctypes.memmove(dst, np.ascontiguousarray(src).ctypes.data, src.nbytes)
+
+    def to_host(self, dst: np.ndarray, src: int, what: str = "") -> None:
+        self.pending.append((dst, src))
+
+    def synchronize(self) -> None:
+        for dst, src in self.pending:
+            ctypes.memmove(dst.ctypes.data, src, dst.nbytes)
+        self.pending.clear()
+
+
+@pytest.fixture
+def cuda_as_cpu(monkeypatch):
+    """onnxruntime.InferenceSession that accepts the CUDA provider options and runs on the CPU."""
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+    made: list = []
+
+    class Binding:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def bind_input(self, name, device, device_id, dtype, shape, ptr):
+            assert device == "cuda"
+            self.inner.bind_input(name, "cpu", 0, dtype, shape, ptr)
+
+        def bind_output(self, name, device="cpu", device_id=0, dtype=None, shape=None, ptr=None):
+            assert device == "cuda"
+            if ptr is None:
+                self.inner.bind_output(name, "cpu")
+            else:
+                self.inner.bind_output(name, "cpu", 0, dtype, shape, ptr)
+
+        def get_outputs(self):
+            return self.inner.get_outputs()
+
+    class Session:
+        def __init__(self, model_bytes, options, providers):
+            self.providers = providers
+            self.runs: list = []
+            self._s = real(model_bytes, options, providers=["CPUExecutionProvider"])
+            made.append(self)
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def get_inputs(self):
+            return self._s.get_inputs()
+
+        def get_outputs(self):
+            return self._s.get_outputs()
+
+        def io_binding(self):
+            return Binding(self._s.io_binding())
+
+        def run(self, names, feed):
+            return self._s.run(names, feed)
+
+        def run_with_iobinding(self, binding, options):
+            self.runs.append(options)
+            self._s.run_with_iobinding(binding.inner, options)
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    return made
+
+
+def test_cuda_path_binds_our_buffers_on_our_stream_and_copies_back_only_at_sync(spec, cuda_as_cpu):
+    runtime = FakeCudaRuntime()
+    engine = create_engine(spec, Settings(device="cuda", ort_cudnn_search="EXHAUSTIVE"))
+    engine.activate(runtime, 4)
+    (session,) = cuda_as_cpu
+    name, options = session.providers[0]
+    assert name == "CUDAExecutionProvider"
+    assert options["user_compute_stream"] == str(0xBEEF) and options["has_user_compute_stream"] == "1"
+    assert options["device_id"] == "0" and options["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    rng = np.random.default_rng(3)
+    for n in (1, 4, 2, 3):
+        batch = rng.integers(0, 256, size=(n, *PRE.hwc_shape), dtype=np.uint8)
+        collector = engine.enqueue(batch)
+        assert runtime.pending, "outputs are copied back asynchronously"
+        runtime.synchronize()
+        out = collector()
+        for key, want in reference(batch).items():
+            np.testing.assert_allclose(out[key], want, rtol=1e-5, atol=1e-5)
+    assert runtime.htod == 4
+    assert all(o.get_run_config_entry("disable_synchronize_execution_providers") == "1" for o in session.runs)
+    buffers = len(runtime.memory)
+    assert buffers == 3  # input + two outputs, sized once for max_batch_size
+    engine.deactivate()
+    assert runtime.memory == {}
+
+
+def test_cuda_path_without_arena_shrinks_it_after_each_run(spec, cuda_as_cpu):
+    runtime = FakeCudaRuntime()
+    engine = create_engine(spec, Settings(device="cuda", ort_arena=False))
+    engine.activate(runtime, 2)
+    options = engine._cuda.run_options
+    assert options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "gpu:0"
+    engine.deactivate()
+
+
+def test_cuda_path_outputs_with_symbolic_shape_are_allocated_by_onnxruntime(tmp_path, cuda_as_cpu):
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 3, PRE.height, PRE.width])
+    flat = helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["N", "K"])  # K: not known up front
+    model = helper.make_model(helper.make_graph([helper.make_node("Flatten", ["pixels"], ["flat"], axis=1)],
+                                                "flat", [x], [flat]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "flat.onnx"))
+    spec = ModelSpec(name="flat", path=str(tmp_path / "flat.onnx"), preprocess=PRE)
+    runtime = FakeCudaRuntime()
+    engine = create_engine(spec, Settings(device="cuda"))
+    engine.activate(runtime, 3)
+    batch = np.random.default_rng(5).integers(0, 256, size=(2, *PRE.hwc_shape), dtype=np.uint8)
+    collector = engine.enqueue(batch)
+    runtime.synchronize()
+    got = collector()["flat"]
+    want = ((batch * PRE.scale - np.array(PRE.mean)) / np.array(PRE.std)).transpose(0, 3, 1, 2).reshape(2, -1)
+    assert got.shape == (2, 60)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    engine.deactivate()
+
+
+def test_fixed_batch_models_get_padded_batches(tmp_path, cuda_as_cpu):
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [4, 3, PRE.height, PRE.width])
+    means = helper.make_tensor_value_info("means", TensorProto.FLOAT, [4, 3])
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("ReduceMean", ["pixels"], ["means"], axes=[2, 3], keepdims=0)], "fixed", [x], [means]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    spec = ModelSpec(name="fixed", path=str(tmp_path / "fixed.onnx"), preprocess=PRE)
+    batch = np.random.default_rng(9).integers(0, 256, size=(3, *PRE.hwc_shape), dtype=np.uint8)
+    for settings in (Settings(device="cpu"), Settings(device="cuda")):
+        runtime = FakeCudaRuntime() if settings.device == "cuda" else CpuRuntime()
+        engine = create_engine(spec, settings)
+        engine.activate(runtime, 4)
+        collector = engine.enqueue(batch)
+        runtime.synchronize()
+        np.testing.assert_allclose(collector()["means"], reference(batch)["means"], rtol=1e-5, atol=1e-5)
+        engine.deactivate()
+        with pytest.raises(ConfigError, match="takes batches of exactly 4"):
+            create_engine(spec, settings).activate(runtime, 8)
