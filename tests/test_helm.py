@@ -203,6 +203,7 @@ def test_defaults_deployment_key_fields(chart):
     assert env["WORKER_ENGINE_CACHE_DIR"] == "/var/cache/gpu-worker/engines"
     assert env["WORKER_MODEL_CACHE"] == "/var/cache/gpu-worker/models"
     assert env["WORKER_CLIENT_ID"] == "$(POD_NAME)"
+    assert env["CUDA_CACHE_PATH"].startswith("/tmp/")  # writable under a read-only root
     # No pipeline in values: no ConfigMap, the worker's bundled demo pipeline.
     assert "WORKER_PIPELINE" not in env
     assert not any(k.startswith(("WORKER_SASL", "WORKER_SSL")) for k in env)
@@ -517,3 +518,10 @@ def test_schema_rejects_bad_values(chart, values, where):
 def test_schema_accepts_the_documented_examples(chart):
     chart.validate_schema(merge(chart.values, EVERYTHING))
     chart.validate_schema(merge(chart.values, BASE, {"podDisruptionBudget": {"minAvailable": "50%"}}))
+
+
+def test_pdb_min_available_replaces_max_unavailable(chart):
+    r = render(chart, BASE, {"podDisruptionBudget": {"minAvailable": "50%"}})
+    validate_all(r)
+    assert r.one("PodDisruptionBudget")["spec"] == {
+        "minAvailable": "50%", "selector": r.one("PodDisruptionBudget")["spec"]["selector"]}

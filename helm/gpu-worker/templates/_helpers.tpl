@@ -187,6 +187,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   value: {{ .engineCacheDir | quote }}
 - name: WORKER_MODEL_CACHE
   value: {{ .modelCacheDir | quote }}
+# The CUDA driver's JIT cache defaults to ~/.nv, which the read-only root filesystem would disable.
+- name: CUDA_CACHE_PATH
+  value: /tmp/cuda-cache
 {{- with .extraEnv }}
 {{ toYaml . }}
 {{- end }}
