@@ -30,7 +30,9 @@ def settings(broker, topics, tmp_path) -> Settings:
     return Settings(bootstrap_servers=broker.bootstrap, input_topic=topics["input"],
                     output_topic=topics["output"], dlq_topic=topics["dlq"], group_id=topics["group"],
                     http_port=0, device="cpu", max_batch_size=16, max_wait_ms=5.0, decode_workers=2,
-                    commit_interval_ms=200, drain_timeout_s=10.0, log_format="json", log_level="warning")
+                    commit_interval_ms=200, drain_timeout_s=10.0,
+                    session_timeout_ms=6000,  # tansu holds a join for about half of it
+                    log_format="json", log_level="warning")
 
 
 @pytest.fixture

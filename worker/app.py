@@ -87,7 +87,8 @@ class Worker:
             await self.consumer.start()
             await self.plan.attach(self.consumer, RebalanceHooks(self._on_revoked, self._on_assigned))
             self.health.broker_ok = True
-            for name, coro in (("consume", self._consume_loop()), ("commit", self._commit_loop())):
+            for name, coro in (("consume", self._consume_loop()), ("commit", self._commit_loop()),
+                               ("heartbeat", self._heartbeat_loop())):
                 task = asyncio.create_task(coro, name=name)
                 task.add_done_callback(self._stage_done)
                 stages.append(task)
@@ -276,11 +277,16 @@ class Worker:
         self._log.debug("committed", positions={f"{tp.topic}:{tp.partition}": o for tp, o in positions.items()})
         return True
 
+    async def _heartbeat_loop(self) -> None:
+        """Proof of a responsive event loop for /healthz, independent of broker round trips."""
+        while True:
+            self.health.loop_beat()
+            await asyncio.sleep(1.0)
+
     async def _commit_loop(self) -> None:
         interval = self.settings.commit_interval_ms / 1000.0
         while True:
             await asyncio.sleep(interval)
-            self.health.loop_beat()
             await self.commit()
             await self._refresh_lag()
 

@@ -1,7 +1,9 @@
 """Probes and metrics over HTTP, served on the event loop (aiohttp).
 
-- ``/healthz`` (liveness): the event loop and the GPU thread both beat recently. A wedged loop or a dead
-  GPU thread fails it, so Kubernetes restarts the pod.
+- ``/healthz`` (liveness): models loaded, and the event loop and the GPU thread both beat recently. A
+  wedged loop or a dead GPU thread fails it, so Kubernetes restarts the pod. It fails until the models
+  are loaded too: the GPU thread does not beat while TensorRT builds an engine (minutes), and the
+  chart's startup probe, not liveness, is what gives start-up its time.
 - ``/readyz`` (readiness): models loaded and warmed, consumer joined its group, broker reachable.
 - ``/metrics``: Prometheus text format.
 """
@@ -36,9 +38,10 @@ class HealthState:
         now = time.monotonic() if now is None else now
         loop_age = now - self.loop_heartbeat
         gpu_age = now - self.gpu_heartbeat()
-        checks = {"event_loop_heartbeat_age_s": round(loop_age, 3), "gpu_heartbeat_age_s": round(gpu_age, 3),
-                  "gpu_thread_alive": self.gpu_alive()}
-        return (loop_age < STALE_AFTER_S and gpu_age < STALE_AFTER_S and self.gpu_alive()), checks
+        checks = {"models_ready": self.models_ready, "event_loop_heartbeat_age_s": round(loop_age, 3),
+                  "gpu_heartbeat_age_s": round(gpu_age, 3), "gpu_thread_alive": self.gpu_alive()}
+        ok = self.models_ready and loop_age < STALE_AFTER_S and gpu_age < STALE_AFTER_S and self.gpu_alive()
+        return ok, checks
 
     def readiness(self) -> tuple[bool, dict]:
         checks = {"models_ready": self.models_ready, "consumer_joined": self.joined,

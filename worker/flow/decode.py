@@ -26,6 +26,10 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 28))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+# libtiff and friends print warnings for odd-but-valid files straight to stderr; our own errors say
+# what was wrong with a message, in the structured log, so keep OpenCV's logger to real errors.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
 from worker.errors import MalformedEnvelope, UndecodableImage, UnsupportedImage  # noqa: E402
 from worker.flow.imageinfo import ImageInfo, check_limits, check_size, sniff  # noqa: E402
 from worker.models.preprocess import prepare  # noqa: E402
