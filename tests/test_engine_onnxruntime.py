@@ -309,3 +309,18 @@ def test_fixed_batch_models_get_padded_batches(tmp_path, cuda_as_cpu):
         engine.deactivate()
         with pytest.raises(ConfigError, match="takes batches of exactly 4"):
             create_engine(spec, settings).activate(runtime, 8)
+
+
+def test_model_may_add_cuda_provider_options_but_not_the_stream(spec):
+    from worker.engines.onnxruntime import cuda_provider_options
+
+    runtime = FakeCudaRuntime()
+    extra = ModelSpec(name="m", path=spec.path, preprocess=PRE,
+                      extra={"cuda_provider_options": {"use_tf32": 0, "enable_cuda_graph": False}})
+    options = cuda_provider_options(Settings(device="cuda"), runtime, extra)
+    assert options["use_tf32"] == "0" and options["enable_cuda_graph"] == "0"
+    assert options["user_compute_stream"] == str(0xBEEF)
+    bad = ModelSpec(name="m", path=spec.path, preprocess=PRE,
+                    extra={"cuda_provider_options": {"user_compute_stream": "0"}})
+    with pytest.raises(ConfigError, match="may not set"):
+        cuda_provider_options(Settings(device="cuda"), runtime, bad)

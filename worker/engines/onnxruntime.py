@@ -194,8 +194,10 @@ def load_cuda_libraries() -> list[str]:
     return loaded
 
 
-def cuda_provider_options(settings: Any, runtime: Any) -> dict[str, str]:
-    return {
+def cuda_provider_options(settings: Any, runtime: Any, spec: ModelSpec | None = None) -> dict[str, str]:
+    """CUDA provider options; a model's ``cuda_provider_options`` (pipeline file) may add more, e.g.
+    ``use_tf32: 0`` for float32-exact convolutions, but not change the device or the stream."""
+    options = {
         "device_id": str(runtime.device_index),
         # Our stream, created in the primary context: ORT's kernels, our copies and TensorRT's
         # enqueue are ordered on it, and one synchronize covers all of them.
@@ -207,6 +209,13 @@ def cuda_provider_options(settings: Any, runtime: Any) -> dict[str, str]:
         # the arena settles after the warm-up batches without holding twice what it needs.
         "arena_extend_strategy": "kSameAsRequested",
     }
+    extra = dict((spec.extra.get("cuda_provider_options") or {}) if spec is not None else {})
+    fixed = {"device_id", "user_compute_stream", "has_user_compute_stream"} & set(extra)
+    if fixed:
+        raise ConfigError(f"model {spec.name if spec else ''}: cuda_provider_options may not set {sorted(fixed)}; "
+                          f"the worker sets them (gpu_device_index, its own stream)")
+    options.update({k: str(int(v)) if isinstance(v, bool) else str(v) for k, v in extra.items()})
+    return options
 
 
 def run_options(settings: Any, runtime: Any) -> Any:
@@ -228,7 +237,7 @@ def cuda_session(model_bytes: bytes, spec: ModelSpec, settings: Any, runtime: An
     from worker.engines.cuda import cuda_error_name, device_error
 
     load_cuda_libraries()
-    providers = [("CUDAExecutionProvider", cuda_provider_options(settings, runtime)), "CPUExecutionProvider"]
+    providers = [("CUDAExecutionProvider", cuda_provider_options(settings, runtime, spec)), "CPUExecutionProvider"]
     label = what or f"model {spec.name}"
     try:
         session = ort.InferenceSession(model_bytes, session_options(), providers=providers)
