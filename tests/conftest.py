@@ -46,3 +46,11 @@ def make_topics(broker):
 def _model_cache(tmp_path_factory):
     # Bundled models are generated once per session into a private cache.
     os.environ.setdefault("WORKER_MODEL_CACHE", str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_logs():
+    # Workers run inside the test process: JSON at warning keeps failures readable.
+    from worker import log
+
+    log.configure("json", "warning")

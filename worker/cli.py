@@ -37,6 +37,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides["log_level"] = "warning"  # keep the progress bar readable
     if args.http_port is None:
         overrides["http_port"] = 0
+    if args.session_timeout_ms is None:
+        overrides["session_timeout_ms"] = 6000  # a fresh group on a local broker: join fast
     s = _settings(args, **overrides)
     return demo.main(args.count, s, args.partitions, args.seed)
 

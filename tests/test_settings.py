@@ -1,0 +1,63 @@
+import argparse
+
+import pytest
+
+from worker import settings as settings_mod
+from worker.cli import build_parser
+from worker.errors import ConfigError
+
+
+def test_flags_over_env_over_defaults():
+    env = {"WORKER_MAX_BATCH_SIZE": "64", "WORKER_INPUT_TOPIC": "from-env", "WORKER_ORT_ARENA": "false"}
+    s = settings_mod.load({"input_topic": "from-flag", "max_batch_size": None}, environ=env)
+    assert s.input_topic == "from-flag"
+    assert s.max_batch_size == 64
+    assert s.ort_arena is False
+    assert s.output_topic == "results"
+
+
+def test_bad_values_are_specific():
+    with pytest.raises(ConfigError, match=r"max_batch_size: cannot read 'lots' as int .*WORKER_MAX_BATCH_SIZE"):
+        settings_mod.load({}, environ={"WORKER_MAX_BATCH_SIZE": "lots"})
+    with pytest.raises(ConfigError, match=r"max_batch_size must be >= 1, got 0"):
+        settings_mod.load({}, environ={"WORKER_MAX_BATCH_SIZE": "0"})
+    with pytest.raises(ConfigError, match=r"device='tpu' is not one of auto, cuda, cpu"):
+        settings_mod.load({}, environ={"WORKER_DEVICE": "tpu"})
+    with pytest.raises(ConfigError, match=r"resume_in_flight=9 must not exceed max_in_flight=8"):
+        settings_mod.load({}, environ={}, max_in_flight=8, resume_in_flight=9)
+
+
+def test_secrets_are_masked_and_passed_to_aiokafka():
+    s = settings_mod.load({}, environ={"WORKER_SASL_PASSWORD": "hunter2", "WORKER_SASL_USERNAME": "bob",
+                                       "WORKER_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                                       "WORKER_SASL_MECHANISM": "SCRAM-SHA-512"})
+    assert s.masked()["sasl_password"] == "***" and s.masked()["sasl_username"] == "bob"
+    assert "hunter2" not in repr(s.masked())
+    opts = s.kafka_common()
+    assert opts["security_protocol"] == "SASL_PLAINTEXT"
+    assert opts["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert opts["sasl_plain_username"] == "bob" and opts["sasl_plain_password"] == "hunter2"
+
+
+def test_derived_values():
+    s = settings_mod.load({}, environ={}, max_in_flight=100)
+    assert s.resume_threshold == 50
+    assert s.decode_threads >= 1
+
+
+def test_run_help_documents_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    import dataclasses
+
+    for f in dataclasses.fields(settings_mod.Settings):
+        assert "--" + f.name.replace("_", "-") in text
+        assert "WORKER_" + f.name.upper() in text
+
+
+def test_cli_flags_reach_settings():
+    args = build_parser().parse_args(["run", "--max-wait-ms", "2.5", "--device", "cpu"])
+    s = settings_mod.load(vars(args), environ={})
+    assert s.max_wait_ms == 2.5 and s.device == "cpu"
+    assert isinstance(args, argparse.Namespace)
