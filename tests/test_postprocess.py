@@ -69,3 +69,13 @@ def test_topk_flattens_and_handles_float16():
 def test_unknown_output_names_the_real_ones():
     with pytest.raises(ConfigError, match=r"model 'm' has no output 'logits'; its outputs are \['means'\]"):
         postprocess({"means": np.zeros(3, np.float32)}, spec(OutputSpec("logits", kind="topk")))
+
+
+def test_non_finite_values_become_null_and_are_counted():
+    import json
+
+    from worker.models.postprocess import raw
+
+    out = raw(np.array([1.0, np.nan, np.inf, -2.0], np.float32))
+    assert out["data"] == [1.0, None, None, -2.0] and out["non_finite"] == 2
+    json.dumps(out, allow_nan=False)  # strict JSON

@@ -72,7 +72,7 @@ def result_record(source: Source, pipeline: PipelineSpec, outputs: Sequence[dict
     headers = [("content-type", b"application/json"), *source.headers()]
     if correlation_id is not None:
         headers.append(("correlation-id", correlation_id.encode()))
-    return Record(json.dumps(doc, separators=(",", ":")).encode(), source.key, headers)
+    return Record(json.dumps(doc, separators=(",", ":"), allow_nan=False).encode(), source.key, headers)
 
 
 def dlq_record(source: Source, value: bytes | None, original_headers: Sequence[tuple[str, bytes]] | None,

@@ -39,7 +39,14 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 def raw(array: np.ndarray) -> dict[str, Any]:
     array = np.asarray(array)
-    return {"shape": list(array.shape), "dtype": str(array.dtype), "data": array.tolist()}
+    out: dict[str, Any] = {"shape": list(array.shape), "dtype": str(array.dtype), "data": array.tolist()}
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            # JSON has no NaN/Infinity (strict parsers reject Python's extension): null, and say how many.
+            out["data"] = np.where(finite, array, None).tolist()
+            out["non_finite"] = int(array.size - finite.sum())
+    return out
 
 
 def topk(array: np.ndarray, out: OutputSpec) -> list[dict[str, Any]]:
@@ -52,7 +59,8 @@ def topk(array: np.ndarray, out: OutputSpec) -> list[dict[str, Any]]:
     order = np.argsort(-scores, kind="stable")[: out.k]
     result = []
     for i in order.tolist():
-        item: dict[str, Any] = {"index": i, "score": float(scores[i])}
+        score = float(scores[i])
+        item: dict[str, Any] = {"index": i, "score": score if np.isfinite(score) else None}
         if i < len(out.labels):
             item["label"] = out.labels[i]
         result.append(item)
