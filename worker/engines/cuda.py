@@ -53,6 +53,7 @@ _DRIVER_TEXTS = {
     "initialization error": "CUDA_ERROR_NOT_INITIALIZED",
     "unknown error": "CUDA_ERROR_UNKNOWN",
 }
+_AMBIGUOUS_TEXTS = frozenset({"invalid argument", "unknown error", "initialization error"})
 # CUDA runtime error codes, as ONNX Runtime prints them ("CUDA failure 2: out of memory").
 _RUNTIME_CODES = {
     1: "cudaErrorInvalidValue",
@@ -109,7 +110,11 @@ def cuda_error_name(text: str) -> str:
     texts = _driver_error_texts()
     if tail in texts:
         return texts[tail]
-    return next((name for message, name in texts.items() if message in text), "")
+    # Anywhere in a longer message, only phrases no model error would use: "invalid argument" or
+    # "unknown error" inside an ONNX Runtime shape error must not turn a poison input into a device
+    # failure (which stops the worker and, after the restart, meets the same input again).
+    return next((name for message, name in _DRIVER_TEXTS.items()
+                 if message not in _AMBIGUOUS_TEXTS and message in text), "")
 
 
 def is_out_of_memory(name: str) -> bool:

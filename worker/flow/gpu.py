@@ -31,10 +31,6 @@ from worker.flow.batch import MicroBatcher
 from worker.metrics import Metrics
 
 _STOP = object()
-# Phrases of CUDA failures that engines may surface as plain exceptions (ONNX Runtime raises
-# RuntimeException "CUDA failure 2: out of memory"); they mean the device, not the input, is at fault.
-_CUDA_MARKERS = ("CUDA failure", "CUDA error", "CUDA_ERROR", "cudaError", "CUBLAS_STATUS", "CUDNN_STATUS",
-                 "out of memory", "illegal memory access", "launch failure")
 
 
 @dataclass
@@ -57,19 +53,14 @@ class InferenceResult:
 
 
 def as_device_error(exc: BaseException) -> DeviceError | None:
+    """``exc`` as a DeviceError when it is a CUDA failure (engines mostly raise DeviceError already;
+    this catches what slipped through as a plain exception), else None: a model error."""
     if isinstance(exc, DeviceError):
         return exc
-    text = str(exc)
-    if any(marker in text for marker in _CUDA_MARKERS):
-        return DeviceError(f"device failure: {text}", cuda_error=_cuda_error_name(text))
-    return None
+    from worker.engines.cuda import cuda_error_name  # no CUDA import: a message parser
 
-
-def _cuda_error_name(text: str) -> str:
-    for token in text.replace(":", " ").replace(",", " ").split():
-        if token.startswith(("CUDA_ERROR_", "cudaError", "CUBLAS_STATUS_", "CUDNN_STATUS_")):
-            return token
-    return "out of memory" if "out of memory" in text else ""
+    name = cuda_error_name(str(exc))
+    return DeviceError(f"device failure ({name}): {exc}", cuda_error=name) if name else None
 
 
 def _resolve(fut: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
