@@ -26,17 +26,23 @@ os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 28))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-# libtiff and friends print warnings for odd-but-valid files straight to stderr; our own errors say
-# what was wrong with a message, in the structured log, so keep OpenCV's logger to real errors.
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+# OpenCV logs a multi-line error for every bad image it is given; each of those is already reported
+# by us, once, as a structured log line and a DLQ record with the reason, so its own logger stays quiet.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 from worker.errors import MalformedEnvelope, UndecodableImage, UnsupportedImage  # noqa: E402
-from worker.flow.imageinfo import ImageInfo, check_limits, check_size, sniff  # noqa: E402
+from worker.flow.imageinfo import ImageInfo, check_limits, check_size, check_supported, sniff  # noqa: E402
 from worker.models.preprocess import prepare  # noqa: E402
 from worker.models.spec import PipelineSpec  # noqa: E402
 
 CORRELATION_HEADERS = ("correlation-id", "correlation_id", "x-correlation-id", "traceparent")
-_REDUCED_FLAGS = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4, 2: cv2.IMREAD_REDUCED_COLOR_2}
+# Decoding to BGR (or gray, when every model wants gray) rather than IMREAD_UNCHANGED: models never use
+# alpha, palette and gray inputs come out ready to use, and OpenCV applies the EXIF orientation, so phone
+# photos are upright (IMREAD_UNCHANGED ignores it).
+_COLOR_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                8: cv2.IMREAD_REDUCED_COLOR_8}
+_GRAY_FLAGS = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+               8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 
 
 @dataclass(frozen=True)
@@ -107,18 +113,15 @@ def inspect(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
     check_size(len(data), max_bytes)
     info = sniff(data)
     check_limits(info, max_pixels)
-    if info.bit_depth != 8:
-        raise UnsupportedImage(f"{info.format} image has {info.bit_depth}-bit samples; only 8-bit is supported")
-    if info.color in ("cmyk", "ycck"):
-        raise UnsupportedImage(f"{info.format} image is {info.color.upper()}; convert to RGB before sending")
+    check_supported(info)
     return info
 
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int, reduce: int = 1,
-                 info: ImageInfo | None = None) -> np.ndarray:
-    """Bytes → uint8 array (H, W) or (H, W, 3|4), BGR(A) as OpenCV gives it. Raises PoisonMessage."""
+                 info: ImageInfo | None = None, gray: bool = False) -> np.ndarray:
+    """Bytes → uint8 array, BGR (H, W, 3), or gray (H, W) if ``gray``. Raises PoisonMessage."""
     info = info or inspect(data, max_bytes, max_pixels)
-    flag = _REDUCED_FLAGS.get(reduce, cv2.IMREAD_UNCHANGED)
+    flag = (_GRAY_FLAGS if gray else _COLOR_FLAGS)[reduce]
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error as exc:
@@ -131,7 +134,7 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, reduce: int = 1,
         raise UnsupportedImage(f"{info.format} decoded to {image.dtype}; only 8-bit images are supported")
     h, w = image.shape[:2]
     expect = ((info.height + reduce - 1) // reduce, (info.width + reduce - 1) // reduce)
-    if reduce == 1 and (h, w) != expect:
+    if reduce == 1 and (h, w) not in (expect, expect[::-1]):  # swapped: EXIF orientation applied
         raise UndecodableImage(f"{info.format} header says {info.width}x{info.height} but decoded {w}x{h}")
     channels = 1 if image.ndim == 2 else image.shape[2]
     if channels not in (1, 3, 4):
@@ -150,6 +153,7 @@ def decode_message(value: bytes | None, headers: Sequence[tuple[str, bytes]] | N
     reduce = 1
     if reduced:
         reduce = reduction_factor(info, [(m.preprocess.width, m.preprocess.height) for m in pipeline.models])
-    image = decode_image(data, max_bytes, max_pixels, reduce, info)
+    gray = all(m.preprocess.color == "gray" for m in pipeline.models)
+    image = decode_image(data, max_bytes, max_pixels, reduce, info, gray)
     inputs = tuple(prepare(image, m.preprocess) for m in pipeline.models)
     return Decoded(inputs, info.width, info.height, info.format, correlation, time.perf_counter() - started)
