@@ -208,10 +208,19 @@ def test_runtime_refuses_other_threads(fake_cuda):
     rt = CudaRuntime(0)
     rt.start()
     errors = []
-    t = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, rt.synchronize)))
+    rt.device_buffer(500)
+    assert rt.memory_in_use() == 500
+    seen = []
+
+    def other():
+        errors.append(pytest.raises(RuntimeError, rt.synchronize))
+        seen.append(rt.memory_in_use())  # probes on other threads get the last measurement
+
+    t = threading.Thread(target=other)
     t.start()
     t.join()
     assert "thread other than the GPU thread" in str(errors[0].value)
+    assert seen == [500]
     rt.stop()
 
 

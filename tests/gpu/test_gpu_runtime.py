@@ -249,6 +249,7 @@ from worker import log
 log.configure("console", "warning")  # not one line per batch
 from worker.engines import create_engine, create_runtime
 from worker.flow.gpu import GpuThread, InferenceRequest
+from worker.metrics import Metrics
 from worker.models.bundled import channel_means_reference, gray_thumbnail_reference
 from worker.models.spec import ModelSpec, Preprocess
 from worker.settings import Settings
@@ -269,7 +270,9 @@ settings = Settings(device="cuda", max_batch_size=16, max_wait_ms=1.0)
 
 async def main():
     runtime = create_runtime(settings)
-    thread = GpuThread(runtime, [create_engine(s, settings) for s in specs], 16, max_wait_ms=1.0)
+    # metrics: the GPU thread then measures device memory after every batch, on its own thread
+    thread = GpuThread(runtime, [create_engine(s, settings) for s in specs], 16, max_wait_ms=1.0,
+                       metrics=Metrics())
     await thread.start()
     loop = asyncio.get_running_loop()
     rng = np.random.default_rng(11)
@@ -471,7 +474,111 @@ def test_device_preprocessor_writes_the_normalised_tensor_into_a_foreign_buffer(
     assert rel_error(got, want) < 1e-6
 
 
-# --- 7. TensorRT, where it is installed ------------------------------------------------------------
+# --- 7. the other shapes of model: arena off, an output of unknown size, a fixed batch -------------
+
+def test_arena_off_symbolic_output_and_fixed_batch_models_on_cuda_equal_cpu(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    def save(name, nodes, inputs, outputs):
+        model = helper.make_model(helper.make_graph(nodes, name, inputs, outputs),
+                                  opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+        return str(tmp_path / f"{name}.onnx")
+
+    flat = save("flat", [helper.make_node("Flatten", ["x"], ["flat"], axis=1)],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 64, 64])],
+                [helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["N", "K"])])  # K unknown up front
+    fixed = save("fixed", [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0)],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3, 64, 64])],
+                 [helper.make_tensor_value_info("m", TensorProto.FLOAT, [4, 3])])
+    cases = [(ModelSpec(name="flat", path=flat, preprocess=RGB64), Settings(device="cuda")),
+             (ModelSpec(name="fixed", path=fixed, preprocess=RGB64), Settings(device="cuda")),
+             (ModelSpec(name="means_no_arena", path="bundled:channel_means", preprocess=RGB64),
+              Settings(device="cuda", ort_arena=False))]
+    rng = np.random.default_rng(8)
+    batches = [rng.integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8) for n in (1, 3, 4, 2)]
+
+    def gpu_work():
+        runtime = create_runtime(Settings(device="cuda"))
+        runtime.start()
+        got = {}
+        try:
+            for spec, settings in cases:
+                engine = create_engine(spec, settings)
+                engine.activate(runtime, 4)
+                got[spec.name] = []
+                for batch in batches:
+                    collect = engine.enqueue(batch)
+                    runtime.synchronize()
+                    got[spec.name].append({k: v.copy() for k, v in collect().items()})
+                engine.deactivate()
+        finally:
+            runtime.stop()
+        return got
+
+    got = on_own_thread(gpu_work)
+    for spec, _ in cases:
+        cpu = create_engine(spec, Settings(device="cpu"))
+        cpu.activate(CpuRuntime(), 4)
+        for batch, out in zip(batches, got[spec.name], strict=True):
+            for name, want in cpu.enqueue(batch)().items():
+                assert out[name].shape == want.shape
+                assert rel_error(out[name], want) < 1e-6, (spec.name, name, len(batch))
+        print(f"{spec.name}: equal to the CPU for batches {[len(b) for b in batches]}")
+
+
+# --- 8. a CUDA error inside a batch fails it as retriable, named, and stops the thread -------------
+
+ILLEGAL = """
+import asyncio, sys
+import numpy as np
+from worker import log
+log.configure("console", "warning")
+from worker.engines import create_engine, create_runtime
+from worker.errors import DeviceError
+from worker.flow.gpu import GpuThread, InferenceRequest
+from worker.models.spec import ModelSpec, Preprocess
+from worker.settings import Settings
+
+settings = Settings(device="cuda", max_batch_size=4)
+spec = ModelSpec(name="channel_means", path="bundled:channel_means",
+                 preprocess=Preprocess(width=64, height=64, layout="nchw", dtype="float32"))
+engine = create_engine(spec, settings)
+fatal = []
+
+async def main():
+    thread = GpuThread(create_runtime(settings), [engine], 4, 5.0, on_fatal=fatal.append)
+    await thread.start()
+    binding = engine._cuda.binding
+    real_bind = binding.bind_input
+    # Point the model at an address far past our buffer: its first kernel reads unmapped memory.
+    binding.bind_input = lambda name, dev, i, t, shape, ptr: real_bind(name, dev, i, t, shape, ptr + (1 << 40))
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    thread.submit(InferenceRequest(inputs=[np.ones((64, 64, 3), np.uint8)], future=fut, loop=loop))
+    try:
+        await fut
+        print("no error")
+    except DeviceError as exc:
+        print(f"cuda_error={exc.cuda_error} retriable={exc.retriable}")
+        print(f"message={exc}")
+    await loop.run_in_executor(None, thread.stop, 60)
+    print(f"fatal={type(fatal[0]).__name__ if fatal else None} thread_alive={thread.alive()}")
+    return 4
+
+sys.exit(asyncio.run(main()))
+"""
+
+
+def test_illegal_address_in_a_batch_is_a_named_retriable_device_error(tmp_path):
+    out = run_script(tmp_path, ILLEGAL, timeout=180)
+    assert "cuda_error=CUDA_ERROR_ILLEGAL_ADDRESS retriable=True" in out.stdout
+    assert "fatal=DeviceError thread_alive=False" in out.stdout
+    assert out.returncode != 0
+
+
+# --- 9. TensorRT, where it is installed ------------------------------------------------------------
 
 def test_tensorrt_engine_built_from_onnx_matches_the_reference_and_is_cached(tmp_path):
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed on this GPU machine")

@@ -174,6 +174,7 @@ class CudaRuntime:
         self._device_buffers: dict[int, DeviceBuffer] = {}
         self._host_buffers: list[np.ndarray] = []
         self._staging: dict[tuple, np.ndarray] = {}
+        self._memory_in_use = 0
 
     # --- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -198,6 +199,7 @@ class CudaRuntime:
         self.gpu_name = device.name()
         self.device_name = f"{self.gpu_name} (cuda:{self.device_index}, sm_{''.join(map(str, self.compute_capability))})"
         free, total = cuda.mem_get_info()
+        self._memory_in_use = total - free
         _log.info("cuda_runtime_started", device=self.device_name, stream=hex(self.stream_handle),
                   free_mib=free >> 20, total_mib=total >> 20)
 
@@ -212,7 +214,10 @@ class CudaRuntime:
         except DeviceError as exc:
             _log.error("cuda_stop_sync_failed", error=str(exc), cuda_error=exc.cuda_error)
         for buf in list(self._device_buffers.values()):
-            self.free(buf)
+            try:
+                self.free(buf)
+            except DeviceError as exc:  # after a sticky CUDA error every call fails; release the rest anyway
+                _log.error("cuda_free_failed", buffer=buf.label, error=str(exc), cuda_error=exc.cuda_error)
         for arr in self._host_buffers:
             with contextlib.suppress(Exception):
                 arr.base.free()
@@ -300,10 +305,14 @@ class CudaRuntime:
             self._cuda.memcpy_dtoh_async(dst, src, self.stream)
 
     def memory_in_use(self) -> int:
+        """Device memory in use (all processes). Measured on the GPU thread, where the context is
+        current; other threads (probes, metrics on the event loop) get the last measurement."""
         if self._thread is None:
             return 0
-        free, total = self._cuda.mem_get_info()
-        return int(total - free)
+        if threading.get_ident() == self._thread:
+            free, total = self._cuda.mem_get_info()
+            self._memory_in_use = int(total - free)
+        return self._memory_in_use
 
     def buffers_in_use(self) -> int:
         return sum(b.nbytes for b in self._device_buffers.values())
