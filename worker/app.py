@@ -52,6 +52,7 @@ class Worker:
         self.gpu = gpu
         self.metrics = metrics or Metrics()
         self.plan = plan or LivePlan(settings.input_topic, settings.group_id)
+        self._throttle = getattr(self.plan, "throttle", None)  # optional Plan hook: replay --rate
         self.health = health or HealthState()
         self.tracker = OffsetTracker()
         self.backpressure = Backpressure(settings.max_in_flight, settings.resume_threshold)
@@ -188,6 +189,8 @@ class Worker:
                 for msg in messages:
                     if not self.plan.accept(tp, msg.offset):
                         continue
+                    if self._throttle is not None:
+                        await self._throttle(1)
                     self.tracker.start(tp, msg.offset)
                     self.counts["consumed"] += 1
                     self.metrics.consumed.inc()

@@ -6,7 +6,8 @@ The fetch loop itself lives in worker.app, which owns the consumer; here are the
   polling) keeps the group membership alive: aiokafka evicts a member whose ``getmany`` calls stop for
   ``max_poll_interval_ms``.
 - ``LivePlan``: the live worker subscribes to the input topic as a group member. A replay uses another
-  plan (worker.replay) with the same three methods, so both run the same pipeline.
+  plan (worker.replay.ReplayPlan: manual assignment, bounded ranges, optional rate limit) with the same
+  three methods, so both run the same pipeline.
 - ``RebalanceHooks``: aiokafka's listener, forwarding to the worker, which drains and commits on revoke.
 """
 
@@ -40,6 +41,9 @@ class Backpressure:
 
 
 class Plan(Protocol):
+    """What to consume and when the work is over. A plan may also define ``async def throttle(n)``,
+    which the consume loop awaits before each accepted message starts (a rate limit: replay --rate)."""
+
     group_id: str
 
     async def attach(self, consumer: AIOKafkaConsumer, listener: ConsumerRebalanceListener) -> None:
