@@ -360,10 +360,10 @@ def test_replay_job(chart):
         "--partitions", "0,1",
         "--output-topic", "camera.labels.v2",
         "--rate", "200",
-        "--replay-group", "labeller-replay",
-    ]
+    ]  # no --replay-group: the worker derives labeller-replay-<hash of range, output topic, models, runId>
     env = env_of(replay)
-    assert env["WORKER_GROUP_ID"] == "labeller-replay", "the replay must not share the live group"
+    # The live group, which the replay derives its group from and refuses to run as.
+    assert env["WORKER_GROUP_ID"] == "labeller"
     assert env["WORKER_SASL_PASSWORD"] == {"secretKeyRef": {"name": "kafka-user-labeller", "key": "password"}}
     assert env["WORKER_PIPELINE"] == "/etc/gpu-worker/pipeline/pipeline.yaml"
     assert replay["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -374,7 +374,8 @@ def test_replay_job(chart):
 
 
 @pytest.mark.parametrize("replay, args", [
-    ({}, ["replay", "--from-beginning", "--until", "end", "--replay-group", "gpu-worker-replay"]),
+    ({}, ["replay", "--from-beginning", "--until", "end"]),
+    ({"runId": "again"}, ["replay", "--from-beginning", "--until", "end", "--run-id", "again"]),
     ({"from": "offsets", "fromOffsets": "0:10,3:7", "until": "timestamp", "untilTimestamp": "1767225600000",
       "groupId": "backfill-2026", "dlqTopic": "images.replay.dlq"},
      ["replay", "--from-offset", "0:10,3:7", "--until-timestamp", "1767225600000",

@@ -48,8 +48,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The replay's group as the chart knows it: replay.groupId, or a description of the derived one. */}}
 {{- define "gpu-worker.replayGroupId" -}}
-{{- default (printf "%s-replay" .Values.kafka.groupId) .Values.replay.groupId }}
+{{- default (printf "%s-replay-<hash of range, output topic, models and runId>" .Values.kafka.groupId) .Values.replay.groupId }}
 {{- end }}
 
 {{- define "gpu-worker.tlsEnabled" -}}
