@@ -5,6 +5,12 @@ schedule), but Kafka commits one number per partition meaning "everything below 
 tracker remembers, per partition, every offset handed out and not yet finished; the committable
 position is the lowest unfinished offset, or one past the highest offset seen when none is pending.
 
+Ownership of a partition comes and goes with rebalances, and work started under one ownership may still
+be running when the partition comes back to us. So each partition's state has a *generation*: ``start``
+returns it, ``finish`` must present it, and ``forget`` (on revoke) ends it. A task from an earlier
+ownership that finishes late can then neither mark an offset of the new ownership done nor move its
+committable position.
+
 Pure logic: no asyncio, no Kafka. ``Partition`` is any hashable key (aiokafka's TopicPartition).
 """
 
@@ -24,33 +30,47 @@ class _PartitionState:
     next_offset: int | None = None  # one past the highest offset started
     committed: int | None = None  # last position handed to the broker
     base: int | None = None  # first offset started: the position we began at, nothing to commit
+    generation: int = 0  # which ownership of the partition this state belongs to
 
 
 class OffsetTracker:
     def __init__(self) -> None:
         self._parts: dict[Partition, _PartitionState] = {}
+        self._generations = 0
 
     # --- message life cycle --------------------------------------------------------------
-    def start(self, tp: Partition, offset: int) -> None:
-        """A message was consumed and is now in flight."""
-        st = self._parts.setdefault(tp, _PartitionState())
+    def start(self, tp: Partition, offset: int) -> int | None:
+        """A message was consumed and is now in flight. Returns the partition's generation, to hand back
+        to ``finish``; or None when the offset must not be processed again (it is in flight already, or
+        below the position committed by this ownership: a re-delivery of finished work)."""
+        st = self._parts.get(tp)
+        if st is None:
+            self._generations += 1
+            st = self._parts[tp] = _PartitionState(generation=self._generations)
         if offset in st.pending:
-            return
+            return None
         if st.committed is not None and offset < st.committed:
-            # Re-delivery below the committed position (e.g. a seek back): already done.
-            return
+            return None
         if st.base is None:
             st.base = offset
         st.pending.add(offset)
         heapq.heappush(st.heap, offset)
         if st.next_offset is None or offset + 1 > st.next_offset:
             st.next_offset = offset + 1
+        return st.generation
 
-    def finish(self, tp: Partition, offset: int) -> None:
-        """The message's result or DLQ record was acknowledged by the broker."""
+    def finish(self, tp: Partition, offset: int, generation: int | None = None) -> bool:
+        """The message's result or DLQ record was acknowledged by the broker. With ``generation`` (from
+        ``start``), a finish from an ownership that has ended is ignored; returns whether it counted."""
         st = self._parts.get(tp)
-        if st is not None:
-            st.pending.discard(offset)
+        if st is None or (generation is not None and generation != st.generation) or offset not in st.pending:
+            return False
+        st.pending.discard(offset)
+        return True
+
+    def generation(self, tp: Partition) -> int | None:
+        st = self._parts.get(tp)
+        return st.generation if st else None
 
     # --- queries -------------------------------------------------------------------------
     def in_flight(self, tp: Partition | None = None) -> int:
@@ -87,7 +107,8 @@ class OffsetTracker:
                 st.committed = pos
 
     def forget(self, tp: Partition) -> None:
-        """The partition was revoked: drop its state (a later owner starts from the broker)."""
+        """The partition was revoked: drop its state and end its generation (a later owner, us included,
+        starts from the broker's committed position with a new generation)."""
         self._parts.pop(tp, None)
 
     def partitions(self) -> list[Partition]:

@@ -4,19 +4,24 @@
 aiokafka producer with a bound on unacknowledged records and retries with backoff while the broker is
 away, because a message only counts as done, and its offset as committable, once the broker has
 acknowledged its result or its DLQ record.
+
+A record that can never be sent (over ``producer_max_request_size`` or the broker's message size limit)
+is not retried: it raises ``RecordTooLarge`` so the caller can send something smaller instead (a DLQ
+record without the original value) rather than hold the partition's offsets back forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 
 from worker import __version__, log
 from worker.errors import WorkerError
@@ -25,6 +30,11 @@ from worker.models.spec import PipelineSpec
 
 Headers = list[tuple[str, bytes]]
 HOST = socket.gethostname()
+_TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+
+
+class RecordTooLarge(WorkerError):
+    """The producer or the broker refuses a record for its size: retrying the same record cannot help."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ def result_record(source: Source, pipeline: PipelineSpec, outputs: Sequence[dict
         },
         "timings_ms": {name: round(seconds * 1000.0, 3) for name, seconds in timings_s.items()},
         "batch_size": batch_size,
-        "worker": {"version": __version__, "host": HOST},
+        "worker": {"version": __version__, "host": HOST, "pid": os.getpid()},
     }
     headers = [("content-type", b"application/json"), *source.headers()]
     if correlation_id is not None:
@@ -91,6 +101,16 @@ def dlq_record(source: Source, value: bytes | None, original_headers: Sequence[t
     return Record(value or b"", source.key, headers)
 
 
+def dlq_record_without_value(source: Source, value: bytes | None,
+                             original_headers: Sequence[tuple[str, bytes]] | None, error: BaseException,
+                             refused: BaseException) -> Record:
+    """The DLQ record when the original value itself is too large to be sent: headers only, and a
+    ``dlq-value-omitted`` header that says so (the input is still in its topic at source-offset)."""
+    record = dlq_record(source, None, original_headers, error)
+    note = f"{len(value or b'')} bytes; the record with it was refused: {type(refused).__name__}: {refused}"
+    return Record(b"", record.key, [*record.headers, ("dlq-value-omitted", note.encode("utf-8", "replace")[:1000])])
+
+
 class Publisher:
     def __init__(self, producer: AIOKafkaProducer, max_pending: int,
                  on_broker_trouble: Callable[[bool], None] | None = None,
@@ -109,7 +129,8 @@ class Publisher:
         """Send and wait for the broker's acknowledgement, retrying with backoff while it fails.
 
         Only returns once acknowledged: a message is never counted done on a failed send. Gives up
-        (raising) only when the worker is closing, so that the offset stays uncommitted.
+        (raising) only when the worker is closing, so that the offset stays uncommitted, or with
+        ``RecordTooLarge`` for a record that no retry can deliver.
         """
         delay = self._backoff[0]
         while True:
@@ -117,10 +138,15 @@ class Publisher:
                 async with self._slots:
                     ack = await self._producer.send(topic, record.value, key=record.key,
                                                     headers=record.headers)
-                    await ack
+                    # Shielded: cancelling this message's task (revoke, drain cut) must not cancel the
+                    # producer's own delivery future, which aiokafka still resolves.
+                    await asyncio.shield(ack)
                 if self._on_trouble is not None:
                     self._on_trouble(False)
                 return
+            except _TOO_LARGE as exc:
+                raise RecordTooLarge(f"record of {len(record.value)} bytes for {topic} refused: "
+                                     f"{type(exc).__name__}: {exc}") from exc
             except KafkaError as exc:
                 if self._closing:
                     raise
