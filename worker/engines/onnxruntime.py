@@ -76,6 +76,10 @@ def session_options(log_severity: int = 3) -> Any:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = log_severity
+    # ORT's intra-op threads spin after each run by default: between small batches they burn whole cores
+    # that the decode pool needs (worker bench, CPU: one core of 2 lost to spinning on the demo pipeline).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return opts
 
 
