@@ -109,7 +109,8 @@ class Worker:
             group_id=self.plan.group_id, client_id=s.client_id, enable_auto_commit=False,
             auto_offset_reset=s.auto_offset_reset, session_timeout_ms=s.session_timeout_ms,
             max_poll_interval_ms=s.max_poll_interval_ms, fetch_max_bytes=s.fetch_max_bytes,
-            max_partition_fetch_bytes=s.max_partition_fetch_bytes, **s.kafka_common())
+            max_partition_fetch_bytes=s.max_partition_fetch_bytes, fetch_max_wait_ms=s.fetch_max_wait_ms,
+            **s.kafka_common())
         self.publisher = Publisher(
             AIOKafkaProducer(client_id=s.client_id, acks="all", linger_ms=s.producer_linger_ms,
                              max_request_size=s.producer_max_request_size, max_batch_size=1 << 20,

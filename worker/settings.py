@@ -52,6 +52,9 @@ class Settings:
     max_poll_interval_ms: int = _opt(300000, "Longest gap between polls before the group evicts us.")
     fetch_max_bytes: int = _opt(52428800, "Most bytes one fetch returns across partitions.")
     max_partition_fetch_bytes: int = _opt(8388608, "Most bytes one fetch returns per partition.")
+    fetch_max_wait_ms: int = _opt(
+        500, "Longest the broker may hold a fetch that has no data yet. Kafka answers as soon as data "
+             "arrives; some brokers (the local tansu) hold it this long anyway, adding it to latency.")
     producer_linger_ms: int = _opt(5, "Producer linger: how long a result batch waits to fill.")
     producer_max_request_size: int = _opt(10485760, "Largest produce request (results and DLQ records).")
     producer_max_pending: int = _opt(
