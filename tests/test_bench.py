@@ -1,0 +1,101 @@
+"""`worker bench` as a user runs it: a tiny run of every part on the CPU, checked for structure and for
+counts that add up. No timing is asserted: timings belong to the bench's own output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+COUNT = 40
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    env = {**os.environ, "WORKER_MODEL_CACHE": str(tmp / "models"), "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "worker", "bench", "--pipeline", "demo", "--device", "cpu",
+           "--count", str(COUNT), "--unique", "16", "--baseline-count", "10", "--max-batch-size", "8",
+           "--sweep-batch", "4", "--sweep-wait", "1", "--sweep-count", "20", "--rates", "0.5",
+           "--rate-seconds", "1", "--decode-threads", "1,2", "--ceiling-seconds", "0.1",
+           "--decode-workers", "2", "--json", str(out), "--markdown", str(tmp / "bench.md")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    return json.loads(out.read_text()), text, (tmp / "bench.md").read_text()
+
+
+def _complete(run: dict, expected: int) -> None:
+    assert run["count"] == expected
+    assert run["missing"] == 0 and run["duplicates"] == 0
+    assert run["results"] + run["dead_lettered"] == expected
+    assert run["exit_code"] == 0
+    counts = run["worker_counts"]
+    assert counts["consumed"] == expected
+    assert counts["published"] == run["results"] and counts["dead_lettered"] == run["dead_lettered"]
+    assert counts["failed"] == 0
+    assert run["images_per_s"] > 0 and run["batches"] >= 1
+    assert 1 <= run["mean_batch_size"] <= run["settings"]["max_batch_size"]
+    assert set(run["latency_ms"]) >= {"p50", "p95", "p99"}
+    assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
+
+
+def test_environment_is_recorded(bench):
+    result, _, _ = bench
+    env = result["bench"]
+    assert env["git_commit"] and env["date"]
+    assert set(env["versions"]) >= {"python", "worker", "onnxruntime", "numpy", "cv2"}
+    assert env["device"]["runtime"] == "cpu"
+    assert env["pipeline"]["models"] == ["channel_means", "gray_thumbnail"]
+    assert result["images"]["count"] == COUNT and result["images"]["width"] == 640
+
+
+def test_ceiling_measures_every_batch_size_of_the_run_and_the_sweep(bench):
+    result, _, _ = bench
+    ceiling = result["ceiling"]
+    assert [r["batch_size"] for r in ceiling["engine_api"]] == [1, 4, 8]
+    assert all(r["images_per_s"] > 0 and r["iterations"] >= 5 for r in ceiling["engine_api"])
+    assert "device_resident" not in ceiling  # a CPU runtime has no device to keep inputs on
+    assert "host batch buffer" in ceiling["definitions"]["cpu"]
+    g = result["gpu_thread"]
+    assert g["count"] == COUNT and 1 <= g["mean_batch_size"] <= 8
+
+
+def test_worker_baseline_sweeps_and_rates_account_for_every_input(bench):
+    result, _, _ = bench
+    _complete(result["worker"], COUNT)
+    assert result["worker"]["mode"] == "preloaded"
+    b = result["baseline"]
+    assert b["results"] == b["count"] == 10 and b["missing"] == 0
+    assert [r["settings"]["max_batch_size"] for r in result["sweeps"]["batch"]] == [4]
+    assert [r["settings"]["max_wait_ms"] for r in result["sweeps"]["wait"]] == [1.0]
+    for run in result["sweeps"]["batch"] + result["sweeps"]["wait"]:
+        _complete(run, 20)
+    (rate,) = result["rates"]
+    assert rate["mode"] == "rate" and rate["fraction_of_peak"] == 0.5
+    _complete(rate, rate["count"])
+    assert rate["target_rate"] == pytest.approx(0.5 * result["worker"]["images_per_s"])
+    assert result["broker"]["records"] == COUNT
+
+
+def test_decode_capacity_rows_and_ratios(bench):
+    result, _, _ = bench
+    assert {(r["decoder"], r["threads"]) for r in result["decode"]} == {
+        ("cpu", 1), ("cpu", 2), ("cpu-reduced", 1), ("cpu-reduced", 2)}
+    ratios = result["analysis"]["ratios"]
+    assert set(ratios) >= {"worker_over_ceiling", "worker_over_baseline", "worker_over_gpu_thread"}
+    w = result["worker"]["images_per_s"]
+    assert ratios["worker_over_baseline"] == pytest.approx(w / result["baseline"]["images_per_s"])
+    assert result["analysis"]["bound"]["stage"] in result["analysis"]["capacities"]
+
+
+def test_table_is_printed_and_written(bench):
+    _, text, md = bench
+    for label in ("engine API, batch 8", "GPU thread alone", "worker (Kafka->decode->GPU->Kafka)",
+                  "baseline (per message, batch 1)", "decode cpu-reduced, 2 threads", "worker at 50% of peak"):
+        assert label in text and label in md
+    assert "ratios: worker_over_ceiling" in text

@@ -1,0 +1,135 @@
+"""Runs the whole bench in one process, in an order that keeps the measurements apart.
+
+1. local broker (unless ``bootstrap_servers`` names one), images, the images decoded once;
+2. decode capacity (1 and N threads, each decoder);
+3. engine ceiling for every batch size of the run and the sweep, then the GPU thread alone;
+4. the worker on a preloaded backlog (the headline number), then the broker's read capacity on the same
+   topic, then the per-message baseline;
+5. sweeps of max_batch_size and max_wait_ms (worker runs, preloaded);
+6. rate-limited runs at fractions of the worker's measured peak.
+
+Each worker run builds its own runtime and engines through ``serve``, as a deployment would.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from worker.bench import report
+from worker.bench.baseline import baseline
+from worker.bench.broker_capacity import broker_read_capacity
+from worker.bench.ceiling import engine_ceiling, gpu_thread_ceiling
+from worker.bench.corpus import bench_images, describe
+from worker.bench.decode_capacity import decode_capacity
+from worker.bench.end_to_end import worker_run
+from worker.broker import LocalBroker
+from worker.flow.decode import decode_message
+from worker.models.spec import load_pipeline
+from worker.settings import Settings
+
+PARTS = ("decode", "ceiling", "gpu_thread", "worker", "broker", "baseline", "sweeps", "rates")
+
+
+@dataclass
+class BenchOptions:
+    pipeline: str  # the name given: demo, resnet50 or a path
+    pipeline_path: Path
+    count: int = 2000
+    unique: int = 256
+    seed: int = 0
+    partitions: int = 8
+    baseline_count: int = 200
+    sweep_batch: list[int] = field(default_factory=list)
+    sweep_wait: list[float] = field(default_factory=list)
+    sweep_count: int = 0  # 0: count
+    rates: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    rate_seconds: float = 4.0
+    decode_threads: list[int] = field(default_factory=list)  # empty: 1 and the worker's decode threads
+    ceiling_seconds: float = 2.0
+    skip: set[str] = field(default_factory=set)
+    argv: list[str] = field(default_factory=list)
+
+
+async def run_bench(opts: BenchOptions, settings: Settings, console: Console) -> dict[str, Any]:
+    say = lambda text: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}")
+    pipeline = load_pipeline(opts.pipeline_path)
+    result: dict[str, Any] = {"bench": report.environment(opts, settings, pipeline)}
+    broker = None
+    bootstrap = settings.bootstrap_servers
+    if bootstrap in ("", "local"):
+        broker = LocalBroker().start()
+        bootstrap = broker.bootstrap
+        say(f"local broker (tansu) on {bootstrap}")
+    pid = broker.pid if broker is not None else None
+    try:
+        say(f"generating {min(opts.unique, opts.count)} distinct 640x480 q90 JPEGs, {opts.count} messages")
+        images = bench_images(opts.count, opts.unique, opts.seed)
+        distinct = list(dict.fromkeys(images))  # keeps order, one per distinct object's value
+        result["images"] = describe(images)
+        reduced = settings.decoder == "cpu-reduced"
+        inputs = [decode_message(b, None, pipeline, settings.max_bytes, settings.max_pixels, reduced).inputs
+                  for b in distinct]
+
+        if "decode" not in opts.skip:
+            threads = opts.decode_threads or [1, settings.decode_threads]
+            say(f"decode capacity: threads {threads}, decoders cpu and cpu-reduced")
+            result["decode"] = decode_capacity(distinct, pipeline, settings, threads)
+
+        batch_sizes = sorted({1, settings.max_batch_size, *opts.sweep_batch})
+        if "ceiling" not in opts.skip:
+            say(f"engine ceiling: batch sizes {batch_sizes}")
+            result["ceiling"] = engine_ceiling(settings, pipeline, inputs, batch_sizes, opts.ceiling_seconds)
+            result["bench"]["device"] = {k: result["ceiling"][k] for k in ("runtime", "device", "gpu_name")}
+        if "gpu_thread" not in opts.skip:
+            say(f"GPU thread alone: {opts.count} pre-decoded images")
+            result["gpu_thread"] = await gpu_thread_ceiling(settings, pipeline, inputs, opts.count)
+
+        if "worker" not in opts.skip:
+            say(f"worker, preloaded backlog of {opts.count}")
+            run = await worker_run(settings, bootstrap, images, distinct, opts.partitions, "worker",
+                             broker_pid=pid)
+            result["worker"] = run
+            say(f"  {run['images_per_s']:.0f} images/s, mean batch {run['mean_batch_size']:.1f}")
+            if "broker" not in opts.skip:
+                say("broker read capacity")
+                result["broker"] = await broker_read_capacity(settings, bootstrap, run["input_topic"], len(images))
+        if "baseline" not in opts.skip and opts.baseline_count > 0:
+            n = min(opts.baseline_count, opts.count)
+            say(f"per-message baseline: {n} messages")
+            result["baseline"] = baseline(settings, pipeline, bootstrap, images[:n], opts.partitions)
+
+        if "sweeps" not in opts.skip and (opts.sweep_batch or opts.sweep_wait):
+            n = opts.sweep_count or opts.count
+            sweeps: dict[str, list] = {"batch": [], "wait": []}
+            for b in opts.sweep_batch:
+                say(f"sweep: max_batch_size={b} (max_wait_ms={settings.max_wait_ms:g}), {n} images")
+                sweeps["batch"].append(await worker_run(settings.replace(max_batch_size=b), bootstrap, images[:n],
+                                                        distinct, opts.partitions, f"b{b}", broker_pid=pid))
+            for w in opts.sweep_wait:
+                say(f"sweep: max_wait_ms={w:g} (max_batch_size={settings.max_batch_size}), {n} images")
+                sweeps["wait"].append(await worker_run(settings.replace(max_wait_ms=w), bootstrap, images[:n],
+                                                       distinct, opts.partitions, f"w{w:g}", broker_pid=pid))
+            result["sweeps"] = sweeps
+
+        peak = result.get("worker", {}).get("images_per_s")
+        if "rates" not in opts.skip and opts.rates and peak:
+            result["rates"] = []
+            for fraction in opts.rates:
+                rate = fraction * peak
+                n = max(20, int(rate * opts.rate_seconds))
+                say(f"rate-limited input: {fraction:.0%} of peak = {rate:.0f}/s, {n} messages")
+                run = await worker_run(settings, bootstrap, [], distinct, opts.partitions, f"r{int(fraction * 100)}",
+                                       rate=rate, rate_count=n, broker_pid=pid)
+                run["fraction_of_peak"] = fraction
+                result["rates"].append(run)
+    finally:
+        if broker is not None:
+            broker.stop()
+    result["analysis"] = report.analysis(result, settings)
+    return result
+

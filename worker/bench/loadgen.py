@@ -1,0 +1,133 @@
+"""Load generation for the end-to-end runs, in child processes.
+
+The collector (reads results and dead letters) and the rate-limited producer run in their own processes
+so that they do not take the worker's interpreter lock or event loop: the worker process then runs as it
+does in production. Times are ``time.monotonic()``, which on Linux is one system-wide clock
+(CLOCK_MONOTONIC), so send times in one process and receive times in another are comparable.
+
+Message keys are the input's index (``b"17"``); the worker copies the key onto the result and the DLQ
+record, which is how a result is matched to its send time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import time
+from typing import Any
+
+_CTX = multiprocessing.get_context("spawn")
+
+
+def start(target: Any, *args: Any) -> Any:
+    proc = _CTX.Process(target=target, args=args, daemon=True)
+    proc.start()
+    return proc
+
+
+def new_event() -> Any:
+    return _CTX.Event()
+
+
+async def join(proc: Any, timeout_s: float) -> None:
+    """Wait for a child without blocking the event loop (the worker may be running on it)."""
+    deadline = time.monotonic() + timeout_s
+    while proc.is_alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(5)
+        raise TimeoutError(f"bench child process {proc.name} did not finish within {timeout_s:.0f} s")
+    if proc.exitcode != 0:
+        raise RuntimeError(f"bench child process {proc.name} exited with {proc.exitcode}")
+
+
+# --- collector --------------------------------------------------------------------------------------
+
+def collector_main(bootstrap: str, output_topic: str, dlq_topic: str, expected: int, out_path: str,
+                   ready: Any, timeout_s: float) -> None:
+    collected = asyncio.run(_collect(bootstrap, output_topic, dlq_topic, expected, ready, timeout_s))
+    with open(out_path, "w") as f:
+        json.dump(collected, f)
+
+
+async def _collect(bootstrap: str, output_topic: str, dlq_topic: str, expected: int, ready: Any,
+                   timeout_s: float) -> dict:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(output_topic, dlq_topic, bootstrap_servers=bootstrap, group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False, fetch_max_wait_ms=20)
+    await consumer.start()
+    raw: list[tuple[bytes, bool, float, bytes]] = []
+    seen: set[bytes] = set()
+    duplicates = 0
+    try:
+        await consumer.getmany(timeout_ms=50)  # joins the topics' partitions before saying ready
+        ready.set()
+        deadline = time.monotonic() + timeout_s
+        while len(seen) < expected and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=100)
+            now = time.monotonic()
+            for tp, records in batches.items():
+                for rec in records:
+                    key = rec.key or b""
+                    if key in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(key)
+                    raw.append((key, tp.topic == dlq_topic, now, rec.value if tp.topic != dlq_topic else b""))
+    finally:
+        await consumer.stop()
+    rows = []
+    for key, dead, recv_t, value in raw:  # parsed after the clock stopped mattering
+        row = {"key": int(key or -1), "dlq": dead, "recv_t": recv_t}
+        if not dead:
+            doc = json.loads(value)
+            row["batch_size"] = doc.get("batch_size")
+            row["timings_ms"] = doc.get("timings_ms", {})
+        rows.append(row)
+    return {"rows": rows, "duplicates": duplicates, "expected": expected}
+
+
+# --- rate-limited producer ---------------------------------------------------------------------------
+
+def producer_main(bootstrap: str, topic: str, distinct: list[bytes], count: int, rate: float, partitions: int,
+                  out_path: str, go: Any) -> None:
+    sent_t = asyncio.run(_produce(bootstrap, topic, distinct, count, rate, partitions, go))
+    with open(out_path, "w") as f:
+        json.dump({"sent_t": sent_t, "rate": rate}, f)
+
+
+async def _produce(bootstrap: str, topic: str, distinct: list[bytes], count: int, rate: float, partitions: int,
+                   go: Any) -> list[float]:
+    """Send ``count`` messages at ``rate`` per second on an absolute schedule (a late send does not
+    push the later ones back), recording each send time."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0,
+                                max_request_size=10_485_760, max_batch_size=1 << 20)
+    await producer.start()
+    sent_t = [0.0] * count
+    try:
+        while not go.is_set():
+            await asyncio.sleep(0.01)
+        pending: list[asyncio.Future] = []
+        t0 = time.monotonic() + 0.05
+        for i in range(count):
+            target = t0 + i / rate
+            delay = target - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent_t[i] = time.monotonic()
+            pending.append(await producer.send(topic, distinct[i % len(distinct)], key=str(i).encode(),
+                                               partition=i % partitions))
+            if len(pending) >= 256:
+                done = [f for f in pending if f.done()]
+                for f in done:
+                    f.result()
+                pending = [f for f in pending if not f.done()]
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return sent_t
