@@ -46,6 +46,7 @@ def _complete(run: dict, expected: int) -> None:
 
 def test_environment_is_recorded(bench):
     result, _, _ = bench
+    assert result["errors"] == {}
     env = result["bench"]
     assert env["git_commit"] and env["date"]
     assert set(env["versions"]) >= {"python", "worker", "onnxruntime", "numpy", "cv2"}

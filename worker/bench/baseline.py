@@ -32,9 +32,13 @@ def baseline(settings: Settings, pipeline: PipelineSpec, bootstrap: str, images:
     error: list[BaseException] = []
 
     def main() -> None:
-        runtime = create_runtime(settings)
-        engines = [create_engine(spec, settings) for spec in pipeline.models]
-        runtime.start()
+        try:
+            runtime = create_runtime(settings)
+            engines = [create_engine(spec, settings) for spec in pipeline.models]
+            runtime.start()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            error.append(exc)
+            return
         activated = []
         try:
             for engine in engines:

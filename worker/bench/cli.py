@@ -96,7 +96,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         rates=args.rates, rate_seconds=args.rate_seconds, decode_threads=args.decode_threads,
                         ceiling_seconds=args.ceiling_seconds, skip=skip, argv=sys.argv[2:])
     console = Console(width=None if sys.stdout.isatty() else 200)  # a log file gets the whole table
-    result = asyncio.run(run_bench(opts, s, console))
+    checkpoint = (lambda result: report.write_json(result, args.json_path)) if args.json_path else None
+    result = asyncio.run(run_bench(opts, s, console, checkpoint))
     console.print(report.console_table(result))
     for line in report.summary_lines(result):
         console.print(line, highlight=False, markup=False)
@@ -107,8 +108,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.markdown_path).write_text(report.markdown(result))
     runs = [result.get("worker"), *(result.get("sweeps") or {}).get("batch", []),
             *(result.get("sweeps") or {}).get("wait", []), *(result.get("rates") or []), result.get("baseline")]
+    for part, trace in result["errors"].items():
+        console.print(f"[red]part {part} failed:[/red]")
+        console.print(trace, highlight=False, markup=False)
     incomplete = [r for r in runs if r and r.get("missing")]
     if incomplete:
         console.print(f"[red]{len(incomplete)} run(s) lost messages: some inputs got no result[/red]")
         return 1
-    return 0
+    return 1 if result["errors"] else 0

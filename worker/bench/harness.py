@@ -13,7 +13,10 @@ Each worker run builds its own runtime and engines through ``serve``, as a deplo
 
 from __future__ import annotations
 
+import inspect
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,10 +58,30 @@ class BenchOptions:
     argv: list[str] = field(default_factory=list)
 
 
-async def run_bench(opts: BenchOptions, settings: Settings, console: Console) -> dict[str, Any]:
+async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
+                    checkpoint: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Every part in order; a part that fails is recorded under ``errors`` (with its traceback) and the
+    others still run. ``checkpoint`` gets the result so far after each part (the CLI writes the JSON)."""
     say = lambda text: console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {text}")
     pipeline = load_pipeline(opts.pipeline_path)
-    result: dict[str, Any] = {"bench": report.environment(opts, settings, pipeline)}
+    result: dict[str, Any] = {"bench": report.environment(opts, settings, pipeline), "errors": {}}
+
+    async def part(name: str, run: Callable[[], Any]) -> Any:
+        try:
+            value = run()
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as exc:  # noqa: BLE001 - recorded, and the other parts still run
+            result["errors"][name] = traceback.format_exc()
+            console.print(f"[red]{name} failed: {type(exc).__name__}: {exc}[/red]")
+            value = None
+        if value is not None:
+            result[name] = value
+        if checkpoint is not None:
+            result["analysis"] = report.analysis(result, settings)
+            checkpoint(result)
+        return value
+
     broker = None
     bootstrap = settings.bootstrap_servers
     if bootstrap in ("", "local"):
@@ -78,58 +101,70 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console) ->
         if "decode" not in opts.skip:
             threads = opts.decode_threads or [1, settings.decode_threads]
             say(f"decode capacity: threads {threads}, decoders cpu and cpu-reduced")
-            result["decode"] = decode_capacity(distinct, pipeline, settings, threads)
+            await part("decode", lambda: decode_capacity(distinct, pipeline, settings, threads))
 
         batch_sizes = sorted({1, settings.max_batch_size, *opts.sweep_batch})
         if "ceiling" not in opts.skip:
             say(f"engine ceiling: batch sizes {batch_sizes}")
-            result["ceiling"] = engine_ceiling(settings, pipeline, inputs, batch_sizes, opts.ceiling_seconds)
-            result["bench"]["device"] = {k: result["ceiling"][k] for k in ("runtime", "device", "gpu_name")}
+            c = await part("ceiling", lambda: engine_ceiling(settings, pipeline, inputs, batch_sizes,
+                                                             opts.ceiling_seconds))
+            if c:
+                result["bench"]["device"] = {k: c[k] for k in ("runtime", "device", "gpu_name")}
         if "gpu_thread" not in opts.skip:
             say(f"GPU thread alone: {opts.count} pre-decoded images")
-            result["gpu_thread"] = await gpu_thread_ceiling(settings, pipeline, inputs, opts.count)
+            await part("gpu_thread", lambda: gpu_thread_ceiling(settings, pipeline, inputs, opts.count))
 
         if "worker" not in opts.skip:
             say(f"worker, preloaded backlog of {opts.count}")
-            run = await worker_run(settings, bootstrap, images, distinct, opts.partitions, "worker",
-                             broker_pid=pid)
-            result["worker"] = run
-            say(f"  {run['images_per_s']:.0f} images/s, mean batch {run['mean_batch_size']:.1f}")
-            if "broker" not in opts.skip:
+            run = await part("worker", lambda: worker_run(settings, bootstrap, images, distinct, opts.partitions,
+                                                          "worker", broker_pid=pid))
+            if run:
+                say(f"  {run['images_per_s']:.0f} images/s, mean batch {run['mean_batch_size']:.1f}")
+            if run and "broker" not in opts.skip:
                 say("broker read capacity")
-                result["broker"] = await broker_read_capacity(settings, bootstrap, run["input_topic"], len(images))
+                await part("broker", lambda: broker_read_capacity(settings, bootstrap, run["input_topic"],
+                                                                  len(images)))
         if "baseline" not in opts.skip and opts.baseline_count > 0:
             n = min(opts.baseline_count, opts.count)
             say(f"per-message baseline: {n} messages")
-            result["baseline"] = baseline(settings, pipeline, bootstrap, images[:n], opts.partitions)
+            await part("baseline", lambda: baseline(settings, pipeline, bootstrap, images[:n], opts.partitions))
 
         if "sweeps" not in opts.skip and (opts.sweep_batch or opts.sweep_wait):
             n = opts.sweep_count or opts.count
             sweeps: dict[str, list] = {"batch": [], "wait": []}
+            result["sweeps"] = sweeps
             for b in opts.sweep_batch:
                 say(f"sweep: max_batch_size={b} (max_wait_ms={settings.max_wait_ms:g}), {n} images")
-                sweeps["batch"].append(await worker_run(settings.replace(max_batch_size=b), bootstrap, images[:n],
-                                                        distinct, opts.partitions, f"b{b}", broker_pid=pid))
+                run = await part(f"sweep_batch_{b}", lambda b=b: worker_run(
+                    settings.replace(max_batch_size=b), bootstrap, images[:n], distinct, opts.partitions, f"b{b}",
+                    broker_pid=pid))
+                if run:
+                    sweeps["batch"].append(result.pop(f"sweep_batch_{b}"))
             for w in opts.sweep_wait:
                 say(f"sweep: max_wait_ms={w:g} (max_batch_size={settings.max_batch_size}), {n} images")
-                sweeps["wait"].append(await worker_run(settings.replace(max_wait_ms=w), bootstrap, images[:n],
-                                                       distinct, opts.partitions, f"w{w:g}", broker_pid=pid))
-            result["sweeps"] = sweeps
+                run = await part(f"sweep_wait_{w:g}", lambda w=w: worker_run(
+                    settings.replace(max_wait_ms=w), bootstrap, images[:n], distinct, opts.partitions, f"w{w:g}",
+                    broker_pid=pid))
+                if run:
+                    sweeps["wait"].append(result.pop(f"sweep_wait_{w:g}"))
 
-        peak = result.get("worker", {}).get("images_per_s")
+        peak = (result.get("worker") or {}).get("images_per_s")
         if "rates" not in opts.skip and opts.rates and peak:
             result["rates"] = []
             for fraction in opts.rates:
                 rate = fraction * peak
                 n = max(20, int(rate * opts.rate_seconds))
                 say(f"rate-limited input: {fraction:.0%} of peak = {rate:.0f}/s, {n} messages")
-                run = await worker_run(settings, bootstrap, [], distinct, opts.partitions, f"r{int(fraction * 100)}",
-                                       rate=rate, rate_count=n, broker_pid=pid)
-                run["fraction_of_peak"] = fraction
-                result["rates"].append(run)
+                name = f"rate_{int(fraction * 100)}"
+                run = await part(name, lambda rate=rate, n=n, name=name: worker_run(
+                    settings, bootstrap, [], distinct, opts.partitions, name, rate=rate, rate_count=n,
+                    broker_pid=pid))
+                if run:
+                    run = result.pop(name)
+                    run["fraction_of_peak"] = fraction
+                    result["rates"].append(run)
     finally:
         if broker is not None:
             broker.stop()
     result["analysis"] = report.analysis(result, settings)
     return result
-
