@@ -107,6 +107,7 @@ async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, t
         worker = WorkerProc(env, tmp_path / "worker-0.log", name="worker-0").start()
         await worker.wait_ready()
         feed = asyncio.create_task(producer.run())
+        killed: list[int] = []
         try:
             for k in range(kills):
                 await worker.wait_ready(60)  # joined: consuming from its committed positions
@@ -114,6 +115,7 @@ async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, t
                 await asyncio.sleep(rng.uniform(0.3, 3.0))
                 await out.poll()
                 worker.kill()  # SIGKILL: no drain, no commit, no leave-group
+                killed.append(worker.pid)
                 print(f"  kill {k + 1}: {len(out.records)} results read, {producer.sent} messages sent, "
                       f"t={time.monotonic() - started:.1f}s")
                 worker = WorkerProc(env, tmp_path / f"worker-{k + 1}.log", name=f"worker-{k + 1}").start()
@@ -124,6 +126,14 @@ async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, t
         assert worker.stop() == 0, worker.log_tail()
 
     dup = duplicates(records)
+    first_by: dict[tuple[int, int], int] = {}
+    per_kill = {pid: 0 for pid in killed}
+    for rec in sorted(records, key=lambda r: r.timestamp):
+        coord, pid = source_coords(rec), doc(rec)["worker"]["pid"]
+        if coord in first_by:
+            per_kill[first_by[coord]] = per_kill.get(first_by[coord], 0) + 1
+        else:
+            first_by[coord] = pid
     stamps = sorted(r.timestamp for r in records)
     window_ms = commit_ms + 500
     peak = max(np.searchsorted(stamps, t + window_ms, side="right") - i for i, t in enumerate(stamps))
@@ -131,8 +141,10 @@ async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, t
     print(f"  {len(records)} results for {n} inputs: duplicates={dup} (bound {bound} = {kills} kills x "
           f"(max_in_flight {max_in_flight} + {peak} results in the busiest {window_ms} ms)), "
           f"{time.monotonic() - started:.1f}s")
+    print(f"  duplicates by killed process (first publisher): {[per_kill[pid] for pid in killed]}")
     assert {source_coords(r) for r in records} == set(coords)
     assert dup <= bound
+    assert all(per_kill[pid] <= max_in_flight + peak for pid in killed)
 
 
 # --- 2. broker stalled -----------------------------------------------------------------------------------
@@ -234,22 +246,30 @@ async def test_second_worker_joins_and_leaves_mid_stream(broker, topics, tmp_pat
     published work for a partition it no longer owned, after the new owner had already moved past it.
     The worker prevents it by cancelling the revoked partitions' unfinished work at the end of the
     bounded revoke wait and flushing its producer before it lets the partitions go; the other member
-    can only commit after that. Batches that wait (``max_wait_ms``) longer than the revoke wait make
-    such cut work happen in every rebalance of this test.
+    can only commit after that.
+
+    To give a late publication every chance, the members differ: worker a is slow (its GPU batches
+    wait 10 s for company, much longer than its 0.2 s revoke wait, so a rebalance always finds work in
+    flight), worker b is fast (it redoes the handed-over backlog and commits within a second of its
+    assignment). b starts right after a published a batch, so when b's join makes a revoke its work,
+    a's next batch still has most of its 10 s to wait: several seconds after b's first commits. With the revoke of before this
+    issue (wait, commit, forget, let the old tasks run on), this test finds such late results.
     """
     n, partitions = 3000, 4
     await make_topics(broker.bootstrap, topics, partitions)
-    env = worker_env(broker.bootstrap, topics, max_in_flight=256, max_batch_size=64, max_wait_ms=400,
-                     rebalance_timeout_s=0.2, drain_timeout_s=10, log_level="debug")
+    common = dict(rebalance_timeout_s=0.2, drain_timeout_s=15, log_level="debug")
+    env_a = worker_env(broker.bootstrap, topics, max_in_flight=4096, max_batch_size=2048, max_wait_ms=10000,
+                       **common)
+    env_b = worker_env(broker.bootstrap, topics, max_in_flight=256, max_batch_size=64, max_wait_ms=5, **common)
     values, pixels = small_pngs(n)
     producer = PacedProducer(broker.bootstrap, topics["input"], values, partitions, rate=120.0)
     async with TopicReader(broker.bootstrap, topics["output"]) as out:
-        a = WorkerProc(env, tmp_path / "a.log", name="a").start()
+        a = WorkerProc(env_a, tmp_path / "a.log", name="a").start()
         await a.wait_ready()
         feed = asyncio.create_task(producer.run())
         try:
             await out.until(lambda r: len(r) >= 300, timeout_s=60, alive=a.alive)
-            b = WorkerProc(env, tmp_path / "b.log", name="b").start()
+            b = WorkerProc(env_b, tmp_path / "b.log", name="b").start()
             await b.wait_ready(60)
             await asyncio.sleep(1.0)
             await out.poll()
@@ -426,9 +446,9 @@ async def test_malformed_corpus_goes_to_dlq_with_its_reason_and_good_images_get_
 async def test_sigterm_mid_stream_then_restart_has_no_duplicates(broker, topics, tmp_path):
     n, partitions = 3000, 4
     await make_topics(broker.bootstrap, topics, partitions)
-    # Batches wait up to 300 ms for company, so a few dozen messages are in flight when SIGTERM comes.
-    env = worker_env(broker.bootstrap, topics, max_in_flight=256, drain_timeout_s=15, max_batch_size=64,
-                     max_wait_ms=300)
+    # Batches close on time only (2 s): a few hundred messages are in flight at almost any moment.
+    env = worker_env(broker.bootstrap, topics, max_in_flight=1024, drain_timeout_s=15, max_batch_size=512,
+                     max_wait_ms=2000)
     values, _ = small_pngs(n)
     producer = PacedProducer(broker.bootstrap, topics["input"], values, partitions, rate=150.0)
     async with TopicReader(broker.bootstrap, topics["output"]) as out:
@@ -437,10 +457,15 @@ async def test_sigterm_mid_stream_then_restart_has_no_duplicates(broker, topics,
         feed = asyncio.create_task(producer.run())
         try:
             await out.until(lambda r: len(r) >= 800, timeout_s=60, alive=first.alive)
-            in_flight = 0.0
+            # SIGTERM early in a batch's 2 s wait: the last batch ended 0.2-1 s ago, and work is in flight.
             deadline = time.monotonic() + 20
-            while in_flight < 5 and time.monotonic() < deadline:  # SIGTERM while work is in flight
+            while time.monotonic() < deadline:
                 in_flight = await asyncio.to_thread(first.metric, "worker_in_flight_messages") or 0.0
+                batches = events(first, "batch")
+                since = time.time() - iso_ms(batches[-1]["timestamp"]) / 1000 if batches else 0.0
+                if in_flight >= 5 and 0.2 <= since <= 1.0:
+                    break
+                await asyncio.sleep(0.05)
             t0 = time.monotonic()
             code = first.stop(30)
             stop_s = time.monotonic() - t0

@@ -337,6 +337,25 @@ async def test_dlq_record_too_large_goes_without_the_value(monkeypatch):
     assert await run == 0
 
 
+async def test_a_result_too_large_to_send_dead_letters_its_input(monkeypatch):
+    worker, consumer, publisher, gpu = make_worker(monkeypatch)
+    publisher.max_value = len(PNG) + 10  # the DLQ record (the PNG) fits; the JSON result does not
+    run = asyncio.create_task(worker.run())
+    await until(lambda: consumer.listener is not None)
+    consumer.assigned = {TP0}
+    await consumer.listener.on_partitions_assigned({TP0})
+    consumer.queue = [msg(0, 0)]
+    await until(lambda: len(gpu.held) == 1)
+    gpu.release()
+    await until(lambda: len(publisher.sent) == 1)
+    topic, record = publisher.sent[0]
+    assert topic == worker.settings.dlq_topic and record.value == PNG
+    assert dict(record.headers)["error-reason"] == b"result_too_large"
+    await until(lambda: consumer.commits and consumer.commits[-1] == {TP0: 1})
+    worker.request_stop()
+    assert await run == 0
+
+
 async def test_a_crashed_stage_exits_non_zero(monkeypatch):
     worker, consumer, publisher, gpu = make_worker(monkeypatch)
     consumer.fail_getmany = RuntimeError("fetcher bug")
