@@ -39,7 +39,7 @@ def small_pngs(n: int, distinct: int = 64, seed: int = 3) -> tuple[list[bytes], 
     return [blobs[i % distinct] for i in range(n)], [pixels[i % distinct] for i in range(n)]
 
 
-async def make_topics(bootstrap: str, topics: dict[str, str], partitions: int) -> None:
+async def create_test_topics(bootstrap: str, topics: dict[str, str], partitions: int) -> None:
     await create_topics(bootstrap, [(topics["input"], partitions), (topics["output"], partitions),
                                     (topics["dlq"], 1)])
 
@@ -97,7 +97,7 @@ async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, t
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     print(f"\nkill -9 test: seed={seed}")
-    await make_topics(broker.bootstrap, topics, partitions)
+    await create_test_topics(broker.bootstrap, topics, partitions)
     env = worker_env(broker.bootstrap, topics, max_in_flight=max_in_flight, commit_interval_ms=commit_ms,
                      max_batch_size=16)
     values, _ = small_pngs(n)
@@ -151,7 +151,7 @@ async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, t
 @pytest.mark.timeout(180)
 async def test_broker_stopped_for_20s_mid_stream(broker, topics, tmp_path):
     n, partitions, stall_s = 2000, 4, 20.0
-    await make_topics(broker.bootstrap, topics, partitions)
+    await create_test_topics(broker.bootstrap, topics, partitions)
     env = worker_env(broker.bootstrap, topics, max_in_flight=128)
     values, _ = small_pngs(n)
     producer = PacedProducer(broker.bootstrap, topics["input"], values, partitions, rate=100.0)
@@ -215,7 +215,7 @@ async def test_broker_unreachable_at_start_then_appears(topics, tmp_path):
         assert len(retries) >= 2, worker.log_tail()
         assert cpu < 1.5, f"busy loop while the broker is away: {cpu:.2f}s CPU in 6s"
         with LocalBroker(port=port) as late:
-            await make_topics(late.bootstrap, topics, 2)
+            await create_test_topics(late.bootstrap, topics, 2)
             values, pixels = small_pngs(40)
             producer = PacedProducer(late.bootstrap, topics["input"], values, 2, rate=1000.0)
             coords = await producer.run()
@@ -256,7 +256,7 @@ async def test_second_worker_joins_and_leaves_mid_stream(broker, topics, tmp_pat
     issue (wait, commit, forget, let the old tasks run on), this test finds such late results.
     """
     n, partitions = 3000, 4
-    await make_topics(broker.bootstrap, topics, partitions)
+    await create_test_topics(broker.bootstrap, topics, partitions)
     common = dict(rebalance_timeout_s=0.2, drain_timeout_s=15, log_level="debug")
     env_a = worker_env(broker.bootstrap, topics, max_in_flight=4096, max_batch_size=2048, max_wait_ms=10000,
                        **common)
@@ -374,7 +374,7 @@ async def test_malformed_corpus_goes_to_dlq_with_its_reason_and_good_images_get_
     items = [("bad", *b) for b in bad] + [("good", *g) for g in good]
     rng.shuffle(items)
     partitions = 3
-    await make_topics(broker.bootstrap, topics, partitions)
+    await create_test_topics(broker.bootstrap, topics, partitions)
     env = worker_env(broker.bootstrap, topics, max_bytes=max_bytes, max_batch_size=16)
     worker = WorkerProc(env, tmp_path / "worker.log").start()
     await worker.wait_ready()
@@ -445,7 +445,7 @@ async def test_malformed_corpus_goes_to_dlq_with_its_reason_and_good_images_get_
 @pytest.mark.timeout(150)
 async def test_sigterm_mid_stream_then_restart_has_no_duplicates(broker, topics, tmp_path):
     n, partitions = 3000, 4
-    await make_topics(broker.bootstrap, topics, partitions)
+    await create_test_topics(broker.bootstrap, topics, partitions)
     # Batches close on time only (2 s): a few hundred messages are in flight at almost any moment.
     env = worker_env(broker.bootstrap, topics, max_in_flight=1024, drain_timeout_s=15, max_batch_size=512,
                      max_wait_ms=2000)
@@ -488,7 +488,7 @@ async def test_sigterm_mid_stream_then_restart_has_no_duplicates(broker, topics,
 @pytest.mark.timeout(90)
 async def test_second_signal_exits_at_once(broker, topics, tmp_path):
     """While a drain waits (batches held for 5 s), a second SIGTERM exits at once, committing nothing."""
-    await make_topics(broker.bootstrap, topics, 1)
+    await create_test_topics(broker.bootstrap, topics, 1)
     env = worker_env(broker.bootstrap, topics, max_batch_size=64, max_wait_ms=5000, drain_timeout_s=30)
     worker = WorkerProc(env, tmp_path / "worker.log").start()
     await worker.wait_ready()
@@ -513,7 +513,7 @@ async def test_device_error_exits_non_zero_without_committing_the_batch(broker, 
     """An engine raising DeviceError (a CUDA fault) on one image: the process exits non-zero with a clear
     log line, and no offset without an acknowledged result is committed."""
     n, partitions, marker_at = 200, 2, 101  # index 101: partition 1, offset 50
-    await make_topics(broker.bootstrap, topics, partitions)
+    await create_test_topics(broker.bootstrap, topics, partitions)
     env = worker_env(broker.bootstrap, topics, max_batch_size=8)
     env["FAKE_DEVICE_ERROR_MARKER"] = "77"
     values, _ = small_pngs(n)

@@ -146,6 +146,7 @@ PNG = encode(np.full((64, 64, 3), 100, np.uint8), "png")
 
 class FakeConsumer:
     def __init__(self) -> None:
+        self.polls = 0
         self.queue: list = []
         self.assigned: set = set()
         self.paused: set = set()
@@ -172,6 +173,7 @@ class FakeConsumer:
         self.paused -= set(tps)
 
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        self.polls += 1
         if self.fail_getmany is not None:
             raise self.fail_getmany
         out: dict = {}
@@ -315,6 +317,43 @@ async def test_revoke_waits_for_in_flight_work_then_commits_it(monkeypatch):
     await consumer.listener.on_partitions_revoked({TP0})
     assert len(publisher.sent) == 3
     assert consumer.commits == [{TP0: 3}]
+    worker.request_stop()
+    assert await run == 0
+
+
+async def test_backpressure_pauses_keeps_polling_resumes_at_low_water_and_survives_a_rebalance(monkeypatch):
+    worker, consumer, publisher, gpu = make_worker(monkeypatch, max_in_flight=4, resume_in_flight=2)
+    run = asyncio.create_task(worker.run())
+    await until(lambda: consumer.listener is not None)
+    consumer.assigned = {TP0, TP1}
+    await consumer.listener.on_partitions_assigned({TP0, TP1})
+    consumer.queue = [msg(0, o) for o in range(10)] + [msg(1, o) for o in range(10)]
+    await until(lambda: len(gpu.held) == 4)
+    await until(lambda: consumer.paused == {TP0, TP1})
+    polls = consumer.polls
+    await asyncio.sleep(0.3)
+    assert consumer.polls > polls, "getmany must go on while paused (group membership)"
+    assert len(gpu.held) == 4 and worker.tracker.in_flight() == 4  # never past max_in_flight
+
+    # A rebalance while paused: aiokafka forgets pauses; the worker applies them again.
+    consumer.paused = set()
+    await consumer.listener.on_partitions_revoked({TP0, TP1})  # cuts the 4 held (rebalance_timeout 0.3 s)
+    gpu.held.clear()
+    worker.backpressure.paused = True  # as if the revoke came while still at the high mark
+    await consumer.listener.on_partitions_assigned({TP0, TP1})
+    assert consumer.paused == {TP0, TP1}
+    worker.backpressure.paused = False
+    consumer.paused = set()
+
+    # Low water: with everything released as it comes, the rest flows and the partitions end resumed.
+    async def release_all() -> None:
+        while True:
+            gpu.release()
+            await asyncio.sleep(0.02)
+    releaser = asyncio.create_task(release_all())
+    await until(lambda: not consumer.queue and worker.tracker.in_flight() == 0)
+    releaser.cancel()
+    assert not consumer.paused
     worker.request_stop()
     assert await run == 0
 
