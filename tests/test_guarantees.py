@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
+from worker import log
 from worker.app import Worker
 from worker.engines.base import CpuRuntime
 from worker.errors import DeviceError, FatalError, ModelRejectedInput
@@ -32,6 +34,13 @@ from worker.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
 PIPELINE = load_pipeline(default_pipeline_path())
+
+
+@pytest.fixture(autouse=True)
+def _log_to_this_tests_stderr():
+    """Other tests configure structlog with their own captured stderr, closed once they end; a log call
+    on a closed stream raises, in the GPU thread too. Log to this test's stream."""
+    log.configure("json", "warning", stream=sys.stderr)
 
 
 # --- GPU thread: isolation and device errors ------------------------------------------------------------
