@@ -72,6 +72,11 @@ def _resolve(fut: asyncio.Future, result: Any = None, error: BaseException | Non
         fut.set_result(result)
 
 
+def _resolve_all(resolved: list[tuple[asyncio.Future, Any]]) -> None:
+    for fut, result in resolved:
+        _resolve(fut, result)
+
+
 class GpuThread:
     def __init__(self, runtime: DeviceRuntime, engines: Sequence[InferenceEngine], max_batch_size: int,
                  max_wait_ms: float, metrics: Metrics | None = None,
@@ -225,12 +230,19 @@ class GpuThread:
         oldest_wait = max(started - r.enqueued_at for r in requests)
         self._log.info("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
                        inference_ms=round(elapsed * 1000, 3))
+        # Copy once per output (collectors may return views of buffers reused by the next batch); each
+        # result holds rows of that copy. NumPy drops the GIL for copies of over 500 elements and the
+        # self-pipe write of call_soon_threadsafe drops it too: per image, each is one more wait for the
+        # GIL behind the decode threads and the event loop; per batch, one.
+        copies = [{name: np.array(arr) for name, arr in out.items()} for out in outputs]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, InferenceResult]]] = {}
         for j, req in enumerate(requests):
-            # Copy: collectors may return views of buffers reused by the next batch.
-            per_model = [{name: np.array(arr[j]) for name, arr in out.items()} for out in outputs]
+            per_model = [{name: arr[j] for name, arr in out.items()} for out in copies]
             result = InferenceResult(per_model, queue_s=started - req.enqueued_at, inference_s=elapsed,
                                      batch_size=n)
-            req.loop.call_soon_threadsafe(_resolve, req.future, result)
+            by_loop.setdefault(req.loop, []).append((req.future, result))
+        for loop, resolved in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, resolved)
 
     def _isolate(self, requests: list[InferenceRequest], batch_error: BaseException) -> None:
         """A model raised on the batch: retry each item alone, once, so only the bad one is rejected."""
