@@ -76,6 +76,26 @@ def _device_resident_runner(engine: Any, runtime: Any) -> Callable[[], None] | N
     return lambda: run_bound(cuda.session, cuda.binding, cuda.run_options, f"model {engine.spec.name}", runtime)
 
 
+def _new_shape_cost(engines: Sequence[Any], runtime: Any, sizes: Sequence[int]) -> list[dict]:
+    """First and second run of batch shapes the engines were never run at (bypassing their buckets):
+    what a batch of an unseen size costs on the hot path when nothing pads it."""
+    out = []
+    for n in sizes:
+        cudas = [getattr(e, "_cuda", None) for e in engines]
+        if not all(c is not None and hasattr(c, "_bind") for c in cudas):
+            return out
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            for e, c in zip(engines, cudas):
+                c._bind(n)
+                _device_resident_runner(e, runtime)()
+            runtime.synchronize()
+            times.append((time.perf_counter() - t) * 1000)
+        out.append({"batch_size": n, "first_ms": times[0], "second_ms": times[1]})
+    return out
+
+
 def engine_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, batch_sizes: Sequence[int],
                    min_s: float = 2.0, min_iters: int = 5, warmup: int = 3) -> dict:
     """Measure every batch size on one activation (sized for the largest); runs on a thread of its own."""
@@ -138,6 +158,8 @@ def _engine_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, 
                         _summary(_time_loop(device_step, runtime.synchronize, min_s, min_iters), n))
         if not results["device_resident"]:
             del results["device_resident"]
+        if runtime.kind == "cuda":
+            results["new_shape"] = _new_shape_cost(engines, runtime, [n for n in (3, 77) if n <= largest])
         kind = runtime.kind
         return {"runtime": kind, "device": runtime.device_name,
                 "gpu_name": getattr(runtime, "gpu_name", "") or runtime.device_name,

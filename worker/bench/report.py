@@ -206,6 +206,9 @@ def summary_lines(result: dict) -> list[str]:
             f"{b['settings']['decode_threads']} decode threads")
     images = f"images: {result['images']['count']} JPEGs 640x480 q90, mean {result['images']['mean_bytes'] / 1000:.0f} KB"
     lines = [head, images]
+    for row in (result.get("ceiling") or {}).get("new_shape", []):
+        lines.append(f"first run of an unseen batch shape ({row['batch_size']} rows, no padding): "
+                     f"{row['first_ms']:.1f} ms, second run {row['second_ms']:.1f} ms")
     for key, text in (result.get("ceiling") or {}).get("definitions", {}).items():
         lines.append(f"ceiling definition [{key}]: {text}")
     w = result.get("worker") or {}
