@@ -11,7 +11,7 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.helpers import produce, read_all
+from tests.helpers import produce
 from tests.test_end_to_end import lossless_images, run_until
 from worker.broker import create_topics
 from worker.flow import publish

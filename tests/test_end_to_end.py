@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import cv2
 import numpy as np
-import pytest
 
 from tests.helpers import check_demo_result, headers_of, produce, read_all, result_doc, source_of
 from worker.broker import create_topics

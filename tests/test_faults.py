@@ -17,7 +17,6 @@ import signal
 import time
 from datetime import datetime
 
-import cv2
 import numpy as np
 import pytest
 

@@ -5,12 +5,8 @@ bounded by ``max_in_flight`` (backpressure pauses the partitions), so every queu
 bounded too. A message is finished only when the broker acknowledged its result or its DLQ record;
 only finished offsets are committed.
 
-Commit order (``commit``), as in Quix Streams:
-  1. take, per assigned partition, the end of the contiguous finished prefix (OffsetTracker);
-  2. every result below it was already acknowledged by the broker (finish() is called after the ack),
-     so nothing needs flushing for it; on shutdown the producer is flushed anyway first;
-  3. commit those positions (next offset to read), bounded in time; never backwards; a failed or timed
-     out commit is retried on the next interval and never counted as done.
+The stages of one message live in worker.flow.handle; commits (and their order) and the broker probe
+in worker.flow.committer. This module is the life cycle around them.
 
 Revoke (``_on_revoked``, awaited by aiokafka before it rejoins, so before any other member can own the
 partitions): no new records for them (aiokafka returns none during a rebalance) → wait up to
@@ -34,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,20 +37,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker import log
-from worker.errors import PoisonMessage, RetriableError, WorkerError
+from worker.flow.committer import BROKER_TIMEOUT_S, Committer
 from worker.flow.consume import Backpressure, LivePlan, Plan, RebalanceHooks
-from worker.flow.decode import decode_message
-from worker.flow.gpu import GpuThread, InferenceRequest
+from worker.flow.gpu import GpuThread
+from worker.flow.handle import MessageHandler
 from worker.flow.offsets import OffsetTracker
-from worker.flow.publish import (Publisher, RecordTooLarge, Source, dlq_record, dlq_record_without_value,
-                                 result_record)
+from worker.flow.publish import Publisher
 from worker.health import HealthState
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings
 
-BROKER_TIMEOUT_S = 5.0  # one probe, one commit or one flush waits this long for a broker that stalls
-PROBE_INTERVAL_S = 1.0
 
 
 class Worker:
@@ -79,6 +71,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._signals = 0
         self._fatal: BaseException | None = None
+        self.committer = Committer(lambda: self.consumer, self.tracker, self.metrics, self.health)
         self._log = log.get("worker")
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -90,9 +83,15 @@ class Worker:
         stages: list[asyncio.Task] = []
         try:
             if await self._connect():
+                self.handler = MessageHandler(self.settings, self.pipeline, self.gpu, self.publisher,
+                                              self.tracker, self.metrics, self.counts, self._decode_pool,
+                                              self.fail)
                 await self.plan.attach(self.consumer, RebalanceHooks(self._on_revoked, self._on_assigned))
-                for name, coro in (("consume", self._consume_loop()), ("commit", self._commit_loop()),
-                                   ("probe", self._probe_loop()), ("heartbeat", self._heartbeat_loop())):
+                interval = self.settings.commit_interval_ms / 1000.0
+                for name, coro in (("consume", self._consume_loop()),
+                                   ("commit", self.committer.commit_loop(interval)),
+                                   ("probe", self.committer.probe_loop()),
+                                   ("heartbeat", self._heartbeat_loop())):
                     task = asyncio.create_task(coro, name=name)
                     task.add_done_callback(self._stage_done)
                     stages.append(task)
@@ -267,7 +266,7 @@ class Worker:
             return None
         self.counts["consumed"] += 1
         self.metrics.consumed.inc()
-        task = asyncio.create_task(self._handle(tp, msg, generation))
+        task = asyncio.create_task(self.handler.handle(tp, msg, generation))
         task.offset = msg.offset  # type: ignore[attr-defined] - for the log of what a drain or revoke cut
         self._tasks.add(task)
         owned = self._tasks_by_tp.setdefault(tp, set())
@@ -290,135 +289,15 @@ class Worker:
             self.consumer.resume(*assigned)
         self.metrics.paused.set(1 if self.backpressure.paused else 0)
 
-    # --- one message, every stage --------------------------------------------------------
-    async def _handle(self, tp: TopicPartition, msg: Any, generation: int | None = None) -> None:
-        s = self.settings
-        consumed_at = time.monotonic()
-        source = Source(msg.topic, msg.partition, msg.offset, msg.timestamp, msg.key)
-        where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
-        try:
-            try:
-                decoded = await self._loop.run_in_executor(
-                    self._decode_pool, decode_message, msg.value, msg.headers, self.pipeline,
-                    s.max_bytes, s.max_pixels, s.decoder == "cpu-reduced")
-                self.metrics.decode_seconds.observe(decoded.decode_s)
-                future = self._loop.create_future()
-                self.gpu.submit(InferenceRequest(decoded.inputs, future, self._loop, where))
-                result = await future
-            except PoisonMessage as exc:
-                await self._dead_letter(source, msg, exc, where)
-            else:
-                self.metrics.queue_seconds.observe(result.queue_s)
-                record = result_record(
-                    source, self.pipeline, result.outputs,
-                    image={"width": decoded.width, "height": decoded.height, "format": decoded.format},
-                    correlation_id=decoded.correlation_id, batch_size=result.batch_size,
-                    timings_s={"decode": decoded.decode_s, "queue": result.queue_s,
-                               "inference": result.inference_s, "end_to_end": time.monotonic() - consumed_at})
-                try:
-                    await self.publisher.publish(s.output_topic, record)
-                except RecordTooLarge as exc:
-                    # The result can never be sent (huge model outputs): the input goes to the DLQ instead.
-                    await self._dead_letter(source, msg, PoisonMessage(str(exc), reason="result_too_large"), where)
-                else:
-                    self.metrics.published.inc()
-                    self.counts["published"] += 1
-            self.metrics.end_to_end_seconds.observe(time.monotonic() - consumed_at)
-            self.tracker.finish(tp, msg.offset, generation)
-        except RetriableError as exc:
-            # Not finished, so never committed: a restart redoes it. Device errors also stop the worker.
-            self.counts["failed"] += 1
-            self.metrics.failed.labels(type(exc).__name__).inc()
-            self._log.error("message failed (retriable; offset left uncommitted)", error=str(exc), **where)
-        except asyncio.CancelledError:
-            raise
-        except WorkerError as exc:
-            self.fail(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug must stop the worker, not skip the message
-            self._log.exception("unexpected error handling message", **where)
-            self.fail(exc)
-
-    async def _dead_letter(self, source: Source, msg: Any, exc: PoisonMessage, where: dict) -> None:
-        """Publish the DLQ record; if the original value makes it too large to send, send it without."""
-        self._log.warning("dead-lettering message", reason=exc.reason, error=str(exc), **where)
-        dlq = self.settings.dlq_topic
-        try:
-            await self.publisher.publish(dlq, dlq_record(source, msg.value, msg.headers, exc))
-        except RecordTooLarge as refused:
-            self._log.warning("DLQ record too large; sending it without the original value",
-                              value_bytes=len(msg.value or b""), **where)
-            await self.publisher.publish(dlq, dlq_record_without_value(source, msg.value, msg.headers, exc,
-                                                                       refused))
-        self.metrics.dead_lettered.labels(exc.reason).inc()
-        self.counts["dead_lettered"] += 1
-
     # --- commit and rebalance ------------------------------------------------------------
     async def commit(self, partitions: set[TopicPartition] | None = None) -> bool:
-        """Commit the finished prefix of each assigned partition (of ``partitions`` if given).
-
-        Bounded in time: a stalled broker must not hold a revoke or a shutdown past its grace period.
-        Returns False when the commit failed or timed out; those positions are tried again next time.
-        """
-        assigned = self.consumer.assignment()
-        scope = assigned if partitions is None else (partitions & assigned)
-        positions = self.tracker.to_commit(scope)
-        if not positions:
-            return True
-        try:
-            await asyncio.wait_for(self.consumer.commit(positions), timeout=BROKER_TIMEOUT_S)
-        except (KafkaError, asyncio.TimeoutError) as exc:
-            self.metrics.commit_failures.inc()
-            self._log.warning("commit failed; will retry", error=f"{type(exc).__name__}: {exc}",
-                              positions={f"{tp.topic}:{tp.partition}": o for tp, o in positions.items()})
-            return False
-        self.tracker.mark_committed(positions)
-        self.metrics.commits.inc()
-        self._log.debug("committed", positions={f"{tp.topic}:{tp.partition}": o for tp, o in positions.items()})
-        return True
+        return await self.committer.commit(partitions)
 
     async def _heartbeat_loop(self) -> None:
         """Proof of a responsive event loop for /healthz, independent of broker round trips."""
         while True:
             self.health.loop_beat()
             await asyncio.sleep(1.0)
-
-    async def _commit_loop(self) -> None:
-        interval = self.settings.commit_interval_ms / 1000.0
-        while True:
-            await asyncio.sleep(interval)
-            await self.commit()
-
-    async def _probe_loop(self) -> None:
-        """Readiness's "broker reachable": a round trip with its own timeout, apart from the commits (a
-        commit waits for a coordinator for as long as it takes; readiness must turn false meanwhile)."""
-        while True:
-            await self._refresh_lag()
-            await asyncio.sleep(PROBE_INTERVAL_S)
-
-    async def _refresh_lag(self) -> None:
-        """Lag per partition and a broker round trip: what readiness calls "broker reachable"."""
-        try:
-            await asyncio.wait_for(self._lag_round_trip(), timeout=BROKER_TIMEOUT_S)
-        except (KafkaError, asyncio.TimeoutError, OSError) as exc:
-            if self.health.broker_ok:
-                self._log.warning("broker unreachable", error=f"{type(exc).__name__}: {exc}" if str(exc)
-                                  else type(exc).__name__, timeout_s=BROKER_TIMEOUT_S)
-            self._broker_trouble(True)
-        else:
-            if not self.health.broker_ok:
-                self._log.info("broker reachable again")
-            self._broker_trouble(False)
-
-    async def _lag_round_trip(self) -> None:
-        assigned = list(self.consumer.assignment())
-        if not assigned:
-            await self.consumer.topics()
-            return
-        ends = await self.consumer.end_offsets(assigned)
-        for tp, end in ends.items():
-            pos = self.tracker.committable(tp)
-            committed = pos if pos is not None else await self.consumer.committed(tp) or 0
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - committed))
 
     def _broker_trouble(self, trouble: bool) -> None:
         self.health.broker_ok = not trouble
