@@ -221,15 +221,6 @@ class GpuThread:
             self._isolate(requests, exc)
             return
         elapsed = self._clock() - started
-        self.batches += 1
-        self.images += n
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(n)
-            self.metrics.inference_seconds.observe(elapsed)
-            self.metrics.gpu_memory.set(self.runtime.memory_in_use())
-        oldest_wait = max(started - r.enqueued_at for r in requests)
-        self._log.info("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
-                       inference_ms=round(elapsed * 1000, 3))
         # Copy once per output (collectors may return views of buffers reused by the next batch); each
         # result holds rows of that copy. NumPy drops the GIL for copies of over 500 elements and the
         # self-pipe write of call_soon_threadsafe drops it too: per image, each is one more wait for the
@@ -243,6 +234,16 @@ class GpuThread:
             by_loop.setdefault(req.loop, []).append((req.future, result))
         for loop, resolved in by_loop.items():
             loop.call_soon_threadsafe(_resolve_all, resolved)
+        # Book-keeping last: whatever it raises, no request of this batch is left waiting.
+        self.batches += 1
+        self.images += n
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(n)
+            self.metrics.inference_seconds.observe(elapsed)
+            self.metrics.gpu_memory.set(self.runtime.memory_in_use())
+        oldest_wait = max(started - r.enqueued_at for r in requests)
+        self._log.info("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
+                       inference_ms=round(elapsed * 1000, 3))
 
     def _isolate(self, requests: list[InferenceRequest], batch_error: BaseException) -> None:
         """A model raised on the batch: retry each item alone, once, so only the bad one is rejected."""
@@ -268,9 +269,8 @@ class GpuThread:
 
     def _fail(self, exc: BaseException) -> None:
         self.fatal_error = exc
-        name = getattr(exc, "cuda_error", "")
-        self._log.error("gpu thread failed", error=f"{type(exc).__name__}: {exc}", cuda_error=name or None)
-        # Fail everything still queued so that no coroutine waits for a thread that is gone.
+        # Fail everything still queued so that no coroutine waits for a thread that is gone; first,
+        # before anything that could itself raise (a log call with a broken stream, say).
         pending = [req for req, _ in self._batcher.take()]
         while True:
             try:
@@ -284,6 +284,8 @@ class GpuThread:
             req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
         if self.on_fatal is not None:
             self.on_fatal(error)
+        name = getattr(exc, "cuda_error", "")
+        self._log.error("gpu thread failed", error=f"{type(exc).__name__}: {exc}", cuda_error=name or None)
 
     def _teardown(self, activated: list[InferenceEngine], started: bool) -> None:
         """Reverse order of start: sync the stream, engines last-in first-out, then the runtime."""
