@@ -27,17 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _why_no_gpu() -> str:
-    try:
-        import pycuda.driver as cuda
-    except ImportError as exc:
-        return f"pycuda is not importable ({exc})"
-    try:
-        cuda.init()
-        count = cuda.Device.count()
-    except Exception as exc:  # noqa: BLE001 - any failure means: no usable GPU here
-        return f"pycuda cannot initialise CUDA ({exc})"
-    if count == 0:
-        return "the CUDA driver sees no device"
+    from worker.engines import cuda_unusable
+
+    why = cuda_unusable(0)
+    if why:
+        return why
     try:
         import onnxruntime as ort
     except ImportError as exc:
