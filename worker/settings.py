@@ -75,6 +75,12 @@ class Settings:
     ort_cudnn_search: str = _opt(
         "HEURISTIC", "ONNX Runtime cuDNN convolution algorithm search.", ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
     )
+    ort_batch_shapes: str = _opt(
+        "max", "ONNX Runtime CUDA provider: batch shapes a session runs at. max: every batch padded to "
+               "max_batch_size (one shape; ORT re-prepares its convolutions whenever the batch shape "
+               "changes, ~100 ms for ResNet-50 on an H200); pow2: padded to the next power of two (less "
+               "padding, but a change of shape between batches costs that again).", ("max", "pow2")
+    )
     engine_cache_dir: str = _opt(
         "", "Where TensorRT engines built from ONNX files are cached. Empty: ~/.cache/gpu-worker/engines."
     )

@@ -297,15 +297,19 @@ class DevicePreprocessor:
         self.session = None
 
 
-def batch_buckets(max_batch: int) -> list[int]:
-    """The batch sizes a CUDA session runs at: powers of two below ``max_batch``, and ``max_batch``.
+def batch_buckets(max_batch: int, shapes: str = "pow2") -> list[int]:
+    """The batch sizes a CUDA session runs at: ``max_batch`` alone (``shapes="max"``), or the powers of
+    two below it and ``max_batch`` (``"pow2"``).
 
-    ONNX Runtime's CUDA provider prepares per input shape (cuDNN plans, memory patterns) on the first
-    run of each new shape, which stalls that batch for far longer than it computes (worker bench,
-    H200, ResNet-50: mean batch time 70 ms in the worker against 18 ms at a fixed size). The GPU
-    thread's micro-batches take any size up to the maximum, so each batch is padded up to its bucket:
-    at most 2x the rows, and a handful of shapes that are all prepared while the model loads.
+    ONNX Runtime's CUDA convolutions keep the state of the *last* input shape they ran at and prepare
+    again whenever it changes (worker bench, H200, ResNet-50: 101-106 ms for the first run of a new
+    shape, against 2.4-11.8 ms for the second). The GPU thread's micro-batches come in any size up to
+    the maximum; unpadded, nearly every batch paid that (worker: 70 ms per batch, p95 158, against
+    18 ms for the engine at a fixed size). Each batch is padded up to its bucket; every bucket runs
+    once while the model loads.
     """
+    if shapes == "max":
+        return [max_batch]
     sizes = []
     size = 1
     while size < max_batch:
@@ -362,7 +366,8 @@ class _CudaBinding:
             raise
         self.binding = self.session.io_binding()
         self.run_options = run_options(settings, runtime)
-        self.buckets = [self.fixed_batch] if self.fixed_batch else batch_buckets(max_batch)
+        self.buckets = ([self.fixed_batch] if self.fixed_batch
+                        else batch_buckets(max_batch, getattr(settings, "ort_batch_shapes", "max")))
         self._warm_up()
 
     def _bind(self, rows: int) -> None:
