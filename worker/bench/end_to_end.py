@@ -25,6 +25,7 @@ import numpy as np
 
 from worker.bench import cpu_time, loadgen
 from worker.bench.corpus import Topics, preload
+from worker.bench.gc_pauses import GcPauses
 from worker.metrics import Metrics
 from worker.service import serve
 from worker.settings import Settings
@@ -96,6 +97,7 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
             go.set()
             t_first = time.monotonic()
             cpu0, broker0 = cpu_time.thread_cpu(), cpu_time.process_cpu(broker_pid) if broker_pid else 0.0
+        gc_pauses = GcPauses().__enter__()
         waiters = [asyncio.create_task(loadgen.join(collector, timeout_s))]
         if producer is not None:
             waiters.append(asyncio.create_task(loadgen.join(producer, timeout_s)))
@@ -106,6 +108,7 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
             raise RuntimeError(f"the worker stopped early with exit code {task.result()}")
         children.result()  # a child's failure or time-out
         cpu = cpu_time.delta(cpu0, cpu_time.thread_cpu())
+        gc_pauses.__exit__()
         if broker_pid:
             cpu["broker_process"] = round(cpu_time.process_cpu(broker_pid) - broker0, 3)
         worker = workers[0]
@@ -155,6 +158,7 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "mean_batch_size": batch_images / batches if batches else 0.0,
         "gpu_thread_busy_fraction": inference_s / wall,
         "cpu_s": cpu,
+        "gc_pauses": gc_pauses.summary(),
     }
     if rate is not None:
         sent = json.loads((work / "sent.json").read_text())["sent_t"]

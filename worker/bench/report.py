@@ -217,6 +217,10 @@ def summary_lines(result: dict) -> list[str]:
         per = ", ".join(f"{k} {v:.3f}" for k, v in sorted(w["cpu_ms_per_message"].items(), key=lambda kv: -kv[1]))
         lines.append(f"worker run, CPU busy per thread group (1.0 = one core): {busy}")
         lines.append(f"worker run, CPU ms per message: {per}")
+        if w.get("gc_pauses"):
+            lines.append("worker run, garbage-collector pauses (they hold the GIL): " + ", ".join(
+                f"{g} {v['count']} x, {v['total_ms']:.0f} ms total, max {v['max_ms']:.1f} ms"
+                for g, v in w["gc_pauses"].items()))
         stages = w.get("stages_ms", {})
         if stages.get("decode", {}).get("mean") is not None:
             lines.append("worker run, mean ms per message: " + ", ".join(
