@@ -174,6 +174,12 @@ def _engine_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, 
             runtime.stop()
 
 
+async def _metrics_caught_up(metrics: Metrics, images: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (metrics.registry.get_sample_value("worker_batch_size_sum") or 0) < images and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+
+
 async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, count: int) -> dict:
     """The real GpuThread fed ``count`` pre-decoded requests at once: full batches, no Kafka, no decode."""
     loop = asyncio.get_running_loop()
@@ -188,6 +194,7 @@ async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs:
         for j, fut in enumerate(warm):
             gpu.submit(InferenceRequest(inputs[j % len(inputs)], fut, loop))
         await asyncio.gather(*warm)
+        await _metrics_caught_up(metrics, len(warm))  # the GPU thread records a batch after resolving it
         batches0, images0 = gpu.batches, gpu.images
         busy0 = metrics.registry.get_sample_value("worker_inference_seconds_sum") or 0.0
         futures = [loop.create_future() for _ in range(count)]
@@ -196,6 +203,7 @@ async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs:
             gpu.submit(InferenceRequest(inputs[j % len(inputs)], fut, loop))
         await asyncio.gather(*futures)
         wall = time.perf_counter() - started
+        await _metrics_caught_up(metrics, len(warm) + count)
         busy = (metrics.registry.get_sample_value("worker_inference_seconds_sum") or 0.0) - busy0
         batches = gpu.batches - batches0
         return {"count": count, "images_per_s": count / wall, "wall_s": wall, "batches": batches,
