@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root, after every .gpu/pK part was copied to /tmp/gpu
+# (see docs/gpu.md): install the offline bundle, run the `gpu` tests, then the ResNet-50 bench.
+# .gpu-extra/ (carried, git-ignored) may hold test-only wheels (pytest-asyncio, pytest-timeout) and
+# pycuda-site.tgz, a pycuda built on an earlier machine of the same image, to skip its ~100 s build.
+# Usage: bash tests/gpu/run_on_device.sh [tests|bench|all]
+set -uo pipefail
+what=${1:-all}
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+if [ ! -f /tmp/site/.ready ]; then
+  if [ -f .gpu-extra/pycuda-site.tgz ]; then
+    mkdir -p /tmp/site && tar -C /tmp/site -xzf .gpu-extra/pycuda-site.tgz && touch /tmp/site/.pycuda-prebuilt
+    # install.sh builds pycuda unless it is importable from /tmp/site; fake a ready build step
+    sed 's#^PYTHONPATH=/tmp/site CUDA_ROOT#true || PYTHONPATH=/tmp/site CUDA_ROOT#' /tmp/gpu/install.sh > /tmp/gpu/install-prebuilt.sh
+    bash /tmp/gpu/install-prebuilt.sh > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 3; }
+  else
+    bash /tmp/gpu/install.sh > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 3; }
+  fi
+fi
+ls .gpu-extra/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
+  --upgrade --target /tmp/site .gpu-extra/*.whl > /dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/gpu/bin:$PATH PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader | tee "$out/card.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$out/card.txt"
+rc=0
+if [ "$what" != bench ]; then
+  timeout 400 python3 -m pytest -m gpu tests/gpu -q -s -rA -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
+  rc=$?
+  tail -40 "$out/gpu-tests.log"
+fi
+if [ "$what" != tests ]; then
+  for shapes in max pow2; do
+    timeout 240 python3 -m worker bench --pipeline resnet50 --device cuda --count 8000 --max-batch-size 128 \
+      --max-wait-ms 5 --decoder cpu-reduced --decode-workers 16 --decode-threads 16 --baseline-count 300 \
+      --rates 0.5,0.9 --rate-seconds 4 --ceiling-seconds 1.5 --ort-batch-shapes "$shapes" \
+      --json "$out/bench-$shapes.json" --markdown "$out/bench-$shapes.md" > "$out/bench-$shapes.log" 2>&1
+    tail -30 "$out/bench-$shapes.log"
+  done
+fi
+exit $rc
