@@ -6,6 +6,8 @@ same pipeline code.
 
 from __future__ import annotations
 
+import sys
+
 from worker import log
 from worker.app import Worker
 from worker.engines import create_engine, create_runtime
@@ -30,6 +32,8 @@ async def serve(settings: Settings, plan: Plan | None = None, metrics: Metrics |
     """
     logger = log.get("service")
     logger.info("starting", settings=settings.masked())
+    if settings.gil_switch_interval_ms > 0:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
     pipeline = pipeline_for(settings)
     metrics = metrics or Metrics()
     health = HealthState()

@@ -84,6 +84,10 @@ class Settings:
     engine_cache_dir: str = _opt(
         "", "Where TensorRT engines built from ONNX files are cached. Empty: ~/.cache/gpu-worker/engines."
     )
+    gil_switch_interval_ms: float = _opt(
+        0.0, "Python's GIL switch interval (sys.setswitchinterval). The GPU thread drops the GIL in every "
+             "CUDA and ONNX Runtime call and must win it back from the decode threads each time; a "
+             "shorter interval hands it back sooner. 0: leave Python's default (5 ms).")
     # --- Decode ---------------------------------------------------------------------------
     decode_workers: int = _opt(0, "Decode threads. 0: one per CPU core.")
     decoder: str = _opt(
@@ -111,7 +115,7 @@ class Settings:
         for name in ("max_batch_size", "max_in_flight", "commit_interval_ms", "producer_max_pending"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "drain_timeout_s", "rebalance_timeout_s", "decode_workers",
+        for name in ("max_wait_ms", "gil_switch_interval_ms", "drain_timeout_s", "rebalance_timeout_s", "decode_workers",
                      "max_bytes", "max_pixels", "resume_in_flight", "http_port"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -30,12 +30,16 @@ if [ "$what" != bench ]; then
   tail -40 "$out/gpu-tests.log"
 fi
 if [ "$what" != tests ]; then
-  for shapes in max pow2; do
+  # BENCH_VARIANTS: "name:extra flags;name:extra flags" (default: the two batch-shape policies)
+  IFS=';' read -ra variants <<< "${BENCH_VARIANTS:-max:--ort-batch-shapes max;pow2:--ort-batch-shapes pow2}"
+  for variant in "${variants[@]}"; do
+    name=${variant%%:*}
+    # shellcheck disable=SC2086 # the extra flags are meant to split
     timeout 240 python3 -m worker bench --pipeline resnet50 --device cuda --count 8000 --max-batch-size 128 \
       --max-wait-ms 5 --decoder cpu-reduced --decode-workers 16 --decode-threads 16 --baseline-count 300 \
-      --rates 0.5,0.9 --rate-seconds 4 --ceiling-seconds 1.5 --ort-batch-shapes "$shapes" \
-      --json "$out/bench-$shapes.json" --markdown "$out/bench-$shapes.md" > "$out/bench-$shapes.log" 2>&1
-    tail -30 "$out/bench-$shapes.log"
+      --rates 0.5,0.9 --rate-seconds 4 --ceiling-seconds 1.5 ${variant#*:} \
+      --json "$out/bench-$name.json" --markdown "$out/bench-$name.md" > "$out/bench-$name.log" 2>&1
+    tail -22 "$out/bench-$name.log"
   done
 fi
 exit $rc
