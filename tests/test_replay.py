@@ -31,7 +31,7 @@ from worker.errors import ConfigError
 from worker.flow.rate import TokenBucket
 from worker.replay import (PartitionRange, ReplayPlan, parse_offsets, parse_partitions, parse_timestamp,
                            plan_ranges, range_spec, replay_group_id)
-from worker.replay_cli import EXIT_INCOMPLETE, run_replay
+from worker.replay.cli import EXIT_INCOMPLETE, run_replay
 from worker.samples import encode, synth_image
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from worker import __version__, log, settings as settings_mod
+from worker.bench.cli import register as register_bench
 from worker.errors import ConfigError
+from worker.replay.cli import register as register_replay
 
 
 def _settings(args: argparse.Namespace, **overrides: object):
@@ -62,27 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings_mod.add_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 
-    for register in _optional_commands():
-        register(sub)
+    register_replay(sub)
+    register_bench(sub)
     return parser
-
-
-def _optional_commands():
-    """Sub-commands that live in their own modules (replay, bench)."""
-    out = []
-    try:
-        from worker.replay_cli import register as register_replay
-
-        out.append(register_replay)
-    except ImportError:
-        pass
-    try:
-        from worker.bench.cli import register as register_bench
-
-        out.append(register_bench)
-    except ImportError:
-        pass
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

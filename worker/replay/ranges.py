@@ -1,0 +1,143 @@
+"""Layer 2 of a replay: a spec against the broker's answers, one ``[start, end)`` per partition."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from worker.errors import ConfigError
+from worker.settings import Settings
+from worker.replay.spec import RangeSpec
+
+_BROKER_TIMEOUT_S = 30.0
+
+
+
+@dataclass(frozen=True)
+class PartitionRange:
+    partition: int
+    start: int
+    end: int  # exclusive
+
+    @property
+    def size(self) -> int:
+        return max(0, self.end - self.start)
+
+
+@dataclass
+class Resolved:
+    ranges: dict[int, PartitionRange]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _join(partitions) -> str:
+    return ",".join(map(str, sorted(partitions)))
+
+
+def select_partitions(spec: RangeSpec, existing: set[int]) -> list[int]:
+    named = [dict(b.offsets) for b in (spec.start, spec.until) if b.kind == "offsets"]
+    if spec.partitions is not None:
+        selected = list(spec.partitions)
+        for b, flag in ((spec.start, "--from-offset"), (spec.until, "--until-offset")):
+            if b.kind == "offsets" and set(dict(b.offsets)) != set(selected):
+                raise ConfigError(f"{flag} must give an offset for exactly the partitions of --partitions "
+                                  f"({_join(selected)}); it names {_join(dict(b.offsets))}")
+    elif named:
+        if len(named) == 2 and set(named[0]) != set(named[1]):
+            raise ConfigError(f"--from-offset and --until-offset name different partitions "
+                              f"({_join(named[0])} vs {_join(named[1])})")
+        selected = sorted(named[0])
+    else:
+        selected = sorted(existing)
+    unknown = [p for p in selected if p not in existing]
+    if unknown:
+        has = f"has partitions 0-{max(existing)} ({len(existing)})" if existing else "has no partitions"
+        raise ConfigError(f"unknown partition {unknown[0]}: topic {spec.topic} {has}")
+    return selected
+
+
+def plan_ranges(spec: RangeSpec, existing: set[int], first: dict[int, int], last: dict[int, int],
+                start_by_time: dict[int, int | None] | None = None,
+                end_by_time: dict[int, int | None] | None = None) -> Resolved:
+    """``first``/``last``: log start and end offsets; ``*_by_time``: offsets_for_times (None: no such message)."""
+    out = Resolved({})
+    selected = select_partitions(spec, existing)
+    if spec.start.kind == "timestamp" and all((start_by_time or {}).get(p) is None for p in selected):
+        raise ConfigError(f"no offsets for --from-timestamp: no message at or after {spec.start.describe()} "
+                          f"in partitions {_join(selected)} of {spec.topic}; nothing to replay")
+    starts, ends = dict(spec.start.offsets), dict(spec.until.offsets)
+    for p in selected:
+        lo, hi = first[p], last[p]
+        if spec.start.kind == "offsets":
+            start = starts[p]
+            if start > hi:
+                raise ConfigError(f"partition {p}: --from-offset {p}:{start} is past the end of the partition "
+                                  f"(end offset {hi})")
+        elif spec.start.kind == "timestamp":
+            start = hi if start_by_time[p] is None else start_by_time[p]
+        else:
+            start = lo
+        if spec.until.kind == "offsets":
+            end = ends[p]
+            if end > hi:
+                raise ConfigError(f"partition {p}: --until-offset {p}:{end} is past the end of the partition "
+                                  f"(end offset {hi}); a replay does not wait for new messages")
+        elif spec.until.kind == "timestamp":
+            end = hi if end_by_time[p] is None else end_by_time[p]
+        else:
+            end = hi
+        if end < lo:
+            out.warnings.append(f"partition {p}: the range ends at offset {end}, below the log start offset {lo} "
+                                f"(deleted by retention); nothing to replay there")
+            end = lo
+        if start > end:
+            raise ConfigError(f"start after end: partition {p} would start at offset {start} "
+                              f"({spec.start.describe()}) but end at offset {end} ({spec.until.describe()})")
+        if start < lo:
+            out.warnings.append(f"partition {p}: offsets below {lo} were deleted by retention; "
+                                f"replaying from {min(lo, end)} instead of {start}")
+            start = min(lo, end)
+        out.ranges[p] = PartitionRange(p, start, max(start, end))
+    return out
+
+
+def _by_time(answer: dict, tps: list[TopicPartition]) -> dict[int, int | None]:
+    # Kafka answers "no message at or after" with offset -1 (aiokafka: None); tansu with timestamp -1.
+    return {tp.partition: (None if answer.get(tp) is None or answer[tp].timestamp < 0 else answer[tp].offset)
+            for tp in tps}
+
+
+async def resolve(spec: RangeSpec, settings: Settings) -> Resolved:
+    """Ask the broker once (topics, offsets) and plan the ranges; ConfigError before any processing."""
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **settings.kafka_common())
+    try:
+        await asyncio.wait_for(consumer.start(), _BROKER_TIMEOUT_S)
+        topics = await asyncio.wait_for(consumer.topics(), _BROKER_TIMEOUT_S)
+        for name, what in ((spec.topic, "input topic"), (settings.output_topic, "output topic"),
+                           (settings.dlq_topic, "DLQ topic")):
+            if name not in topics:
+                raise ConfigError(f"topic missing: {what} {name!r} does not exist on {settings.bootstrap_servers}"
+                                  + ("" if what == "input topic" else "; create it first (a replay creates no topics)"))
+        existing = set(consumer.partitions_for_topic(spec.topic) or ())
+        selected = select_partitions(spec, existing)  # before asking for offsets of partitions that may not exist
+        tps = [TopicPartition(spec.topic, p) for p in selected]
+        first = await asyncio.wait_for(consumer.beginning_offsets(tps), _BROKER_TIMEOUT_S)
+        last = await asyncio.wait_for(consumer.end_offsets(tps), _BROKER_TIMEOUT_S)  # the snapshot
+        by_time = {}
+        for which, bound in (("start", spec.start), ("end", spec.until)):
+            if bound.kind == "timestamp":
+                answer = await asyncio.wait_for(
+                    consumer.offsets_for_times({tp: bound.timestamp_ms for tp in tps}), _BROKER_TIMEOUT_S)
+                by_time[which] = _by_time(answer, tps)
+        return plan_ranges(spec, existing, {tp.partition: o for tp, o in first.items()},
+                           {tp.partition: o for tp, o in last.items()}, by_time.get("start"), by_time.get("end"))
+    except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        raise ConfigError(f"cannot resolve the replay range on {settings.bootstrap_servers}: "
+                          f"{type(exc).__name__}: {exc}") from None
+    finally:
+        await consumer.stop()
+
+
