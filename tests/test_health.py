@@ -84,6 +84,7 @@ async def test_endpoints_of_a_running_worker(settings):
     assert value("worker_batch_size_sum") == 12  # warm-up batches are not traffic
     assert value("worker_commits_total") >= 1
     assert value("worker_end_to_end_seconds_count") == 13
+    assert value("worker_decode_queue_depth") == 0 and value("worker_in_flight_messages") == 0
     for name in ("worker_inference_seconds_bucket", "worker_decode_seconds_bucket", "worker_queue_seconds_bucket",
                  "worker_consumer_lag_messages", "worker_gpu_memory_used_bytes", "worker_in_flight_messages",
                  "worker_rebalances_total", "worker_build_info", "worker_gpu_queue_depth"):

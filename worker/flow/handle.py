@@ -55,9 +55,13 @@ class MessageHandler:
         where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
         try:
             try:
-                decoded = await loop.run_in_executor(
-                    self.decode_pool, decode_message, msg.value, msg.headers, self.pipeline,
-                    s.max_bytes, s.max_pixels, self._reduced)
+                self.metrics.decode_queue_depth.inc()
+                try:
+                    decoded = await loop.run_in_executor(
+                        self.decode_pool, decode_message, msg.value, msg.headers, self.pipeline,
+                        s.max_bytes, s.max_pixels, self._reduced)
+                finally:
+                    self.metrics.decode_queue_depth.dec()
                 self.metrics.decode_seconds.observe(decoded.decode_s)
                 future = loop.create_future()
                 self.gpu.submit(InferenceRequest(decoded.inputs, future, loop, where))
