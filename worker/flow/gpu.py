@@ -201,10 +201,23 @@ class GpuThread:
         return [collect() for collect in collectors]
 
     def _assemble(self, requests: Sequence[InferenceRequest]) -> list[np.ndarray]:
+        """Copy each request's image into the (pinned) batch buffers, row by row.
+
+        A plain memcpy through memoryviews, holding the GIL: NumPy's ``buf[j] = image`` drops and retakes
+        the GIL for every image, and with the decode threads busy each retake can wait up to a switch
+        interval (5 ms). Measured on 2 cores with 4 decode threads, 61 images of 224x224x3: p95 5-6 ms
+        with NumPy, 0.4-0.5 ms this way; the same without contention (0.3 ms).
+        """
         n = len(requests)
         for i, buf in enumerate(self._host):
+            flat = memoryview(buf.reshape(-1)).cast("B")  # pinned buffers are C-contiguous
+            step = buf[0].nbytes
             for j, req in enumerate(requests):
-                buf[j] = req.inputs[i]
+                image = req.inputs[i]
+                if image.nbytes != step or image.dtype != np.uint8:
+                    raise ValueError(f"model {self.engines[i].spec.name}: input {image.shape} {image.dtype} "
+                                     f"does not fit a batch row {buf.shape[1:]} uint8")
+                flat[j * step:(j + 1) * step] = memoryview(np.ascontiguousarray(image)).cast("B")
         return [buf[:n] for buf in self._host]
 
     def _run_batch(self, requests: list[InferenceRequest], now: float) -> None:
