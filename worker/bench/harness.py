@@ -133,20 +133,17 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
             n = opts.sweep_count or opts.count
             sweeps: dict[str, list] = {"batch": [], "wait": []}
             result["sweeps"] = sweeps
-            for b in opts.sweep_batch:
-                say(f"sweep: max_batch_size={b} (max_wait_ms={settings.max_wait_ms:g}), {n} images")
-                run = await part(f"sweep_batch_{b}", lambda b=b: worker_run(
-                    settings.replace(max_batch_size=b), bootstrap, images[:n], distinct, opts.partitions, f"b{b}",
-                    broker_pid=pid))
-                if run:
-                    sweeps["batch"].append(result.pop(f"sweep_batch_{b}"))
-            for w in opts.sweep_wait:
-                say(f"sweep: max_wait_ms={w:g} (max_batch_size={settings.max_batch_size}), {n} images")
-                run = await part(f"sweep_wait_{w:g}", lambda w=w: worker_run(
-                    settings.replace(max_wait_ms=w), bootstrap, images[:n], distinct, opts.partitions, f"w{w:g}",
-                    broker_pid=pid))
-                if run:
-                    sweeps["wait"].append(result.pop(f"sweep_wait_{w:g}"))
+            for kind, name, values, tag in (("batch", "max_batch_size", opts.sweep_batch, "b"),
+                                            ("wait", "max_wait_ms", opts.sweep_wait, "w")):
+                for v in values:
+                    key = f"sweep_{kind}_{v:g}"
+                    say(f"sweep: {name}={v:g} (max_batch_size={settings.max_batch_size}, "
+                        f"max_wait_ms={settings.max_wait_ms:g} otherwise), {n} images")
+                    run = await part(key, lambda name=name, v=v, tag=tag: worker_run(
+                        settings.replace(**{name: v}), bootstrap, images[:n], distinct, opts.partitions,
+                        f"{tag}{v:g}", broker_pid=pid))
+                    if run:
+                        sweeps[kind].append(result.pop(key))
 
         peak = (result.get("worker") or {}).get("images_per_s")
         if "rates" not in opts.skip and opts.rates and peak:
