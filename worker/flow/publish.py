@@ -13,13 +13,13 @@ record without the original value) rather than hold the partition's offsets back
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 
@@ -82,7 +82,7 @@ def result_record(source: Source, pipeline: PipelineSpec, outputs: Sequence[dict
     headers = [("content-type", b"application/json"), *source.headers()]
     if correlation_id is not None:
         headers.append(("correlation-id", correlation_id.encode()))
-    return Record(json.dumps(doc, separators=(",", ":"), allow_nan=False).encode(), source.key, headers)
+    return Record(orjson.dumps(doc), source.key, headers)
 
 
 def dlq_record(source: Source, value: bytes | None, original_headers: Sequence[tuple[str, bytes]] | None,
