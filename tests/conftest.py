@@ -48,9 +48,10 @@ def _model_cache(tmp_path_factory):
     os.environ.setdefault("WORKER_MODEL_CACHE", str(tmp_path_factory.mktemp("models")))
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _quiet_logs():
-    # Workers run inside the test process: JSON at warning keeps failures readable.
+    # Workers run inside the test process: JSON at warning keeps failures readable. Per test, because a
+    # test that configures logging onto its captured stderr leaves a closed stream behind it.
     from worker import log
 
     log.configure("json", "warning")

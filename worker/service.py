@@ -6,6 +6,7 @@ same pipeline code.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 from worker import log
@@ -37,7 +38,8 @@ async def serve(settings: Settings, plan: Plan | None = None, metrics: Metrics |
     pipeline = pipeline_for(settings)
     metrics = metrics or Metrics()
     health = HealthState()
-    runtime = create_runtime(settings)
+    # cuInit can take seconds: keep it off the event loop (it creates no context on that thread)
+    runtime = await asyncio.get_running_loop().run_in_executor(None, create_runtime, settings)
     engines = [create_engine(spec, settings) for spec in pipeline.models]
     worker_ref: list[Worker] = []
     gpu = GpuThread(runtime, engines, settings.max_batch_size, settings.max_wait_ms, metrics=metrics,

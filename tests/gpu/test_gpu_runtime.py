@@ -453,7 +453,7 @@ def test_device_preprocessor_writes_the_normalised_tensor_into_a_foreign_buffer(
         try:
             src = runtime.device_buffer(8 * 224 * 224 * 3, "uint8 batch")
             dst = runtime.device_buffer(8 * 3 * 224 * 224 * 4, "model input")
-            pre = DevicePreprocessor(spec, Settings(device="cuda"), runtime, src.ptr, dst.ptr, 8)
+            pre = DevicePreprocessor(spec, Settings(device="cuda"), runtime, src.ptr, dst.ptr)
             host = runtime.host_buffer((5, 3, 224, 224), np.float32)
             runtime.to_device(src.ptr, batch)
             pre.run(5)

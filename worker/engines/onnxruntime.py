@@ -272,7 +272,7 @@ class DevicePreprocessor:
     """``preprocessing_only_model`` on the CUDA provider, on our stream, reading the uint8 batch at
     ``src`` and writing the normalised tensor straight into ``dst`` (a TensorRT input buffer)."""
 
-    def __init__(self, spec: ModelSpec, settings: Any, runtime: Any, src: int, dst: int, max_rows: int) -> None:
+    def __init__(self, spec: ModelSpec, settings: Any, runtime: Any, src: int, dst: int) -> None:
         from worker.models.graph import INPUT_NAME, PREPROCESS_OUTPUT, preprocessing_only_model
 
         pre = spec.preprocess

@@ -229,7 +229,7 @@ class TensorRTEngine:
             self._buffers.append(self._u8)
             from worker.engines.onnxruntime import DevicePreprocessor
 
-            self._pre = DevicePreprocessor(self.spec, self.settings, rt, self._u8.ptr, in_buf.ptr, rows)
+            self._pre = DevicePreprocessor(self.spec, self.settings, rt, self._u8.ptr, in_buf.ptr)
         else:
             raise ConfigError(
                 f"model {self.spec.name}: engine input {name_in} is {in_dtype} {list(in_shape)}; the pipeline "

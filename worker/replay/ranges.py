@@ -59,6 +59,22 @@ def select_partitions(spec: RangeSpec, existing: set[int]) -> list[int]:
     return selected
 
 
+def _offset_of(bound, flag: str, p: int, given: dict[int, int], by_time: dict[int, int | None] | None,
+               default: int, hi: int, note: str = "") -> int:
+    """One end of partition ``p``'s range: a given offset (not past the log end), the offset found for a
+    timestamp (the log end where none is at or after it), or ``default`` (beginning, or the end snapshot)."""
+    if bound.kind == "offsets":
+        offset = given[p]
+        if offset > hi:
+            raise ConfigError(f"partition {p}: {flag} {p}:{offset} is past the end of the partition "
+                              f"(end offset {hi}){note}")
+        return offset
+    if bound.kind == "timestamp":
+        found = (by_time or {}).get(p)
+        return hi if found is None else found
+    return default
+
+
 def plan_ranges(spec: RangeSpec, existing: set[int], first: dict[int, int], last: dict[int, int],
                 start_by_time: dict[int, int | None] | None = None,
                 end_by_time: dict[int, int | None] | None = None) -> Resolved:
@@ -71,24 +87,9 @@ def plan_ranges(spec: RangeSpec, existing: set[int], first: dict[int, int], last
     starts, ends = dict(spec.start.offsets), dict(spec.until.offsets)
     for p in selected:
         lo, hi = first[p], last[p]
-        if spec.start.kind == "offsets":
-            start = starts[p]
-            if start > hi:
-                raise ConfigError(f"partition {p}: --from-offset {p}:{start} is past the end of the partition "
-                                  f"(end offset {hi})")
-        elif spec.start.kind == "timestamp":
-            start = hi if start_by_time[p] is None else start_by_time[p]
-        else:
-            start = lo
-        if spec.until.kind == "offsets":
-            end = ends[p]
-            if end > hi:
-                raise ConfigError(f"partition {p}: --until-offset {p}:{end} is past the end of the partition "
-                                  f"(end offset {hi}); a replay does not wait for new messages")
-        elif spec.until.kind == "timestamp":
-            end = hi if end_by_time[p] is None else end_by_time[p]
-        else:
-            end = hi
+        start = _offset_of(spec.start, "--from-offset", p, starts, start_by_time, lo, hi)
+        end = _offset_of(spec.until, "--until-offset", p, ends, end_by_time, hi, hi,
+                         "; a replay does not wait for new messages")
         if end < lo:
             out.warnings.append(f"partition {p}: the range ends at offset {end}, below the log start offset {lo} "
                                 f"(deleted by retention); nothing to replay there")
