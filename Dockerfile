@@ -26,6 +26,9 @@ FROM nvcr.io/nvidia/tensorrt:25.01-py3 AS builder
 
 ARG TENSORRT_VERSION=10.8.0.43
 ARG ONNXRUNTIME_GPU_VERSION=1.22.0
+ARG NVIMGCODEC_VERSION=0.6.1.37
+ARG NVRTC_VERSION=12.8.93
+ARG CUDA_BINDINGS_VERSION=12.8.0
 # On PyPI, tensorrt-cu12-libs 10.8 is a stub sdist whose build downloads the real wheel from NVIDIA's
 # index; asking that index directly gets the wheels, with pip's hash and resolver checks.
 ARG NVIDIA_PIP_INDEX=https://pypi.nvidia.com
@@ -51,10 +54,15 @@ COPY . .
 # Wheels for the package and every dependency, with the gpu and tensorrt extras. pycuda compiles
 # here (links -lcuda against the toolkit's stub; the real libcuda comes from the node's driver).
 # The CPU onnxruntime wheel is built too (it is a base dependency) and swapped out below.
+# decoder=nvimgcodec needs nvImageCodec, NVRTC and cuda-bindings: the CUDA 12 builds of what the
+# gpu-decode extra names for CUDA 13 (that extra is what the GPU tests ran; this image never ran).
 RUN /opt/build/bin/pip wheel --wheel-dir /wheels --extra-index-url "${NVIDIA_PIP_INDEX}" \
       ".[gpu,tensorrt]" \
       "tensorrt==${TENSORRT_VERSION}" \
-      "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"
+      "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
+      "nvidia-nvimgcodec-cu12[nvjpeg]==${NVIMGCODEC_VERSION}" \
+      "nvidia-cuda-nvrtc-cu12==${NVRTC_VERSION}" \
+      "cuda-bindings==${CUDA_BINDINGS_VERSION}"
 
 # ---------------------------------------------------------------------------------------------
 FROM nvcr.io/nvidia/cuda:12.8.0-cudnn-runtime-ubuntu24.04 AS runtime

@@ -238,6 +238,8 @@ class FakePublisher:
 class HeldGpu:
     """Holds every request until ``release()``; resolves with outputs shaped like the demo pipeline's."""
 
+    decodes_on_device = False
+
     def __init__(self) -> None:
         self.held: list[InferenceRequest] = []
 

@@ -12,6 +12,7 @@ import sys
 from worker import log
 from worker.app import Worker
 from worker.engines import create_engine, create_runtime
+from worker.engines.imagecodec import decoder_factory
 from worker.flow.consume import Plan
 from worker.flow.gpu import GpuThread
 from worker.health import HealthServer, HealthState
@@ -43,7 +44,8 @@ async def serve(settings: Settings, plan: Plan | None = None, metrics: Metrics |
     engines = [create_engine(spec, settings) for spec in pipeline.models]
     worker_ref: list[Worker] = []
     gpu = GpuThread(runtime, engines, settings.max_batch_size, settings.max_wait_ms, metrics=metrics,
-                    on_fatal=lambda exc: worker_ref[0].fail(exc) if worker_ref else None)
+                    on_fatal=lambda exc: worker_ref[0].fail(exc) if worker_ref else None,
+                    device_decoder=decoder_factory(settings, pipeline))
     health.gpu_heartbeat = lambda: gpu.heartbeat
     health.gpu_alive = gpu.alive
     server = HealthServer(health, metrics, settings.http_port) if settings.http_port else None

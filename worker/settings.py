@@ -91,8 +91,10 @@ class Settings:
     # --- Decode ---------------------------------------------------------------------------
     decode_workers: int = _opt(0, "Decode threads. 0: one per CPU core.")
     decoder: str = _opt(
-        "cpu", "Image decoder: cpu (OpenCV), or cpu-reduced (DCT-domain downscaled JPEG decode).",
-        ("cpu", "cpu-reduced"),
+        "cpu", "Image decoder: cpu (OpenCV), cpu-reduced (DCT-domain downscaled JPEG decode), or nvimgcodec "
+               "(nvImageCodec on the GPU thread, resized on the device; images it cannot decode go to OpenCV; "
+               "without a GPU, nvImageCodec or NVRTC: cpu-reduced).",
+        ("cpu", "cpu-reduced", "nvimgcodec"),
     )
     max_bytes: int = _opt(20_000_000, "Largest accepted message value in bytes; larger ones go to the DLQ.")
     max_pixels: int = _opt(

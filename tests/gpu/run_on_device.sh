@@ -34,11 +34,16 @@ if [ "$what" != tests ]; then
   IFS=';' read -ra variants <<< "${BENCH_VARIANTS:-max:--ort-batch-shapes max;pow2:--ort-batch-shapes pow2}"
   for variant in "${variants[@]}"; do
     name=${variant%%:*}
+    # PROFILE=name: that variant under py-spy (only samples holding the GIL, per thread, raw collapsed stacks)
+    prof=()
+    if [ "${PROFILE:-}" = "$name" ] && [ -x /tmp/site/bin/py-spy ]; then
+      prof=(/tmp/site/bin/py-spy record --gil --threads -r 250 -f raw -o "$out/prof-$name.txt" --)
+    fi
     # shellcheck disable=SC2086 # the extra flags are meant to split
-    timeout 240 python3 -m worker bench --pipeline resnet50 --device cuda --count 8000 --max-batch-size 128 \
+    timeout "${BENCH_TIMEOUT:-240}" "${prof[@]}" python3 -m worker bench --pipeline resnet50 --device cuda --count 8000 --max-batch-size 128 \
       --max-wait-ms 5 --decoder cpu-reduced --decode-workers 16 --decode-threads 16 --baseline-count 300 \
       --rates 0.5,0.9 --rate-seconds 4 --ceiling-seconds 1.5 ${variant#*:} \
-      --json "$out/bench-$name.json" --markdown "$out/bench-$name.md" > "$out/bench-$name.log" 2>&1
+      --json "$out/bench-$name.json" > "$out/bench-$name.log" 2>&1
     tail -22 "$out/bench-$name.log"
   done
 fi

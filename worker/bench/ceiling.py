@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from worker.engines import create_engine, create_runtime
+from worker.engines.imagecodec import decoder_factory
 from worker.flow.gpu import GpuThread, InferenceRequest
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec
@@ -180,19 +181,28 @@ async def _metrics_caught_up(metrics: Metrics, images: int, timeout_s: float = 1
         await asyncio.sleep(0.001)
 
 
-async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, count: int) -> dict:
-    """The real GpuThread fed ``count`` pre-decoded requests at once: full batches, no Kafka, no decode."""
+async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, count: int,
+                             encoded: Sequence[Any] = ()) -> dict:
+    """The real GpuThread fed ``count`` requests at once: full batches, no Kafka. Pre-decoded images, or,
+    with ``encoded`` (decoder=nvimgcodec), checked JPEG bytes that the GPU thread decodes itself."""
     loop = asyncio.get_running_loop()
     metrics = Metrics()
     runtime = create_runtime(settings)
     engines = [create_engine(spec, settings) for spec in pipeline.models]
-    gpu = GpuThread(runtime, engines, settings.max_batch_size, settings.max_wait_ms, metrics=metrics)
+    gpu = GpuThread(runtime, engines, settings.max_batch_size, settings.max_wait_ms, metrics=metrics,
+                    device_decoder=decoder_factory(settings, pipeline) if encoded else None)
     await gpu.start()
+
+    def request(j: int, fut: asyncio.Future) -> InferenceRequest:
+        if gpu.decodes_on_device:
+            return InferenceRequest(None, fut, loop, encoded=encoded[j % len(encoded)])
+        return InferenceRequest(inputs[j % len(inputs)], fut, loop)
+
     try:
         # one round first, so that the clock starts on a warm thread
         warm = [loop.create_future() for _ in range(settings.max_batch_size)]
         for j, fut in enumerate(warm):
-            gpu.submit(InferenceRequest(inputs[j % len(inputs)], fut, loop))
+            gpu.submit(request(j, fut))
         await asyncio.gather(*warm)
         await _metrics_caught_up(metrics, len(warm))  # the GPU thread records a batch after resolving it
         batches0, images0 = gpu.batches, gpu.images
@@ -200,7 +210,7 @@ async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs:
         futures = [loop.create_future() for _ in range(count)]
         started = time.perf_counter()
         for j, fut in enumerate(futures):
-            gpu.submit(InferenceRequest(inputs[j % len(inputs)], fut, loop))
+            gpu.submit(request(j, fut))
         await asyncio.gather(*futures)
         wall = time.perf_counter() - started
         await _metrics_caught_up(metrics, len(warm) + count)
@@ -208,6 +218,6 @@ async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs:
         batches = gpu.batches - batches0
         return {"count": count, "images_per_s": count / wall, "wall_s": wall, "batches": batches,
                 "mean_batch_size": (gpu.images - images0) / max(1, batches),
-                "busy_fraction": busy / wall}
+                "busy_fraction": busy / wall, "decodes_on_device": gpu.decodes_on_device}
     finally:
         await loop.run_in_executor(None, gpu.stop)

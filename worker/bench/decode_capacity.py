@@ -1,13 +1,18 @@
 """Decode capacity: images per second through the decode stage alone (``decode_message``: header checks,
-JPEG decode, colour conversion and resize for every model of the pipeline), on 1 thread and on N."""
+JPEG decode, colour conversion and resize for every model of the pipeline), on 1 thread and on N; and,
+for decoder=nvimgcodec, nvImageCodec + the resize kernel into device rows, per batch (``threads`` 0)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
-from worker.flow.decode import decode_message
+import numpy as np
+
+from worker.flow.decode import decode_message, inspect_message
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings
 
@@ -31,3 +36,55 @@ def decode_capacity(images: Sequence[bytes], pipeline: PipelineSpec, settings: S
                 wall = time.perf_counter() - started
             rows.append({"decoder": decoder, "threads": t, "images": n, "images_per_s": n / wall})
     return rows
+
+
+def device_decode_capacity(images: Sequence[bytes], pipeline: PipelineSpec, settings: Settings, batch: int,
+                           min_s: float = 2.0) -> list[dict]:
+    """decoder=nvimgcodec alone: batches of ``batch`` images decoded by nvImageCodec and resized into
+    device rows for every model, one synchronize per batch (what the GPU thread adds per batch before
+    inference). Runs on a thread of its own that takes the device like the GPU thread."""
+    out: list[dict] = []
+    error: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            out.append(_device_decode(images, pipeline, settings, batch, min_s))
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=main, name="bench-gpu-decode")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return out
+
+
+def _device_decode(images: Sequence[bytes], pipeline: PipelineSpec, settings: Settings, batch: int,
+                   min_s: float) -> dict:
+    from worker.engines import create_runtime
+    from worker.engines.imagecodec import NvImageCodecDecoder
+
+    runtime = create_runtime(settings.replace(device="cuda"))
+    runtime.start()
+    try:
+        rows = [runtime.device_buffer(batch * int(np.prod(m.preprocess.hwc_shape)), f"{m.name} rows")
+                for m in pipeline.models]
+        engines = [SimpleNamespace(spec=m, device_input=buf.ptr) for m, buf in zip(pipeline.models, rows)]
+        decoder = NvImageCodecDecoder(runtime, engines, batch, pipeline, settings.max_bytes, settings.max_pixels)
+        encoded = [inspect_message(b, None, settings.max_bytes, settings.max_pixels) for b in images]
+        batches = [[encoded[(k * batch + j) % len(encoded)] for j in range(batch)] for k in range(8)]
+        try:
+            decoder.warm_up()
+            count, started = 0, time.perf_counter()
+            while count == 0 or time.perf_counter() - started < min_s:
+                kept, rejected = decoder.decode(batches[(count // batch) % len(batches)])
+                runtime.synchronize()
+                count += batch
+            wall = time.perf_counter() - started
+            return {"decoder": "nvimgcodec", "threads": 0, "batch_size": batch, "images": count,
+                    "images_per_s": count / wall, "fallbacks": decoder.fallbacks, "rejected": len(rejected)}
+        finally:
+            decoder.close()
+    finally:
+        runtime.stop()

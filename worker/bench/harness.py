@@ -28,10 +28,10 @@ from worker.bench.baseline import baseline
 from worker.bench.broker_capacity import broker_read_capacity
 from worker.bench.ceiling import engine_ceiling, gpu_thread_ceiling
 from worker.bench.corpus import bench_images, describe
-from worker.bench.decode_capacity import decode_capacity
+from worker.bench.decode_capacity import decode_capacity, device_decode_capacity
 from worker.bench.end_to_end import worker_run
 from worker.broker import LocalBroker
-from worker.flow.decode import decode_message
+from worker.flow.decode import decode_message, inspect_message
 from worker.models.spec import load_pipeline
 from worker.settings import Settings
 
@@ -94,7 +94,7 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
         images = bench_images(opts.count, opts.unique, opts.seed)
         distinct = list(dict.fromkeys(images))  # keeps order, one per distinct object's value
         result["images"] = describe(images)
-        reduced = settings.decoder == "cpu-reduced"
+        reduced = settings.decoder in ("cpu-reduced", "nvimgcodec")
         inputs = [decode_message(b, None, pipeline, settings.max_bytes, settings.max_pixels, reduced).inputs
                   for b in distinct]
 
@@ -102,6 +102,12 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
             threads = opts.decode_threads or [1, settings.decode_threads]
             say(f"decode capacity: threads {threads}, decoders cpu and cpu-reduced")
             await part("decode", lambda: decode_capacity(distinct, pipeline, settings, threads))
+            if settings.decoder == "nvimgcodec":
+                say(f"decode capacity: nvImageCodec + resize kernel, batches of {settings.max_batch_size}")
+                rows = await part("decode_gpu", lambda: device_decode_capacity(
+                    distinct, pipeline, settings, settings.max_batch_size, opts.ceiling_seconds))
+                if rows:
+                    result.setdefault("decode", []).extend(result.pop("decode_gpu"))
 
         batch_sizes = sorted({1, settings.max_batch_size, *opts.sweep_batch})
         if "ceiling" not in opts.skip:
@@ -112,7 +118,9 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
                 result["bench"]["device"] = {k: c[k] for k in ("runtime", "device", "gpu_name")}
         if "gpu_thread" not in opts.skip:
             say(f"GPU thread alone: {opts.count} pre-decoded images")
-            await part("gpu_thread", lambda: gpu_thread_ceiling(settings, pipeline, inputs, opts.count))
+            encoded = ([inspect_message(b, None, settings.max_bytes, settings.max_pixels) for b in distinct]
+                       if settings.decoder == "nvimgcodec" else [])
+            await part("gpu_thread", lambda: gpu_thread_ceiling(settings, pipeline, inputs, opts.count, encoded))
 
         if "worker" not in opts.skip:
             say(f"worker, preloaded backlog of {opts.count}")

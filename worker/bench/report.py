@@ -110,7 +110,9 @@ def analysis(result: dict, settings: Settings) -> dict:
     if result.get("gpu_thread"):
         caps["GPU thread alone"] = result["gpu_thread"]["images_per_s"]
     for row in result.get("decode", []):
-        if row["decoder"] == settings.decoder and row["threads"] == settings.decode_threads:
+        if row["decoder"] == "nvimgcodec" == settings.decoder:
+            caps[f"decode (nvimgcodec, batch {row['batch_size']})"] = row["images_per_s"]
+        elif row["decoder"] == settings.decoder and row["threads"] == settings.decode_threads:
             caps[f"decode ({row['decoder']}, {row['threads']} threads)"] = row["images_per_s"]
     if result.get("broker"):
         caps["broker read, no processing"] = result["broker"]["records_per_s"]
@@ -158,7 +160,8 @@ def rows(result: dict) -> list[tuple[str, ...]]:
     if result.get("gpu_thread"):
         g = result["gpu_thread"]
         out.append(("GPU thread alone", _f(g["images_per_s"]), "", "", "", _f(g["mean_batch_size"]),
-                    f"pre-decoded, no Kafka; busy {g['busy_fraction']:.0%}"))
+                    f"{'JPEG bytes, decoded on the device' if g.get('decodes_on_device') else 'pre-decoded'}, "
+                    f"no Kafka; busy {g['busy_fraction']:.0%}"))
     runs: list[tuple[str, dict]] = []
     if result.get("worker"):
         runs.append(("worker (Kafka->decode->GPU->Kafka)", result["worker"]))
@@ -187,6 +190,10 @@ def rows(result: dict) -> list[tuple[str, ...]]:
         out.append(("broker read, no processing", _f(b["records_per_s"]), "", "", "", "",
                     f"{b['mb_per_s']:.0f} MB/s"))
     for row in result.get("decode", []):
+        if row["decoder"] == "nvimgcodec":
+            out.append((f"decode nvimgcodec on the GPU, batch {row['batch_size']}", _f(row["images_per_s"]), "",
+                        "", "", "", f"decode+resize into device rows; {row['fallbacks']} OpenCV fallbacks"))
+            continue
         out.append((f"decode {row['decoder']}, {row['threads']} thread{'s' if row['threads'] > 1 else ''}",
                     _f(row["images_per_s"]), "", "", "", "", f"decode+resize, {s['decode_threads']} in worker"
                     if row["threads"] == s["decode_threads"] else "decode+resize"))

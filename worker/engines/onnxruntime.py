@@ -149,6 +149,18 @@ class OnnxRuntimeEngine:
         outputs: Outputs = {name: value[:n] for name, value in zip(self.output_names, values, strict=True)}
         return lambda: outputs
 
+    @property
+    def device_input(self) -> int:
+        """Device address of the uint8 N x H x W x C input rows (CUDA), 0 on the CPU provider."""
+        return self._cuda.input.ptr if self._cuda is not None else 0
+
+    def enqueue_resident(self, n: int) -> Collector:
+        if self._cuda is None:
+            raise RuntimeError(f"model {self.spec.name}: enqueue_resident needs the CUDA provider")
+        if not 1 <= n <= self._max_batch:
+            raise ValueError(f"model {self.spec.name}: batch of {n} outside 1..{self._max_batch}")
+        return self._cuda.enqueue_resident(n)
+
     def deactivate(self) -> None:
         if self._cuda is not None:
             self._cuda.close()
@@ -392,10 +404,13 @@ class _CudaBinding:
         self.runtime.synchronize()
 
     def enqueue(self, batch: np.ndarray) -> Collector:
-        n = batch.shape[0]
+        self.runtime.to_device(self.input.ptr, batch, f"batch of {self.spec.name}")
+        return self.enqueue_resident(batch.shape[0])
+
+    def enqueue_resident(self, n: int) -> Collector:
+        """Run on the first ``n`` rows already in the input buffer (GPU decoding wrote them there)."""
         rows = bucket_for(n, self.buckets)  # rows past n hold stale inputs; their outputs are never read
         rt = self.runtime
-        rt.to_device(self.input.ptr, batch, f"batch of {self.spec.name}")
         self._bind(rows)
         run_bound(self.session, self.binding, self.run_options, f"model {self.spec.name}", rt)
         views: Outputs = {}

@@ -342,17 +342,30 @@ class TensorRTEngine:
 
     # --- inference -------------------------------------------------------------------------
     def enqueue(self, batch: np.ndarray) -> Collector:
-        from worker.engines.cuda import device_error
-
         n = batch.shape[0]
         if batch.dtype != np.uint8 or tuple(batch.shape[1:]) != self.spec.preprocess.hwc_shape:
             raise ValueError(f"model {self.spec.name}: batch must be uint8 N x "
                              f"{'x'.join(map(str, self.spec.preprocess.hwc_shape))}, got {batch.dtype} {batch.shape}")
+        self._check_rows(n)  # before the copy: more rows would write past the device buffer
+        self._rt.to_device(self._u8.ptr, batch, f"batch of {self.spec.name}")
+        return self.enqueue_resident(n)
+
+    def _check_rows(self, n: int) -> None:
         if not 1 <= n <= self._max_batch:
             raise ValueError(f"model {self.spec.name}: batch of {n} outside 1..{self._max_batch}")
+
+    @property
+    def device_input(self) -> int:
+        """Device address of the uint8 N x H x W x C rows the engine (or its pre-processing) reads."""
+        return self._u8.ptr
+
+    def enqueue_resident(self, n: int) -> Collector:
+        """Run on the first ``n`` rows already at ``device_input`` (GPU decoding wrote them there)."""
+        from worker.engines.cuda import device_error
+
+        self._check_rows(n)
         rows = self._fixed or max(n, self._min_rows)
         rt = self._rt
-        rt.to_device(self._u8.ptr, batch, f"batch of {self.spec.name}")
         if self._pre is not None:
             self._pre.run(rows)
         self._set_rows(rows)

@@ -20,13 +20,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from worker import log
 from worker.engines.base import DeviceRuntime, InferenceEngine, Outputs
-from worker.errors import DeviceError, FatalError, ModelRejectedInput, WorkerError
+from worker.errors import ConfigError, DeviceError, FatalError, ModelRejectedInput, PoisonMessage, WorkerError
 from worker.flow.batch import MicroBatcher
 from worker.metrics import Metrics
 
@@ -35,13 +35,30 @@ _STOP = object()
 
 @dataclass
 class InferenceRequest:
-    """One image on its way through the GPU thread; ``inputs`` holds one uint8 HWC array per model."""
+    """One image on its way through the GPU thread: ``inputs`` holds one uint8 HWC array per model
+    (decoded on the CPU), or ``encoded`` the checked bytes the GPU thread decodes (decoder=nvimgcodec)."""
 
-    inputs: Sequence[np.ndarray]
+    inputs: Sequence[np.ndarray] | None
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     context: dict[str, Any] = field(default_factory=dict)  # topic/partition/offset, for logs
     enqueued_at: float = 0.0
+    encoded: Any = None  # worker.flow.decode.Encoded
+
+
+class DeviceDecoder(Protocol):
+    """Decodes images on the GPU thread into the engines' device input rows (worker.engines.imagecodec)."""
+
+    fallbacks: int
+
+    def warm_up(self) -> None: ...
+
+    def decode(self, encoded: Sequence[Any]) -> tuple[list[int], list[tuple[int, PoisonMessage]]]: ...
+
+    def close(self) -> None: ...
+
+
+DecoderFactory = Callable[[DeviceRuntime, Sequence[InferenceEngine], int], DeviceDecoder]
 
 
 @dataclass
@@ -81,8 +98,14 @@ class GpuThread:
     def __init__(self, runtime: DeviceRuntime, engines: Sequence[InferenceEngine], max_batch_size: int,
                  max_wait_ms: float, metrics: Metrics | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, warmup: bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, warmup: bool = True,
+                 device_decoder: DecoderFactory | None = None) -> None:
         self.runtime = runtime
+        self._decoder_factory = device_decoder
+        # Set on the thread at start-up when images are decoded on the device; read by the handler
+        # (after ``start``) to choose between sending bytes and decoding in the pool.
+        self.device_decoder: DeviceDecoder | None = None
+        self.decodes_on_device = False
         self.engines = list(engines)
         self.max_batch_size = max_batch_size
         self.metrics = metrics
@@ -142,14 +165,18 @@ class GpuThread:
                                                    np.uint8) for e in self.engines]
             if self.warmup:
                 self._warm_up()
+            if self._decoder_factory is not None:
+                self._start_decoder()
         except BaseException as exc:  # noqa: BLE001 - reported to start() and re-raised there
             self._startup_error = exc if isinstance(exc, WorkerError) else FatalError(
                 f"model start-up failed: {type(exc).__name__}: {exc}")
             self._ready.set()
             self._teardown(activated, started)
             return
+        self.decodes_on_device = self.device_decoder is not None
         self._log.info("gpu thread ready", device=self.runtime.device_name, kind=self.runtime.kind,
-                       models=[e.spec.name for e in self.engines], max_batch_size=self.max_batch_size)
+                       models=[e.spec.name for e in self.engines], max_batch_size=self.max_batch_size,
+                       decodes_on_device=self.decodes_on_device)
         self._ready.set()
         try:
             self._loop()
@@ -157,6 +184,24 @@ class GpuThread:
             self._fail(exc)
         finally:
             self._teardown(activated, started)
+
+    def _start_decoder(self) -> None:
+        """Images decoded on the device if the factory can make a decoder here; otherwise (no
+        nvImageCodec, no NVRTC, a CPU runtime) say why and leave decoding to the CPU pool. A CUDA
+        failure is no reason to fall back: it propagates and start-up fails."""
+        assert self._decoder_factory is not None
+        decoder = None
+        try:
+            decoder = self._decoder_factory(self.runtime, self.engines, self.max_batch_size)
+            if self.warmup:
+                decoder.warm_up()
+        except ConfigError as exc:
+            self._log.warning("gpu decoding unavailable; images are decoded on the CPU (cpu-reduced)",
+                              reason=str(exc))
+            if decoder is not None:
+                decoder.close()
+            return
+        self.device_decoder = decoder
 
     def _warm_up(self) -> None:
         """Run the smallest and largest batch once so that allocations and kernel selection happen
@@ -220,11 +265,30 @@ class GpuThread:
                 flat[j * step:(j + 1) * step] = memoryview(np.ascontiguousarray(image)).cast("B")
         return [buf[:n] for buf in self._host]
 
+    def _infer_resident(self, n: int) -> list[Outputs]:
+        collectors = [engine.enqueue_resident(n) for engine in self.engines]
+        self.runtime.synchronize()  # decode, resize and every model: one synchronisation
+        return [collect() for collect in collectors]
+
+    def _process(self, requests: list[InferenceRequest]) -> tuple[list[InferenceRequest], list[Outputs]]:
+        """Inputs into the engines and the batch through them. Returns the requests that ran (rows in
+        that order) and the outputs; requests whose images the device decoder rejected are resolved
+        here with their PoisonMessage (to the DLQ) and left out."""
+        if self.device_decoder is None or requests[0].encoded is None:
+            return requests, self._infer(self._assemble(requests))
+        kept, rejected = self.device_decoder.decode([req.encoded for req in requests])
+        for i, error in rejected:
+            req = requests[i]
+            self._log.warning("image rejected by the gpu decoder", reason=error.reason, error=str(error),
+                              **req.context)
+            req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+        ran = [requests[i] for i in kept]
+        return ran, (self._infer_resident(len(ran)) if ran else [])
+
     def _run_batch(self, requests: list[InferenceRequest], now: float) -> None:
-        n = len(requests)
         started = self._clock()
         try:
-            outputs = self._infer(self._assemble(requests))
+            requests, outputs = self._process(requests)
         except BaseException as exc:  # noqa: BLE001 - classified below
             device_error = as_device_error(exc)
             if device_error is not None:
@@ -232,6 +296,9 @@ class GpuThread:
                     req.loop.call_soon_threadsafe(_resolve, req.future, None, device_error)
                 raise device_error from exc
             self._isolate(requests, exc)
+            return
+        n = len(requests)
+        if not n:
             return
         elapsed = self._clock() - started
         # Copy once per output (collectors may return views of buffers reused by the next batch); each
@@ -264,7 +331,7 @@ class GpuThread:
                           error=f"{type(batch_error).__name__}: {batch_error}")
         for req in requests:
             try:
-                outputs = self._infer(self._assemble([req]))
+                ran, outputs = self._process([req])
             except BaseException as exc:  # noqa: BLE001 - classified below
                 device_error = as_device_error(exc)
                 if device_error is not None:
@@ -275,6 +342,8 @@ class GpuThread:
                                            f"{type(exc).__name__}: {exc}")
                 self._log.warning("model rejected input", error=str(error), **req.context)
                 req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+                continue
+            if not ran:  # the decoder rejected it, and resolved it
                 continue
             per_model = [{name: np.array(arr[0]) for name, arr in out.items()} for out in outputs]
             req.loop.call_soon_threadsafe(
@@ -301,12 +370,17 @@ class GpuThread:
         self._log.error("gpu thread failed", error=f"{type(exc).__name__}: {exc}", cuda_error=name or None)
 
     def _teardown(self, activated: list[InferenceEngine], started: bool) -> None:
-        """Reverse order of start: sync the stream, engines last-in first-out, then the runtime."""
+        """Reverse order of start: sync the stream, the decoder, engines last-in first-out, then the runtime."""
         try:
             if started:
                 self.runtime.synchronize()
         except BaseException as exc:  # noqa: BLE001 - still release what we can
             self._log.error("stream synchronize failed at teardown", error=str(exc))
+        if self.device_decoder is not None:
+            try:
+                self.device_decoder.close()  # kept as an attribute: its counters stay readable
+            except BaseException as exc:  # noqa: BLE001
+                self._log.error("gpu decoder close failed", error=str(exc))
         for engine in reversed(activated):
             try:
                 engine.deactivate()

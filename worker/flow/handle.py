@@ -21,7 +21,7 @@ from aiokafka import TopicPartition
 
 from worker import log
 from worker.errors import PoisonMessage, RetriableError, WorkerError
-from worker.flow.decode import decode_message
+from worker.flow.decode import Decoded, Encoded, decode_message, inspect_message, is_envelope
 from worker.flow.gpu import GpuThread, InferenceRequest
 from worker.flow.offsets import OffsetTracker
 from worker.flow.publish import (Publisher, RecordTooLarge, Source, dlq_record, dlq_record_without_value,
@@ -44,7 +44,8 @@ class MessageHandler:
         self.counts = counts
         self.decode_pool = decode_pool
         self.fail = fail
-        self._reduced = settings.decoder == "cpu-reduced"
+        # decoder=nvimgcodec falls back to cpu-reduced where the GPU thread could not start a decoder
+        self._reduced = settings.decoder in ("cpu-reduced", "nvimgcodec")
         self._log = log.get("worker")
 
     async def handle(self, tp: TopicPartition, msg: Any, generation: int | None = None) -> None:
@@ -55,16 +56,17 @@ class MessageHandler:
         where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
         try:
             try:
-                self.metrics.decode_queue_depth.inc()
-                try:
-                    decoded = await loop.run_in_executor(
-                        self.decode_pool, decode_message, msg.value, msg.headers, self.pipeline,
-                        s.max_bytes, s.max_pixels, self._reduced)
-                finally:
-                    self.metrics.decode_queue_depth.dec()
-                self.metrics.decode_seconds.observe(decoded.decode_s)
+                decoded: Decoded | Encoded
                 future = loop.create_future()
-                self.gpu.submit(InferenceRequest(decoded.inputs, future, loop, where))
+                if self.gpu.decodes_on_device:
+                    decoded = await self.check(msg)
+                    request = InferenceRequest(None, future, loop, where, encoded=decoded)
+                else:
+                    decoded = await self.in_pool(decode_message, msg.value, msg.headers, self.pipeline,
+                                                 s.max_bytes, s.max_pixels, self._reduced)
+                    request = InferenceRequest(decoded.inputs, future, loop, where)
+                self.metrics.decode_seconds.observe(decoded.decode_s)
+                self.gpu.submit(request)
                 result = await future
             except PoisonMessage as exc:
                 await self.dead_letter(source, msg, exc, where)
@@ -98,6 +100,22 @@ class MessageHandler:
         except Exception as exc:  # noqa: BLE001 - a bug must stop the worker, not skip the message
             self._log.exception("unexpected error handling message", **where)
             self.fail(exc)
+
+    async def in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.metrics.decode_queue_depth.inc()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+        finally:
+            self.metrics.decode_queue_depth.dec()
+
+    async def check(self, msg: Any) -> Encoded:
+        """Header checks before the GPU thread decodes: ~8 us for a raw image, done right here on the
+        event loop (a pool round trip costs more than that); a JSON envelope (base64 of up to max_bytes)
+        goes to the pool."""
+        s = self.settings
+        if is_envelope(msg.value, msg.headers):
+            return await self.in_pool(inspect_message, msg.value, msg.headers, s.max_bytes, s.max_pixels)
+        return inspect_message(msg.value, msg.headers, s.max_bytes, s.max_pixels)
 
     async def dead_letter(self, source: Source, msg: Any, exc: PoisonMessage, where: dict) -> None:
         """Publish the DLQ record; if the original value makes it too large to send, send it without."""

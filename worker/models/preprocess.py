@@ -45,6 +45,15 @@ def letterbox_geometry(h: int, w: int, pre: Preprocess) -> tuple[float, int, int
     return scale, (pre.height - new_h) // 2, (pre.width - new_w) // 2, new_h, new_w
 
 
+def placement(h: int, w: int, pre: Preprocess) -> tuple[int, int, int, int]:
+    """(top, left, new_h, new_w): where an h x w image lands in the model's input canvas, and at what size.
+    The CPU path (``prepare``) and the GPU resize kernel (worker.engines.resize_kernel) both use it."""
+    if pre.resize == "stretch":
+        return 0, 0, pre.height, pre.width
+    _, top, left, new_h, new_w = letterbox_geometry(h, w, pre)
+    return top, left, new_h, new_w
+
+
 def _resize(image: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
     h, w = image.shape[:2]
     if (h, w) == (new_h, new_w):
@@ -86,7 +95,7 @@ def prepare(image: np.ndarray, pre: Preprocess) -> np.ndarray:
     else:
         if not 0 <= pre.pad_value <= 255:
             raise ConfigError(f"preprocess.pad_value={pre.pad_value} must be within 0..255 (uint8 canvas)")
-        _, top, left, new_h, new_w = letterbox_geometry(h, w, pre)
+        top, left, new_h, new_w = placement(h, w, pre)
         out = np.full((pre.height, pre.width) + image.shape[2:], pre.pad_value, dtype=np.uint8)
         out[top:top + new_h, left:left + new_w] = _resize(image, new_h, new_w)
     if pre.color == "gray":

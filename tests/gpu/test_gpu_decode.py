@@ -1,0 +1,237 @@
+"""decoder=nvimgcodec on a real NVIDIA GPU: the resize kernel against OpenCV's pre-processing, nvImageCodec's
+rows against the CPU decoder, the malformed corpus's verdicts, and Kafka -> nvImageCodec -> models -> Kafka.
+
+Differences are printed (-s) and bounded; the bounds are what two JPEG decoders and two resamplers may
+differ by (IDCT and chroma upsampling, float vs. fixed-point weights), not tuned to a run."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tests.gpu.test_gpu_runtime import IMAGENET, WHY_NOT, on_own_thread
+from tests.helpers import check_demo_result, produce, result_doc, source_of
+from tests.test_end_to_end import lossless_images, run_until
+from worker.broker import create_topics
+from worker.flow.decode import decode_encoded, inspect_message
+from worker.models import default_pipeline_path
+from worker.models.preprocess import prepare
+from worker.models.spec import ModelSpec, PipelineSpec, Preprocess, load_pipeline
+from worker.samples import encode, synth_image
+from worker.settings import Settings
+
+
+def _why_no_nvimgcodec() -> str:
+    if WHY_NOT:
+        return WHY_NOT
+    try:
+        from nvidia import nvimgcodec  # noqa: F401
+        from cuda.bindings import nvrtc  # noqa: F401
+    except ImportError as exc:
+        return f"nvImageCodec or cuda-bindings is not importable ({exc}); install the gpu-decode extra"
+    return ""
+
+
+WHY = _why_no_nvimgcodec()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(bool(WHY), reason=f"needs an NVIDIA GPU and nvImageCodec: {WHY}")]
+
+LIMITS = (1 << 24, 1 << 26)
+CASES = {
+    "imagenet-stretch": IMAGENET,
+    "letterbox-bgr": Preprocess(width=224, height=160, resize="letterbox", pad_value=114, color="bgr"),
+    "gray-64": Preprocess(width=64, height=64, color="gray"),
+    "upscale": Preprocess(width=300, height=200),
+    "mixed-up-down": Preprocess(width=700, height=100),
+}
+
+
+def _pipeline(pres: dict[str, Preprocess]) -> PipelineSpec:
+    return PipelineSpec(models=tuple(ModelSpec(name=n, path="unused", preprocess=p) for n, p in pres.items()))
+
+
+def _with_device(fn):
+    """Run ``fn(runtime)`` on a thread of its own holding a started CUDA runtime."""
+    from worker.engines import create_runtime
+
+    def work():
+        runtime = create_runtime(Settings(device="cuda"))
+        runtime.start()
+        try:
+            return fn(runtime)
+        finally:
+            runtime.stop()
+
+    return on_own_thread(work)
+
+
+def _diff(got: np.ndarray, want: np.ndarray) -> tuple[float, int, float]:
+    d = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    return float(d.mean()), int(d.max()), float(np.percentile(d, 99.9))
+
+
+def test_resize_kernel_matches_opencv_prepare_on_the_same_pixels():
+    """The kernel alone: OpenCV's decoded RGB pixels copied to the device, resized by the kernel, against
+    ``prepare`` of the same pixels on the CPU."""
+    from worker.engines.resize_kernel import SOURCE_DTYPE, ResizeKernel, fill_sources
+
+    rng = np.random.default_rng(2)
+    sources = [synth_image(rng, w, h, 3) for w, h in ((640, 480), (97, 61), (224, 224), (50, 400))]
+
+    def work(runtime):
+        kernel = ResizeKernel(runtime)
+        src_bufs = []
+        for bgr in sources:
+            rgb = runtime.host_buffer(bgr.shape, np.uint8)  # pinned, one per source: the copies are async
+            rgb[...] = bgr[:, :, ::-1]
+            buf = runtime.device_buffer(rgb.nbytes, "source")
+            runtime.to_device(buf.ptr, rgb)
+            src_bufs.append((buf.ptr, rgb.shape[1] * 3, rgb.shape[0], rgb.shape[1]))
+        runtime.synchronize()
+        table = runtime.host_buffer((len(sources),), SOURCE_DTYPE)
+        table_dev = runtime.device_buffer(table.nbytes, "table")
+        out = {}
+        for name, pre in CASES.items():
+            rows = runtime.device_buffer(len(sources) * int(np.prod(pre.hwc_shape)), name)
+            filled = fill_sources(table, src_bufs, list(range(len(sources))), pre)
+            runtime.to_device(table_dev.ptr, filled.view(np.uint8))
+            kernel.launch(table_dev.ptr, len(sources), rows.ptr, pre)
+            host = runtime.host_buffer((len(sources), *pre.hwc_shape), np.uint8)
+            runtime.to_host(host, rows.ptr)
+            runtime.synchronize()
+            out[name] = host.copy()
+        return out
+
+    got = _with_device(work)
+    worst = []
+    for name, pre in CASES.items():
+        for j, bgr in enumerate(sources):
+            want = prepare(bgr, pre)
+            mean, mx, p999 = _diff(got[name][j], want)
+            print(f"{name:18s} source {bgr.shape[1]}x{bgr.shape[0]}: mean |diff| {mean:.3f}, max {mx}, p99.9 {p999}")
+            worst.append((mx, name, j))
+            assert mean < 0.6, (name, j)
+            assert mx <= 3, (name, j)  # float weights vs OpenCV's fixed point; gray after vs before resizing
+    print("worst:", max(worst))
+
+
+def _decode_rows(pipeline: PipelineSpec, payloads: list[bytes]):
+    from worker.engines.imagecodec import NvImageCodecDecoder
+
+    encoded = [inspect_message(p, None, *LIMITS) for p in payloads]
+
+    def work(runtime):
+        bufs = [runtime.device_buffer(len(payloads) * int(np.prod(m.preprocess.hwc_shape)), m.name)
+                for m in pipeline.models]
+        engines = [SimpleNamespace(spec=m, device_input=b.ptr) for m, b in zip(pipeline.models, bufs)]
+        decoder = NvImageCodecDecoder(runtime, engines, len(payloads), pipeline, *LIMITS)
+        try:
+            kept, rejected = decoder.decode(encoded)
+            hosts = [runtime.host_buffer((len(payloads), *m.preprocess.hwc_shape), np.uint8) for m in pipeline.models]
+            for h, b in zip(hosts, bufs):
+                runtime.to_host(h, b.ptr)
+            runtime.synchronize()
+            return kept, rejected, [h.copy() for h in hosts], decoder.fallbacks
+        finally:
+            decoder.close()
+
+    return encoded, _with_device(work)
+
+
+def test_nvimgcodec_rows_are_close_to_the_cpu_decoders():
+    rng = np.random.default_rng(9)
+    jpegs = [encode(synth_image(rng, 640, 480, 3), "jpeg") for _ in range(6)]
+    jpegs.append(encode(synth_image(rng, 333, 517, 1), "jpeg"))  # gray JPEG, odd sizes
+    pngs = [encode(synth_image(rng, 120, 90, c), "png") for c in (1, 3, 4)]
+    pipeline = _pipeline(CASES)
+    encoded, (kept, rejected, rows, fallbacks) = _decode_rows(pipeline, jpegs + pngs)
+    assert not rejected and kept == list(range(len(encoded)))
+    print(f"\nfallbacks to OpenCV: {fallbacks} of {len(encoded)}")
+    for j, enc in enumerate(encoded):
+        want = decode_encoded(enc, pipeline, *LIMITS)  # decoder=cpu
+        for m, model in enumerate(pipeline.models):
+            mean, mx, p999 = _diff(rows[m][j], want[m])
+            print(f"{enc.format} {enc.width}x{enc.height} -> {model.name:18s} mean |diff| {mean:.3f}, max {mx}, "
+                  f"p99.9 {p999}")
+            if enc.format == "png":
+                assert mx <= 3  # lossless: only the resampler differs
+            else:
+                assert mean < 2.0 and p999 <= 24  # nvJPEG vs libjpeg-turbo: IDCT and chroma upsampling
+
+
+def test_exif_orientation_is_applied_on_the_gpu_too():
+    from PIL import Image
+
+    img = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (20, 1)), "L").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    pipeline = _pipeline({"upright": Preprocess(width=20, height=40)})
+    encoded, (kept, rejected, rows, fallbacks) = _decode_rows(pipeline, [buf.getvalue()])
+    want = decode_encoded(encoded[0], pipeline, *LIMITS)[0]
+    mean, mx, _ = _diff(rows[0][0], want)
+    print(f"\nEXIF 6: mean |diff| {mean:.3f}, max {mx}, fallbacks {fallbacks}")
+    assert kept == [0] and mean < 2.0
+
+
+def test_malformed_inputs_get_the_cpu_decoders_verdicts():
+    """Everything that passes the header checks goes to the GPU decoder: what OpenCV refuses must still be
+    refused (with OpenCV's reason, via the fallback), what OpenCV decodes must not be refused."""
+    from tests.corpus import damaged_but_decodable, malformed_corpus
+    from worker.errors import PoisonMessage
+
+    cases: list[tuple[str, bytes, str | None]] = []
+    for name, data, reason in malformed_corpus():
+        try:
+            inspect_message(data, None, *LIMITS)
+        except PoisonMessage:
+            continue  # refused before any decoder sees it
+        cases.append((name, data, reason))
+    cases += [(name, data, None) for name, data in damaged_but_decodable()]
+    pipeline = _pipeline({"m": Preprocess(width=32, height=32)})
+    payloads = [data for _, data, _ in cases]
+    encoded, (kept, rejected, _, fallbacks) = _decode_rows(pipeline, payloads)
+    got = {i: exc.reason for i, exc in rejected}
+    mismatches = [(name, want, got.get(i)) for i, (name, _, want) in enumerate(cases) if got.get(i) != want]
+    print(f"\n{len(cases)} cases past the header checks; {len(rejected)} refused; {fallbacks} via OpenCV; "
+          f"mismatches: {mismatches}")
+    assert not mismatches
+
+
+async def test_kafka_nvimgcodec_kafka_n_in_n_out(settings):
+    """Lossless 64x64 images through the demo pipeline (the kernel copies at equal size: results exact
+    unless nvImageCodec decodes a pixel differently), plus 640x480 JPEGs (close to the CPU decoder)."""
+    n_lossless, n_jpeg = 400, 200
+    settings = settings.replace(device="cuda", decoder="nvimgcodec", max_batch_size=64)
+    await create_topics(settings.bootstrap_servers, [(settings.input_topic, 4), (settings.output_topic, 4),
+                                                    (settings.dlq_topic, 1)])
+    blobs, pixels = lossless_images(n_lossless, seed=5)
+    rng = np.random.default_rng(6)
+    jpeg_pixels = [synth_image(rng, 640, 480, 3) for _ in range(n_jpeg)]
+    jpegs = [encode(p, "jpeg") for p in jpeg_pixels]
+    coords = await produce(settings.bootstrap_servers, settings.input_topic, blobs + jpegs, 4)
+    n = n_lossless + n_jpeg
+    (records,), worker, code = await run_until(settings, {settings.output_topic: n})
+    assert code == 0 and worker.gpu.decodes_on_device
+    assert len(records) == n and {source_of(r) for r in records} == set(coords)
+    index = {c: i for i, c in enumerate(coords)}
+    pipeline = load_pipeline(default_pipeline_path())
+    worst = 0.0
+    for rec in records:
+        i = index[source_of(rec)]
+        doc = result_doc(rec)
+        if i < n_lossless:
+            check_demo_result(doc, pixels[i])
+        else:
+            want = decode_encoded(inspect_message(jpegs[i - n_lossless], None, *LIMITS), pipeline, *LIMITS)
+            means = np.array(doc["models"]["channel_means"]["outputs"]["means"]["data"], np.float32)
+            ref = want[0].reshape(-1, 3).mean(axis=0)  # RGB rows of the CPU decoder
+            worst = max(worst, float(np.abs(means - ref).max()))
+    sizes = [result_doc(r)["batch_size"] for r in records]
+    print(f"\n{n} results, decoded on {worker.gpu.runtime.device_name}: mean batch {sum(sizes) / len(sizes):.1f}, "
+          f"OpenCV fallbacks {worker.gpu.device_decoder.fallbacks if worker.gpu.device_decoder else '?'}; "
+          f"JPEG channel means vs CPU decoder: max |diff| {worst:.3f}")
+    assert worst < 1.5

@@ -1,0 +1,334 @@
+"""decoder=nvimgcodec without a GPU: the pure parts (descriptor table, size checks), the decoder's
+orchestration against fakes of nvImageCodec and the CUDA runtime (row order, OpenCV fallback, poison),
+the GPU thread's path for images decoded on the device, and the start-up fallback to CPU decoding,
+end to end through the real broker. The CUDA side runs in tests/gpu/test_gpu_decode.py."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.helpers import check_demo_result, produce, result_doc, source_of
+from tests.test_end_to_end import lossless_images, run_until
+from worker import log
+from worker.broker import create_topics
+from worker.engines.base import CpuRuntime
+from worker.engines.imagecodec import NvImageCodecDecoder, decoded_size_problem, decoder_factory
+from worker.engines.resize_kernel import SOURCE, SOURCE_DTYPE, fill_sources
+from worker.errors import ConfigError, ModelRejectedInput, UndecodableImage
+from worker.flow.decode import Encoded, decode_encoded, inspect_message
+from worker.flow.gpu import GpuThread, InferenceRequest, InferenceResult
+from worker.models import default_pipeline_path
+from worker.models.spec import Preprocess, load_pipeline
+from worker.samples import encode, synth_image
+
+PIPELINE = load_pipeline(default_pipeline_path())
+
+
+@pytest.fixture(autouse=True)
+def _log_to_this_tests_stderr():
+    log.configure("json", "warning", stream=sys.stderr)
+
+
+# --- the descriptor table ---------------------------------------------------------------------------
+
+def test_descriptor_dtype_matches_the_kernels_struct_field_for_field():
+    body = re.search(r"struct Source \{(.*?)\};", SOURCE, re.S).group(1)
+    fields = []
+    for line in body.splitlines():
+        decl = line.split("//")[0].strip().rstrip(";")
+        if decl:
+            ctype, names = decl.split(" ", 1) if not decl.startswith("unsigned") else ("u64", decl.split()[-1])
+            fields += [(n.strip(), ctype) for n in names.split(",")]
+    assert [n for n, _ in fields] == list(SOURCE_DTYPE.names)
+    assert fields[0][1] == "u64" and all(t == "int" for _, t in fields[1:])
+    assert SOURCE_DTYPE.itemsize == 8 + 4 * (len(fields) - 1) == 40  # no padding: C lays it out the same
+
+
+def test_fill_sources_places_stretched_and_letterboxed_images_in_the_given_rows():
+    table = np.zeros(4, SOURCE_DTYPE)
+    images = [(0x1000, 640 * 3, 480, 640), (0x2000, 2048, 100, 50)]
+    stretch = Preprocess(width=224, height=224)
+    filled = fill_sources(table, images, [2, 0], stretch)
+    assert len(filled) == 2
+    assert filled[0].tolist() == (0x1000, 1920, 480, 640, 0, 0, 224, 224, 2)
+    assert filled[1].tolist() == (0x2000, 2048, 100, 50, 0, 0, 224, 224, 0)
+    box = Preprocess(width=224, height=224, resize="letterbox", pad_value=114)
+    filled = fill_sources(table, images, [0, 1], box)
+    assert filled[0].tolist()[4:] == (28, 0, 168, 224, 0)  # 640x480 -> 224x168, centred vertically
+    assert filled[1].tolist()[4:] == (0, 56, 224, 112, 1)  # 50x100 -> 112x224, centred horizontally
+
+
+def test_fill_sources_refuses_a_pitch_shorter_than_a_row_and_too_many_images():
+    with pytest.raises(ValueError, match="pitch 100 < width 50"):
+        fill_sources(np.zeros(2, SOURCE_DTYPE), [(1, 100, 10, 50)], [0], Preprocess(width=8, height=8))
+    with pytest.raises(ValueError, match="3 images"):
+        fill_sources(np.zeros(2, SOURCE_DTYPE), [(1, 30, 1, 10)] * 3, [0, 1, 2], Preprocess(width=8, height=8))
+
+
+def _encoded(data: bytes) -> Encoded:
+    return inspect_message(data, None, 1 << 24, 1 << 26)
+
+
+def test_decoded_size_must_match_the_header_or_its_rotation():
+    enc = _encoded(encode(np.zeros((30, 40, 3), np.uint8), "jpeg"))
+    assert decoded_size_problem(enc, (30, 40, 3)) == ""
+    assert decoded_size_problem(enc, (40, 30, 3)) == ""  # EXIF orientation applied
+    assert "header says 40x30 but nvImageCodec decoded 20x30" in decoded_size_problem(enc, (30, 20, 3))
+    assert "expected H x W x 3 RGB" in decoded_size_problem(enc, (30, 40, 4))
+
+
+# --- NvImageCodecDecoder against fakes of nvImageCodec and the runtime --------------------------------
+
+class FakeImage:
+    def __init__(self, ptr: int, h: int, w: int, pitch: int | None = None) -> None:
+        self.shape = (h, w, 3)
+        strides = None if pitch is None else (pitch, 3, 1)
+        self.__cuda_array_interface__ = {"data": (ptr, False), "shape": self.shape, "strides": strides}
+
+
+class FakeNv:
+    """nvImageCodec as the decoder uses it: CodeStream refuses the values in ``refuse``; decode gives
+    None for values that start with the PNG signature (as if it lacked the codec), an image otherwise."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.refuse: set[bytes] = set()
+
+    def CodeStream(self, data: bytes):  # noqa: N802 - nvImageCodec's name
+        if data in self.refuse:
+            raise RuntimeError("cannot parse")
+        return data
+
+    def decode(self, streams, images=None, params=None, cuda_stream=0):
+        self.calls.append(len(streams))
+        out = []
+        for k, data in enumerate(streams):
+            if data.startswith(b"\x89PNG"):
+                out.append(None)
+                continue
+            info = _encoded(data).info
+            out.append(FakeImage(0x10000 * (len(self.calls) * 100 + k), info.height, info.width))
+        return out
+
+
+class FakeRuntime:
+    kind = "cuda"
+    device_name = "fake"
+    stream_handle = 7
+
+    def __init__(self) -> None:
+        self.copies: list[tuple[int, np.ndarray]] = []
+
+    def host_buffer(self, shape, dtype):
+        return np.zeros(shape, dtype)
+
+    def to_device(self, dst: int, src: np.ndarray, what: str = "") -> None:
+        self.copies.append((dst, src.copy()))
+
+
+class FakeKernel:
+    def __init__(self) -> None:
+        self.launches: list[tuple[int, int, int, Preprocess]] = []
+
+    def launch(self, sources: int, count: int, out: int, pre: Preprocess) -> None:
+        self.launches.append((sources, count, out, pre))
+
+
+def _fake_decoder(max_batch: int = 8) -> tuple[NvImageCodecDecoder, FakeRuntime, FakeKernel]:
+    dec = NvImageCodecDecoder.__new__(NvImageCodecDecoder)  # __init__ needs CUDA; set what decode uses
+    rt, kernel, nv = FakeRuntime(), FakeKernel(), FakeNv()
+    engines = [SimpleNamespace(spec=m, device_input=0x100000 * (i + 1)) for i, m in enumerate(PIPELINE.models)]
+    dec.runtime, dec.engines, dec.max_batch = rt, engines, max_batch
+    dec.pipeline, dec.max_bytes, dec.max_pixels = PIPELINE, 1 << 24, 1 << 26
+    dec.fallbacks, dec._nv, dec._decoder, dec._params, dec._kernel = 0, nv, nv, None, kernel
+    dec._tables = [np.zeros(max_batch, SOURCE_DTYPE) for _ in engines]
+    dec._device_tables = [SimpleNamespace(ptr=0x900000 + i) for i in range(len(engines))]
+    dec._fallback_rows, dec._held = None, []
+    return dec, rt, kernel
+
+
+def test_rows_follow_request_order_across_gpu_decoded_fallback_and_poison_images():
+    rng = np.random.default_rng(3)
+    jpeg = [encode(synth_image(rng, 80, 60, 3), "jpeg") for _ in range(3)]
+    png_image = synth_image(rng, 64, 64, 3)
+    png = encode(png_image, "png")  # the fake nvImageCodec "cannot" decode PNG: OpenCV does it
+    corrupt = _encoded(png)  # a valid PNG header, then nothing OpenCV can decode
+    corrupt = Encoded(png[:60] + b"\0" * 40, corrupt.info, None, 0.0)
+    items = [_encoded(jpeg[0]), _encoded(png), corrupt, _encoded(jpeg[1]), _encoded(jpeg[2]), _encoded(jpeg[0])]
+    dec, rt, kernel = _fake_decoder()
+    dec._nv.refuse.add(jpeg[2])  # nvImageCodec cannot parse it; OpenCV can
+
+    kept, rejected = dec.decode(items)
+
+    assert kept == [0, 1, 3, 4, 5]  # rows 0..4 in request order
+    assert [i for i, _ in rejected] == [2]
+    assert isinstance(rejected[0][1], UndecodableImage)
+    assert dec.fallbacks == 2  # the PNG, and the JPEG nvImageCodec could not parse
+    # per model: one table copy and one launch for the three GPU-decoded JPEGs, rows 0, 2, 4
+    tables = [(dst, src.view(SOURCE_DTYPE)) for dst, src in rt.copies if 0x900000 <= dst < 0x900010]
+    assert len(tables) == len(kernel.launches) == len(PIPELINE.models)
+    for (dst, table), (sources, count, out, pre), engine in zip(tables, kernel.launches, dec.engines):
+        assert sources == dst and count == 3 and out == engine.device_input and pre is engine.spec.preprocess
+        assert table["row"].tolist() == [0, 2, 4]
+        assert table["height"].tolist() == [60, 60, 60] and table["width"].tolist() == [80, 80, 80]
+        assert table["pitch"].tolist() == [240, 240, 240]
+    # fallback images: OpenCV's pre-processed pixels, copied into their own rows of every model
+    want_png = decode_encoded(_encoded(png), PIPELINE, 1 << 24, 1 << 26)
+    want_jpeg = decode_encoded(_encoded(jpeg[2]), PIPELINE, 1 << 24, 1 << 26)
+    for m, engine in enumerate(dec.engines):
+        row_bytes = int(np.prod(engine.spec.preprocess.hwc_shape))
+        copies = {dst: src for dst, src in rt.copies if engine.device_input <= dst < engine.device_input + 0x100000}
+        assert sorted(copies) == [engine.device_input + row_bytes, engine.device_input + 3 * row_bytes]
+        np.testing.assert_array_equal(copies[engine.device_input + row_bytes].reshape(-1), want_png[m].reshape(-1))
+        np.testing.assert_array_equal(copies[engine.device_input + 3 * row_bytes].reshape(-1),
+                                      want_jpeg[m].reshape(-1))
+
+
+def test_decoded_images_are_held_for_the_next_batch_and_passed_back_for_reuse():
+    dec, _, _ = _fake_decoder()
+    seen: list = []
+    real = dec._decoder.decode
+
+    def spy(streams, images=None, params=None, cuda_stream=0):
+        seen.append((images, cuda_stream))
+        return real(streams, images=images, params=params, cuda_stream=cuda_stream)
+
+    dec._decoder = SimpleNamespace(decode=spy)
+    jpeg = _encoded(encode(np.zeros((20, 30, 3), np.uint8), "jpeg"))
+    dec.decode([jpeg, jpeg])
+    held = list(dec._held)
+    dec.decode([jpeg])
+    assert seen[0] == (None, 7)  # our stream, nothing to reuse yet
+    assert seen[1][0] == held[:1] and seen[1][1] == 7
+
+
+# --- the GPU thread with a device decoder ------------------------------------------------------------
+
+class ResidentEngine:
+    """Rows written by the fake decoder; ``enqueue_resident`` sums them; a row of 13s is a model error."""
+
+    def __init__(self, spec, max_batch: int) -> None:
+        self.spec = spec
+        self.rows = np.zeros((max_batch, *spec.preprocess.hwc_shape), np.uint8)
+        self.device_input = 0
+        self.batch_sizes: list[int] = []
+
+    def activate(self, runtime, max_batch_size: int) -> None:
+        pass
+
+    def enqueue(self, batch):
+        raise AssertionError("images decoded on the device must not go through enqueue(batch)")
+
+    def enqueue_resident(self, n: int):
+        self.batch_sizes.append(n)
+        flat = self.rows[:n].reshape(n, -1)
+        if np.all(flat == 13, axis=1).any():
+            raise ValueError("model cannot take this input")
+        sums = flat.astype(np.int64).sum(axis=1)
+        return lambda: {"sum": sums}
+
+    def deactivate(self) -> None:
+        pass
+
+
+class FillDecoder:
+    """Writes each value into its row; 99 is an image it rejects."""
+
+    fallbacks = 0
+
+    def __init__(self, engine: ResidentEngine) -> None:
+        self.engine = engine
+        self.closed = False
+
+    def warm_up(self) -> None:
+        pass
+
+    def decode(self, encoded):
+        kept, rejected = [], []
+        for i, value in enumerate(encoded):
+            if value == 99:
+                rejected.append((i, UndecodableImage("corrupt image data")))
+                continue
+            self.engine.rows[len(kept)] = value
+            kept.append(i)
+        return kept, rejected
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_gpu_thread_runs_device_decoded_rows_rejects_poison_and_isolates_model_errors():
+    engine = ResidentEngine(PIPELINE.models[0], 8)
+    decoder = FillDecoder(engine)
+    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=8, max_wait_ms=2000, warmup=False,
+                    device_decoder=lambda runtime, engines, max_batch: decoder)
+    await gpu.start()
+    try:
+        assert gpu.decodes_on_device
+        loop = asyncio.get_running_loop()
+        values = [1, 99, 2, 13, 3, 4, 5, 6]
+        futures = [loop.create_future() for _ in values]
+        for v, fut in zip(values, futures):
+            gpu.submit(InferenceRequest(None, fut, loop, {"value": v}, encoded=v))
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        gpu.stop()
+    size = int(np.prod(engine.spec.preprocess.hwc_shape))
+    assert engine.batch_sizes[0] == 7  # the batch without the rejected image, then item by item
+    assert engine.batch_sizes[1:] == [1] * 7
+    for v, out in zip(values, outcomes):
+        if v == 99:
+            assert isinstance(out, UndecodableImage) and out.reason == "undecodable_image"
+        elif v == 13:
+            assert isinstance(out, ModelRejectedInput)
+        else:
+            assert isinstance(out, InferenceResult) and int(out.outputs[0]["sum"]) == v * size
+    assert decoder.closed
+
+
+async def test_a_decoder_that_cannot_start_leaves_decoding_to_the_cpu():
+    def unavailable(runtime, engines, max_batch):
+        raise ConfigError("decoder=nvimgcodec needs a CUDA device; this runtime is the CPU")
+
+    engine = ResidentEngine(PIPELINE.models[0], 4)
+    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=4, max_wait_ms=1, warmup=False,
+                    device_decoder=unavailable)
+    await gpu.start()
+    try:
+        assert not gpu.decodes_on_device and gpu.alive()
+    finally:
+        gpu.stop()
+    assert decoder_factory(SimpleNamespace(decoder="cpu-reduced"), PIPELINE) is None
+
+
+async def test_decoder_nvimgcodec_without_a_gpu_falls_back_to_cpu_decoding_end_to_end(settings):
+    settings = settings.replace(decoder="nvimgcodec", device="cpu")
+    await create_topics(settings.bootstrap_servers, [(settings.input_topic, 2), (settings.output_topic, 2),
+                                                    (settings.dlq_topic, 1)])
+    blobs, pixels = lossless_images(60, seed=11)
+    bad = encode(np.zeros((64, 64, 3), np.uint8), "png")[:70]  # header intact, data cut
+    coords = await produce(settings.bootstrap_servers, settings.input_topic, [*blobs, bad], 2)
+    (results, dlq), worker, code = await run_until(settings, {settings.output_topic: 60, settings.dlq_topic: 1})
+    assert code == 0 and not worker.gpu.decodes_on_device
+    index = {c: i for i, c in enumerate(coords)}
+    assert {source_of(r) for r in results} == set(coords[:60])
+    for rec in results:
+        check_demo_result(result_doc(rec), pixels[index[source_of(rec)]])
+    assert source_of(dlq[0]) == coords[60]
+
+
+def test_cpu_reference_of_a_jpeg_row_is_what_opencv_gives():
+    """The rows the fallback writes are ``prepare`` of OpenCV's decode: pinned down here so that the
+    GPU test's comparison (kernel vs. this) compares against the CPU decoder the worker really runs."""
+    image = synth_image(np.random.default_rng(5), 64, 64, 3)
+    data = encode(image, "png")
+    (row, *_), = [decode_encoded(_encoded(data), PIPELINE, 1 << 24, 1 << 26)]
+    np.testing.assert_array_equal(row, cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+                                  if PIPELINE.models[0].preprocess.color == "rgb" else image)

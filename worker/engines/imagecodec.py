@@ -1,0 +1,211 @@
+"""GPU image decoding (``decoder=nvimgcodec``): JPEGs decoded by nvJPEG on the GPU thread, resized on the
+device straight into every model's input rows. No decoded pixel crosses PCIe or touches the GIL.
+
+Why: CPU decoding bounds a ResNet-50 worker on a 16-core H200 machine (OpenCV 4.9-6.2k images/s on 16
+threads against a 7k images/s inference ceiling, see docs/benchmarks.md), and 16 decode threads
+compete with the event loop and the GPU thread for the GIL.
+
+Per batch, on the GPU thread (the only thread with our context current):
+
+1. ``Decoder.decode`` of NVIDIA's nvImageCodec over every request's bytes, with our stream as its
+   ``cuda_stream``: it decodes on its own streams (the hardware JPEG engine of A100/H100/H200 or CUDA
+   nvJPEG, with its CPU threads doing Huffman decoding; CPU codecs for other formats) and makes our
+   stream wait for the results. Images come back RGB, interleaved, in device memory; EXIF orientation
+   is applied, as OpenCV does on the CPU path.
+2. Per model, one launch of ``resize_rows`` (worker.engines.resize_kernel) on our stream, writing
+   batch row j of the model's device input (``engine.device_input``) from image j.
+3. The engines run on those rows (``enqueue_resident``), and the GPU thread's one synchronise covers
+   decode, resize and inference.
+
+Fallback, per image: what nvImageCodec cannot parse or decode (a format it lacks, a corrupt file) is
+decoded by OpenCV on this thread, exactly as ``decoder=cpu`` would, and copied into its row; OpenCV's
+verdict decides whether it is poison (the DLQ reason is then the same as with the CPU decoder). At
+start-up, if nvImageCodec, NVRTC or a CUDA device is missing, the worker logs why and decodes on the
+CPU (``cpu-reduced``) instead: see worker.flow.gpu.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from worker import log
+from worker.engines.cuda import cuda_error_name, cuda_errors, device_error
+from worker.engines.resize_kernel import SOURCE_DTYPE, ResizeKernel, fill_sources
+from worker.errors import ConfigError, PoisonMessage, UndecodableImage
+from worker.flow.decode import Encoded, decode_encoded
+from worker.models.spec import PipelineSpec
+
+_log = log.get(__name__)
+
+
+def import_nvimgcodec() -> Any:
+    try:
+        from nvidia import nvimgcodec
+    except ImportError as exc:
+        raise ConfigError(f"decoder=nvimgcodec needs NVIDIA's nvImageCodec: pip install the gpu-decode extra "
+                          f"(nvidia-nvimgcodec-cu13[nvjpeg]) ({exc})") from None
+    return nvimgcodec
+
+
+def decoded_size_problem(encoded: Encoded, shape: Sequence[int]) -> str:
+    """Why a decoded image of ``shape`` (H, W, C) does not match its header, or "" when it does."""
+    h, w = int(shape[0]), int(shape[1])
+    info = encoded.info
+    if (h, w) not in ((info.height, info.width), (info.width, info.height)):  # swapped: EXIF orientation
+        return f"{info.format} header says {info.width}x{info.height} but nvImageCodec decoded {w}x{h}"
+    if len(shape) != 3 or int(shape[2]) != 3:
+        return f"{info.format}: nvImageCodec gave shape {tuple(shape)}, expected H x W x 3 RGB"
+    return ""
+
+
+class NvImageCodecDecoder:
+    """Decodes batches of ``Encoded`` images into the engines' device input rows (GPU thread only)."""
+
+    def __init__(self, runtime: Any, engines: Sequence[Any], max_batch: int, pipeline: PipelineSpec,
+                 max_bytes: int, max_pixels: int) -> None:
+        nvimgcodec = import_nvimgcodec()
+        if runtime.kind != "cuda":
+            raise ConfigError("decoder=nvimgcodec needs a CUDA device; this runtime is the CPU")
+        self.runtime, self.engines, self.max_batch = runtime, list(engines), max_batch
+        self.pipeline, self.max_bytes, self.max_pixels = pipeline, max_bytes, max_pixels
+        self.fallbacks = 0
+        self._nv = nvimgcodec
+        self._kernel = ResizeKernel(runtime)
+        with cuda_errors("creating the nvImageCodec decoder", runtime.device_name):
+            self._decoder = nvimgcodec.Decoder(device_id=runtime.device_index)
+        self._params = nvimgcodec.DecodeParams(apply_exif_orientation=True, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                               sample_format=nvimgcodec.SampleFormat.I_RGB)
+        # One descriptor table per model (placement depends on the model's input size): pinned host
+        # rows filled per batch and copied on the stream before the launch that reads them.
+        self._tables = [runtime.host_buffer((max_batch,), SOURCE_DTYPE) for _ in self.engines]
+        self._device_tables = [runtime.device_buffer(max_batch * SOURCE_DTYPE.itemsize, f"resize table {i}")
+                               for i in range(len(self.engines))]
+        self._fallback_rows: list[np.ndarray] | None = None  # pinned, made on the first fallback
+        # Decoded images must outlive the kernels that read them: kept until the next batch, which
+        # starts after the GPU thread synchronised this one. Passing them back to ``decode`` lets
+        # nvImageCodec reuse their device buffers instead of allocating (and freeing) per batch.
+        self._held: list[Any] = []
+
+    def warm_up(self) -> None:
+        """One full batch of 640x480 JPEGs through decode and resize before the worker reports ready:
+        nvImageCodec's first decode initialises its codecs and allocates, and a kernel that cannot run
+        here fails start-up rather than the first real batch."""
+        import cv2
+
+        from worker.flow.imageinfo import sniff
+
+        y, x = np.mgrid[0:480, 0:640]
+        image = np.dstack([x % 256, y % 256, (x + y) % 256]).astype(np.uint8)
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        data = jpeg.tobytes()
+        item = Encoded(data, sniff(data), None, 0.0)
+        kept, rejected = self.decode([item] * self.max_batch)
+        self.runtime.synchronize()
+        if rejected or self.fallbacks:
+            raise ConfigError(f"nvImageCodec could not decode a plain baseline JPEG at start-up "
+                              f"(rejected: {[str(e) for _, e in rejected][:1]}, fallbacks: {self.fallbacks})")
+        self._log_ready()
+
+    def _log_ready(self) -> None:
+        _log.info("gpu_decoder_ready", decoder="nvimgcodec", version=getattr(self._nv, "__version__", "?"),
+                  max_batch=self.max_batch, models=[e.spec.name for e in self.engines])
+
+    def close(self) -> None:
+        self._held = []
+        for buf in self._device_tables:
+            self.runtime.free(buf)
+        self._device_tables = []
+        self._decoder = None
+
+    def decode(self, encoded: Sequence[Encoded]) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:
+        """Queue decode + resize of ``encoded`` on the stream. Returns (indices of the images now in
+        batch rows 0..k-1, in that order; (index, error) of the poison ones)."""
+        started = time.perf_counter()
+        streams: list[Any] = []
+        positions: list[int] = []
+        for i, item in enumerate(encoded):
+            try:
+                streams.append(self._nv.CodeStream(item.data))
+                positions.append(i)
+            except Exception:  # noqa: BLE001 - nvImageCodec cannot parse it; OpenCV decides below
+                pass
+        images: list[Any] = [None] * len(encoded)
+        if streams:
+            decoded = self._decode_streams(streams)
+            for i, image in zip(positions, decoded):
+                images[i] = image
+        kept: list[int] = []
+        rejected: list[tuple[int, PoisonMessage]] = []
+        sources: list[tuple[int, int, int, int]] = []
+        fallback: list[tuple[int, tuple[np.ndarray, ...]]] = []  # (row, per-model arrays)
+        for i, (item, image) in enumerate(zip(encoded, images)):
+            if image is not None:
+                problem = decoded_size_problem(item, image.shape)
+                if problem:
+                    rejected.append((i, UndecodableImage(problem)))
+                    continue
+                cai = image.__cuda_array_interface__
+                pitch = (cai.get("strides") or (image.shape[1] * 3, 3, 1))[0]
+                sources.append((int(cai["data"][0]), int(pitch), int(image.shape[0]), int(image.shape[1])))
+                kept.append(i)
+                continue
+            try:  # nvImageCodec could not: OpenCV, exactly as decoder=cpu would (same verdict, same reason)
+                arrays = decode_encoded(item, self.pipeline, self.max_bytes, self.max_pixels)
+            except PoisonMessage as exc:
+                rejected.append((i, exc))
+                continue
+            self.fallbacks += 1
+            fallback.append((len(kept), arrays))
+            kept.append(i)
+        # Batch rows follow request order: GPU-decoded images take the rows fallback images left free.
+        fallback_rows = {row for row, _ in fallback}
+        gpu_rows = [row for row in range(len(kept)) if row not in fallback_rows]
+        for e, engine in enumerate(self.engines):
+            pre = engine.spec.preprocess
+            if sources:
+                filled = fill_sources(self._tables[e], sources, gpu_rows, pre)
+                self.runtime.to_device(self._device_tables[e].ptr, filled.view(np.uint8), "resize table")
+                self._kernel.launch(self._device_tables[e].ptr, len(sources), engine.device_input, pre)
+            for row, arrays in fallback:
+                self._copy_fallback(e, row, arrays[e], engine)
+        self._held = [image for image in images if image is not None]
+        _log.debug("gpu_decode_queued", images=len(encoded), on_gpu=len(sources), fallback=len(fallback),
+                   rejected=len(rejected), host_ms=round((time.perf_counter() - started) * 1000, 3))
+        return kept, rejected
+
+    def _decode_streams(self, streams: list[Any]) -> list[Any]:
+        """nvImageCodec over the batch; None where an image failed. Reuses the last batch's images."""
+        reuse = self._held[:len(streams)] if len(self._held) >= len(streams) else None
+        for attempt in (reuse, None) if reuse is not None else (None,):
+            try:
+                return list(self._decoder.decode(streams, images=attempt, params=self._params,
+                                                 cuda_stream=self.runtime.stream_handle))
+            except Exception as exc:  # noqa: BLE001 - a CUDA failure is fatal, anything else falls back
+                if cuda_error_name(str(exc)):
+                    raise device_error(exc, "decoding a batch with nvImageCodec", self.runtime.device_name) from exc
+                _log.warning("nvimgcodec_batch_failed", error=str(exc), images=len(streams),
+                             reused_buffers=attempt is not None)
+        return [None] * len(streams)
+
+    def _copy_fallback(self, model: int, row: int, array: np.ndarray, engine: Any) -> None:
+        if self._fallback_rows is None:
+            self._fallback_rows = [self.runtime.host_buffer((self.max_batch, *e.spec.preprocess.hwc_shape), np.uint8)
+                                   for e in self.engines]
+        host = self._fallback_rows[model][row]  # its own pinned row: an async copy reads it later
+        np.copyto(host, array.reshape(host.shape))
+        self.runtime.to_device(engine.device_input + row * host.nbytes, host, "fallback-decoded image")
+
+
+def decoder_factory(settings: Any, pipeline: PipelineSpec) -> Any:
+    """The GpuThread's ``device_decoder`` factory for ``settings.decoder``, or None (CPU decoding)."""
+    if settings.decoder != "nvimgcodec":
+        return None
+
+    def make(runtime: Any, engines: Sequence[Any], max_batch: int) -> NvImageCodecDecoder:
+        return NvImageCodecDecoder(runtime, engines, max_batch, pipeline, settings.max_bytes, settings.max_pixels)
+
+    return make
