@@ -6,6 +6,7 @@ end to end through the real broker. The CUDA side runs in tests/gpu/test_gpu_dec
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import sys
 from types import SimpleNamespace
@@ -22,7 +23,7 @@ from worker.engines.base import CpuRuntime
 from worker.engines.imagecodec import NvImageCodecDecoder, decoded_size_problem, decoder_factory
 from worker.engines.resize_kernel import SOURCE, SOURCE_DTYPE, fill_sources
 from worker.errors import ConfigError, ModelRejectedInput, UndecodableImage
-from worker.flow.decode import Encoded, decode_encoded, inspect_message
+from worker.flow.decode import Encoded, decode_encoded, gpu_decodable, inspect_message
 from worker.flow.gpu import GpuThread, InferenceRequest, InferenceResult
 from worker.models import default_pipeline_path
 from worker.models.spec import Preprocess, load_pipeline
@@ -74,6 +75,25 @@ def test_fill_sources_refuses_a_pitch_shorter_than_a_row_and_too_many_images():
 
 def _encoded(data: bytes) -> Encoded:
     return inspect_message(data, None, 1 << 24, 1 << 26)
+
+
+def test_only_complete_jpegs_go_to_the_gpu_decoder():
+    from PIL import Image
+
+    jpeg = encode(synth_image(np.random.default_rng(4), 64, 48, 3), "jpeg")
+    assert gpu_decodable(_encoded(jpeg))
+    assert gpu_decodable(_encoded(jpeg + b"trailing bytes some cameras append"))
+    assert not gpu_decodable(_encoded(jpeg[:len(jpeg) * 2 // 3]))  # truncated: OpenCV refuses it, nvJPEG would not
+    assert not gpu_decodable(_encoded(encode(synth_image(np.random.default_rng(4), 64, 48, 3), "png")))
+    # a photo with an EXIF thumbnail (a whole JPEG, end marker included) cut inside the main image's scan
+    thumb = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(thumb, "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    app1 = b"Exif\0\0" + exif.tobytes()[6:] + thumb.getvalue()
+    photo = jpeg[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + jpeg[2:]
+    assert gpu_decodable(_encoded(photo))
+    assert not gpu_decodable(_encoded(photo[:len(photo) - 300]))
 
 
 def test_decoded_size_must_match_the_header_or_its_rotation():
@@ -161,13 +181,15 @@ def test_rows_follow_request_order_across_gpu_decoded_fallback_and_poison_images
     png = encode(png_image, "png")  # the fake nvImageCodec "cannot" decode PNG: OpenCV does it
     corrupt = _encoded(png)  # a valid PNG header, then nothing OpenCV can decode
     corrupt = Encoded(png[:60] + b"\0" * 40, corrupt.info, None, 0.0)
-    items = [_encoded(jpeg[0]), _encoded(png), corrupt, _encoded(jpeg[1]), _encoded(jpeg[2]), _encoded(jpeg[0])]
+    pooled = tuple(np.full(m.preprocess.hwc_shape, 7, np.uint8) for m in PIPELINE.models)  # decoded in the pool
+    items = [_encoded(jpeg[0]), _encoded(png), corrupt, _encoded(jpeg[1]), _encoded(jpeg[2]), _encoded(jpeg[0]),
+             pooled]
     dec, rt, kernel = _fake_decoder()
     dec._nv.refuse.add(jpeg[2])  # nvImageCodec cannot parse it; OpenCV can
 
     kept, rejected = dec.decode(items)
 
-    assert kept == [0, 1, 3, 4, 5]  # rows 0..4 in request order
+    assert kept == [0, 1, 3, 4, 5, 6]  # rows 0..5 in request order
     assert [i for i, _ in rejected] == [2]
     assert isinstance(rejected[0][1], UndecodableImage)
     assert dec.fallbacks == 2  # the PNG, and the JPEG nvImageCodec could not parse
@@ -185,10 +207,11 @@ def test_rows_follow_request_order_across_gpu_decoded_fallback_and_poison_images
     for m, engine in enumerate(dec.engines):
         row_bytes = int(np.prod(engine.spec.preprocess.hwc_shape))
         copies = {dst: src for dst, src in rt.copies if engine.device_input <= dst < engine.device_input + 0x100000}
-        assert sorted(copies) == [engine.device_input + row_bytes, engine.device_input + 3 * row_bytes]
-        np.testing.assert_array_equal(copies[engine.device_input + row_bytes].reshape(-1), want_png[m].reshape(-1))
-        np.testing.assert_array_equal(copies[engine.device_input + 3 * row_bytes].reshape(-1),
-                                      want_jpeg[m].reshape(-1))
+        base = engine.device_input
+        assert sorted(copies) == [base + row_bytes, base + 3 * row_bytes, base + 5 * row_bytes]
+        np.testing.assert_array_equal(copies[base + row_bytes].reshape(-1), want_png[m].reshape(-1))
+        np.testing.assert_array_equal(copies[base + 3 * row_bytes].reshape(-1), want_jpeg[m].reshape(-1))
+        np.testing.assert_array_equal(copies[base + 5 * row_bytes].reshape(-1), pooled[m].reshape(-1))
 
 
 def test_decoded_images_are_held_for_the_next_batch_and_passed_back_for_reuse():

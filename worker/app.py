@@ -28,6 +28,7 @@ spins: every retry sleeps.
 from __future__ import annotations
 
 import asyncio
+import time
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -242,7 +243,10 @@ class Worker:
                 self._apply_pause()
                 self._log.info("backpressure", action=flip, in_flight=in_flight)
             room = self.backpressure.room(in_flight)
+            polled_at = time.monotonic()
             batches = await self.consumer.getmany(timeout_ms=100, max_records=max(1, room))
+            self.metrics.poll_wait_seconds.inc(time.monotonic() - polled_at)
+            self.metrics.poll_records.observe(sum(len(m) for m in batches.values()))
             for tp, messages in batches.items():
                 for msg in messages:
                     if not self.plan.accept(tp, msg.offset):

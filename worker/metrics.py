@@ -35,6 +35,13 @@ class Metrics:
         self.end_to_end_seconds = Histogram("worker_end_to_end_seconds",
                                             "From consume to broker ack of the result, per message.",
                                             buckets=LATENCY_BUCKETS, registry=r)
+        # Intake: records per poll, and the consume loop's time waiting for the broker. Few records per poll
+        # and a loop mostly waiting, with work in flight well under max_in_flight, mean the fetch path (not
+        # the GPU) bounds the worker.
+        self.poll_records = Histogram("worker_poll_records", "Records returned by one poll of the consumer.",
+                                      buckets=(0, 1, 4, 16, 64, 256, 1024), registry=r)
+        self.poll_wait_seconds = Counter("worker_poll_wait_seconds", "Time the consume loop spent in poll.",
+                                         registry=r)
         self.in_flight = Gauge("worker_in_flight_messages", "Consumed and not yet finished.", registry=r)
         self.gpu_queue_depth = Gauge("worker_gpu_queue_depth", "Requests waiting for the GPU thread.",
                                      registry=r)

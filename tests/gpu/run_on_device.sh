@@ -25,7 +25,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
 git rev-parse --short HEAD 2>/dev/null | tee -a "$out/card.txt"
 rc=0
 if [ "$what" != bench ]; then
-  timeout 400 python3 -m pytest -m gpu tests/gpu -q -s -rA -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
+  # GPU_TESTS: which test files or node ids (default: all of tests/gpu)
+  # shellcheck disable=SC2086 # a list of paths
+  timeout 400 python3 -m pytest -m gpu ${GPU_TESTS:-tests/gpu} -q -s -rA -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
   rc=$?
   tail -40 "$out/gpu-tests.log"
 fi
@@ -46,5 +48,9 @@ if [ "$what" != tests ]; then
       --json "$out/bench-$name.json" > "$out/bench-$name.log" 2>&1
     tail -22 "$out/bench-$name.log"
   done
+fi
+# PACK=1: everything under $OUT in one archive (the device returns at most 8 files)
+if [ "${PACK:-0}" = 1 ]; then
+  tar -czf /tmp/out.tgz -C "$out" . && rm -rf "${out:?}"/* && mv /tmp/out.tgz "$out/out.tgz"
 fi
 exit $rc

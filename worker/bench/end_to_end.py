@@ -20,6 +20,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,31 @@ async def _wait_until(predicate, task: asyncio.Task, timeout_s: float, what: str
             raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         await asyncio.sleep(poll_s)
     return time.monotonic()
+
+
+def _poll_totals(metrics: Metrics) -> tuple[float, float, float]:
+    get = metrics.registry.get_sample_value
+    return (get("worker_poll_records_count") or 0.0, get("worker_poll_records_sum") or 0.0,
+            get("worker_poll_wait_seconds_total") or 0.0)
+
+
+async def _sample_in_flight(worker: Any, every_s: float = 0.01) -> list[int]:
+    """Messages in flight every ``every_s`` until cancelled (Little's law needs the mean)."""
+    samples: list[int] = []
+    try:
+        while True:
+            samples.append(worker.tracker.in_flight())
+            await asyncio.sleep(every_s)
+    except asyncio.CancelledError:
+        return samples
+
+
+def _in_flight_summary(samples: Any) -> dict:
+    if not isinstance(samples, list) or not samples:
+        return {}
+    arr = np.array(samples)
+    return {"in_flight_mean": float(arr.mean()), "in_flight_p95": float(np.percentile(arr, 95)),
+            "in_flight_samples": len(samples)}
 
 
 async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], distinct: list[bytes],
@@ -97,6 +123,8 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
             go.set()
             t_first = time.monotonic()
             cpu0, broker0 = cpu_time.thread_cpu(), cpu_time.process_cpu(broker_pid) if broker_pid else 0.0
+        poll0 = _poll_totals(metrics)
+        in_flight = asyncio.create_task(_sample_in_flight(workers[0]))
         gc_pauses = GcPauses().__enter__()
         waiters = [asyncio.create_task(loadgen.join(collector, timeout_s))]
         if producer is not None:
@@ -109,6 +137,9 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         children.result()  # a child's failure or time-out
         cpu = cpu_time.delta(cpu0, cpu_time.thread_cpu())
         gc_pauses.__exit__()
+        in_flight.cancel()
+        in_flight_samples = await asyncio.gather(in_flight, return_exceptions=True)
+        poll = [b - a for a, b in zip(poll0, _poll_totals(metrics))]
         if broker_pid:
             cpu["broker_process"] = round(cpu_time.process_cpu(broker_pid) - broker0, 3)
         worker = workers[0]
@@ -159,6 +190,10 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "gpu_thread_busy_fraction": inference_s / wall,
         "cpu_s": cpu,
         "gc_pauses": gc_pauses.summary(),
+        # intake: records per poll, share of the wall time the consume loop waited in poll, work in flight
+        "intake": {"polls": int(poll[0]), "records_per_poll": poll[1] / max(1.0, poll[0]),
+                   "poll_wait_fraction": poll[2] / wall, "max_in_flight": s.max_in_flight,
+                   **_in_flight_summary(in_flight_samples[0])},
     }
     if rate is not None:
         sent = json.loads((work / "sent.json").read_text())["sent_t"]

@@ -232,6 +232,12 @@ def summary_lines(result: dict) -> list[str]:
         if stages.get("decode", {}).get("mean") is not None:
             lines.append("worker run, mean ms per message: " + ", ".join(
                 f"{k} {v['mean']:.2f}" for k, v in stages.items() if v.get("mean") is not None))
+        intake = w.get("intake") or {}
+        if intake.get("polls"):
+            lines.append(f"worker run, intake: {intake['records_per_poll']:.1f} records per poll, consume loop "
+                         f"waiting in poll {intake['poll_wait_fraction']:.0%} of the time, in flight mean "
+                         f"{intake.get('in_flight_mean', 0):.0f} / p95 {intake.get('in_flight_p95', 0):.0f} "
+                         f"(max_in_flight {intake['max_in_flight']})")
     r = a.get("ratios", {})
     if r:
         lines.append("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in r.items()))

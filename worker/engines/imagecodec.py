@@ -17,10 +17,15 @@ Per batch, on the GPU thread (the only thread with our context current):
 3. The engines run on those rows (``enqueue_resident``), and the GPU thread's one synchronise covers
    decode, resize and inference.
 
-Fallback, per image: what nvImageCodec cannot parse or decode (a format it lacks, a corrupt file) is
-decoded by OpenCV on this thread, exactly as ``decoder=cpu`` would, and copied into its row; OpenCV's
-verdict decides whether it is poison (the DLQ reason is then the same as with the CPU decoder). At
-start-up, if nvImageCodec, NVRTC or a CUDA device is missing, the worker logs why and decodes on the
+What goes where (so that both decoders give the same verdicts, and the same DLQ reasons):
+
+- complete JPEGs (``worker.flow.decode.gpu_decodable``) come as bytes and are decoded here;
+- everything else (PNG, BMP, TIFF, WebP, truncated JPEGs) was decoded by OpenCV in the decode pool,
+  as with ``decoder=cpu``, and comes as rows: copied into its batch row from the host;
+- a JPEG nvImageCodec cannot parse or decode is decoded by OpenCV on this thread (rare), exactly as
+  ``decoder=cpu`` would; OpenCV's verdict decides whether it is poison.
+
+At start-up, if nvImageCodec, NVRTC or a CUDA device is missing, the worker logs why and decodes on the
 CPU (``cpu-reduced``) instead: see worker.flow.gpu.
 """
 
@@ -121,19 +126,23 @@ class NvImageCodecDecoder:
         self._device_tables = []
         self._decoder = None
 
-    def decode(self, encoded: Sequence[Encoded]) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:
-        """Queue decode + resize of ``encoded`` on the stream. Returns (indices of the images now in
-        batch rows 0..k-1, in that order; (index, error) of the poison ones)."""
+    def decode(self, items: Sequence[Encoded | Sequence[np.ndarray]]
+               ) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:
+        """Queue decode + resize of the Encoded ``items`` on the stream, and the copy of the others (one
+        pre-processed array per model, decoded by the pool) into their rows. Returns (indices of the
+        images now in batch rows 0..k-1, in that order; (index, error) of the poison ones)."""
         started = time.perf_counter()
         streams: list[Any] = []
         positions: list[int] = []
-        for i, item in enumerate(encoded):
+        for i, item in enumerate(items):
+            if not isinstance(item, Encoded):
+                continue
             try:
                 streams.append(self._nv.CodeStream(item.data))
                 positions.append(i)
             except Exception:  # noqa: BLE001 - nvImageCodec cannot parse it; OpenCV decides below
                 pass
-        images: list[Any] = [None] * len(encoded)
+        images: list[Any] = [None] * len(items)
         if streams:
             decoded = self._decode_streams(streams)
             for i, image in zip(positions, decoded):
@@ -141,8 +150,12 @@ class NvImageCodecDecoder:
         kept: list[int] = []
         rejected: list[tuple[int, PoisonMessage]] = []
         sources: list[tuple[int, int, int, int]] = []
-        fallback: list[tuple[int, tuple[np.ndarray, ...]]] = []  # (row, per-model arrays)
-        for i, (item, image) in enumerate(zip(encoded, images)):
+        fallback: list[tuple[int, Sequence[np.ndarray]]] = []  # (row, per-model arrays) copied from the host
+        for i, (item, image) in enumerate(zip(items, images)):
+            if not isinstance(item, Encoded):
+                fallback.append((len(kept), item))
+                kept.append(i)
+                continue
             if image is not None:
                 problem = decoded_size_problem(item, image.shape)
                 if problem:
@@ -173,7 +186,7 @@ class NvImageCodecDecoder:
             for row, arrays in fallback:
                 self._copy_fallback(e, row, arrays[e], engine)
         self._held = [image for image in images if image is not None]
-        _log.debug("gpu_decode_queued", images=len(encoded), on_gpu=len(sources), fallback=len(fallback),
+        _log.debug("gpu_decode_queued", images=len(items), on_gpu=len(sources), host_rows=len(fallback),
                    rejected=len(rejected), host_ms=round((time.perf_counter() - started) * 1000, 3))
         return kept, rejected
 

@@ -9,7 +9,7 @@ the same image (within rounding; the GPU tests compare them):
 - resampling: area averaging when no side grows (OpenCV's ``INTER_AREA``: each output pixel is the
   mean of the source area it covers, fractional edges weighted), bilinear with half-pixel centres
   otherwise (``INTER_LINEAR``), a plain copy at equal size;
-- colour: RGB kept, or swapped to BGR, or gray with OpenCV's weights (0.299, 0.587, 0.114).
+- colour: RGB kept, or swapped to BGR, or gray with OpenCV's fixed-point weights (0.299, 0.587, 0.114).
 
 The CPU path reduces channels before resizing and OpenCV rounds in fixed point: pixels may differ by
 a few levels, never more (tests/gpu/test_gpu_decode.py bounds it).
@@ -95,7 +95,8 @@ extern "C" __global__ void resize_rows(const Source* sources, unsigned char* out
         b = w00 * p00[2] + w01 * p01[2] + w10 * p10[2] + w11 * p11[2];
     }
     if (color == 2) {
-        dst[0] = to_u8(0.299f * r + 0.587f * g + 0.114f * b);
+        // OpenCV's BGR2GRAY in fixed point (weights 0.299, 0.587, 0.114 in 14 bits), on rounded channels
+        dst[0] = (unsigned char)((to_u8(r) * 4899 + to_u8(g) * 9617 + to_u8(b) * 1868 + 8192) >> 14);
     } else if (color == 1) {
         dst[0] = to_u8(b); dst[1] = to_u8(g); dst[2] = to_u8(r);
     } else {

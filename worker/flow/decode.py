@@ -184,6 +184,20 @@ def inspect_message(value: bytes | None, headers: Sequence[tuple[str, bytes]] | 
     return Encoded(data, info, correlation, time.perf_counter() - started)
 
 
+def gpu_decodable(encoded: Encoded) -> bool:
+    """Whether decoder=nvimgcodec sends this image to the GPU: a JPEG (what nvJPEG accelerates) that is
+    complete, i.e. has an end-of-image marker after its last start-of-scan. nvJPEG decodes a truncated
+    JPEG without complaint (the missing rows come out gray) where OpenCV refuses it; sending those to
+    OpenCV keeps the verdicts, and so the DLQ, the same for both decoders. Everything else (PNG, BMP,
+    TIFF, WebP) is decoded by OpenCV in the pool, as with decoder=cpu: nvImageCodec decodes those
+    formats on the CPU anyway, more leniently than OpenCV (tests/gpu/test_gpu_decode.py)."""
+    if encoded.info.format != "jpeg":
+        return False
+    data = encoded.data
+    sos = data.rfind(b"\xff\xda")  # entropy-coded data cannot hold 0xFFD9 or 0xFFDA: 0xFF is stuffed
+    return sos > 0 and data.rfind(b"\xff\xd9") > sos
+
+
 def decode_encoded(encoded: Encoded, pipeline: PipelineSpec, max_bytes: int, max_pixels: int,
                    reduced: bool = False) -> tuple[np.ndarray, ...]:
     """A checked message -> one pre-processed uint8 HWC array per model (OpenCV). Raises PoisonMessage."""

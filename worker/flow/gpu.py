@@ -53,7 +53,9 @@ class DeviceDecoder(Protocol):
 
     def warm_up(self) -> None: ...
 
-    def decode(self, encoded: Sequence[Any]) -> tuple[list[int], list[tuple[int, PoisonMessage]]]: ...
+    def decode(self, items: Sequence[Any]) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:
+        """Each item an Encoded image, or the per-model rows the pool already decoded; returns (indices
+        of the items now in rows 0..k-1, in order; (index, error) of the rejected)."""
 
     def close(self) -> None: ...
 
@@ -274,9 +276,11 @@ class GpuThread:
         """Inputs into the engines and the batch through them. Returns the requests that ran (rows in
         that order) and the outputs; requests whose images the device decoder rejected are resolved
         here with their PoisonMessage (to the DLQ) and left out."""
-        if self.device_decoder is None or requests[0].encoded is None:
+        if self.device_decoder is None:
             return requests, self._infer(self._assemble(requests))
-        kept, rejected = self.device_decoder.decode([req.encoded for req in requests])
+        # Encoded images are decoded on the device; those the pool decoded (not JPEG) come as rows
+        kept, rejected = self.device_decoder.decode(
+            [req.encoded if req.encoded is not None else req.inputs for req in requests])
         for i, error in rejected:
             req = requests[i]
             self._log.warning("image rejected by the gpu decoder", reason=error.reason, error=str(error),

@@ -21,7 +21,8 @@ from aiokafka import TopicPartition
 
 from worker import log
 from worker.errors import PoisonMessage, RetriableError, WorkerError
-from worker.flow.decode import Decoded, Encoded, decode_message, inspect_message, is_envelope
+from worker.flow.decode import (Decoded, Encoded, decode_encoded, decode_message, gpu_decodable, inspect_message,
+                                is_envelope)
 from worker.flow.gpu import GpuThread, InferenceRequest
 from worker.flow.offsets import OffsetTracker
 from worker.flow.publish import (Publisher, RecordTooLarge, Source, dlq_record, dlq_record_without_value,
@@ -60,7 +61,12 @@ class MessageHandler:
                 future = loop.create_future()
                 if self.gpu.decodes_on_device:
                     decoded = await self.check(msg)
-                    request = InferenceRequest(None, future, loop, where, encoded=decoded)
+                    if gpu_decodable(decoded):
+                        request = InferenceRequest(None, future, loop, where, encoded=decoded)
+                    else:  # OpenCV in the pool, as decoder=cpu; the GPU thread copies the rows in
+                        inputs = await self.in_pool(decode_encoded, decoded, self.pipeline, s.max_bytes,
+                                                    s.max_pixels)
+                        request = InferenceRequest(inputs, future, loop, where)
                 else:
                     decoded = await self.in_pool(decode_message, msg.value, msg.headers, self.pipeline,
                                                  s.max_bytes, s.max_pixels, self._reduced)
