@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from worker.errors import ConfigError
-from worker.models.postprocess import postprocess, softmax
+from worker.models.postprocess import postprocess, postprocess_batch, softmax
 from worker.models.spec import ModelSpec, OutputSpec, Preprocess
 
 PRE = Preprocess(width=4, height=4)
@@ -79,3 +79,24 @@ def test_non_finite_values_become_null_and_are_counted():
     out = raw(np.array([1.0, np.nan, np.inf, -2.0], np.float32))
     assert out["data"] == [1.0, None, None, -2.0] and out["non_finite"] == 2
     json.dumps(out, allow_nan=False)  # strict JSON
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_batch_postprocess_equals_per_image_postprocess(soft):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 8, (7, 1000)).astype(np.float32)
+    logits[2, 10:20] = 5.0  # ties: index order
+    logits[3, 4] = np.nan  # a broken model: null score, same in both paths
+    logits[4] = 1e4  # huge logits: max-subtracted softmax, no overflow
+    embed = rng.normal(size=(7, 2, 3)).astype(np.float16)
+    spec = ModelSpec(name="m", path="x", preprocess=Preprocess(width=8, height=8), outputs=(
+        OutputSpec(name="logits", kind="topk", k=5, softmax=soft, labels=tuple(f"c{i}" for i in range(12))),
+        OutputSpec(name="embed")))
+    batch = postprocess_batch({"logits": logits, "embed": embed}, spec)
+    assert len(batch) == 7
+    for j in range(7):
+        one = postprocess({"logits": logits[j], "embed": embed[j]}, spec)
+        # the same JSON, to the bit (floats compared through their repr)
+        assert json.dumps(batch[j], sort_keys=True) == json.dumps(one, sort_keys=True)
+    with pytest.raises(ConfigError, match="has no output 'logits'"):
+        postprocess_batch({"embed": embed}, spec)

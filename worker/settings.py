@@ -55,6 +55,10 @@ class Settings:
     fetch_max_wait_ms: int = _opt(
         500, "Longest the broker may hold a fetch that has no data yet. Kafka answers as soon as data "
              "arrives; some brokers (the local tansu) hold it this long anyway, adding it to latency.")
+    socket_read_bytes: int = _opt(
+        4194304, "Largest socket read per event-loop iteration, and the buffered bytes before aiokafka "
+                 "stops reading (at least fetch_max_bytes): fetch responses of megabytes arrive in a few "
+                 "reads rather than dozens of loop round trips. 0: asyncio's and aiokafka's defaults.")
     producer_linger_ms: int = _opt(5, "Producer linger: how long a result batch waits to fill.")
     producer_max_request_size: int = _opt(10485760, "Largest produce request (results and DLQ records).")
     producer_max_pending: int = _opt(
@@ -118,7 +122,7 @@ class Settings:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "gil_switch_interval_ms", "drain_timeout_s", "rebalance_timeout_s", "decode_workers",
-                     "max_bytes", "max_pixels", "resume_in_flight", "http_port"):
+                     "max_bytes", "max_pixels", "resume_in_flight", "http_port", "socket_read_bytes"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.resume_in_flight > self.max_in_flight:

@@ -29,6 +29,7 @@ from worker.engines.base import DeviceRuntime, InferenceEngine, Outputs
 from worker.errors import ConfigError, DeviceError, FatalError, ModelRejectedInput, PoisonMessage, WorkerError
 from worker.flow.batch import MicroBatcher
 from worker.metrics import Metrics
+from worker.models.postprocess import postprocess_batch
 
 _STOP = object()
 
@@ -69,6 +70,7 @@ class InferenceResult:
     queue_s: float
     inference_s: float
     batch_size: int
+    postprocessed: list[dict[str, Any]] | None = None  # per model, JSON-ready (postprocess_batch)
 
 
 def as_device_error(exc: BaseException) -> DeviceError | None:
@@ -310,11 +312,12 @@ class GpuThread:
         # self-pipe write of call_soon_threadsafe drops it too: per image, each is one more wait for the
         # GIL behind the decode threads and the event loop; per batch, one.
         copies = [{name: np.array(arr) for name, arr in out.items()} for out in outputs]
+        post = self._postprocess(copies)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, InferenceResult]]] = {}
         for j, req in enumerate(requests):
             per_model = [{name: arr[j] for name, arr in out.items()} for out in copies]
             result = InferenceResult(per_model, queue_s=started - req.enqueued_at, inference_s=elapsed,
-                                     batch_size=n)
+                                     batch_size=n, postprocessed=[p[j] for p in post] if post else None)
             by_loop.setdefault(req.loop, []).append((req.future, result))
         for loop, resolved in by_loop.items():
             loop.call_soon_threadsafe(_resolve_all, resolved)
@@ -328,6 +331,16 @@ class GpuThread:
         oldest_wait = max(started - r.enqueued_at for r in requests)
         self._log.info("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
                        inference_ms=round(elapsed * 1000, 3))
+
+    def _postprocess(self, outputs: list[Outputs]) -> list[list[dict[str, Any]]] | None:
+        """Per model, every image's JSON-ready outputs, vectorised over the batch (top-k and softmax of a
+        128 x 1000 batch in a few NumPy calls rather than 128 x 3 on the event loop). None when it fails:
+        the handler then post-processes per message and reports the error there, as before."""
+        try:
+            return [postprocess_batch(out, engine.spec) for out, engine in zip(outputs, self.engines)]
+        except Exception as exc:  # noqa: BLE001 - surfaced by the per-message path
+            self._log.debug("batch postprocess failed; per message instead", error=str(exc))
+            return None
 
     def _isolate(self, requests: list[InferenceRequest], batch_error: BaseException) -> None:
         """A model raised on the batch: retry each item alone, once, so only the bad one is rejected."""

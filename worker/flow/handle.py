@@ -82,6 +82,7 @@ class MessageHandler:
                     source, self.pipeline, result.outputs,
                     image={"width": decoded.width, "height": decoded.height, "format": decoded.format},
                     correlation_id=decoded.correlation_id, batch_size=result.batch_size,
+                    postprocessed=result.postprocessed,
                     timings_s={"decode": decoded.decode_s, "queue": result.queue_s,
                                "inference": result.inference_s, "end_to_end": time.monotonic() - consumed_at})
                 try:

@@ -64,16 +64,19 @@ class Record:
 
 def result_record(source: Source, pipeline: PipelineSpec, outputs: Sequence[dict[str, Any]], *,
                   image: dict[str, Any], correlation_id: str | None, timings_s: dict[str, float],
-                  batch_size: int) -> Record:
-    """The JSON result of one image: each model's post-processed outputs, source and timings."""
+                  batch_size: int, postprocessed: Sequence[dict[str, Any]] | None = None) -> Record:
+    """The JSON result of one image: each model's post-processed outputs, source and timings.
+    ``postprocessed`` (per model, from ``postprocess_batch`` on the GPU thread) skips ``postprocess``."""
+    if postprocessed is None:
+        postprocessed = [postprocess(out, spec) for spec, out in zip(pipeline.models, outputs)]
     doc = {
         "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset,
                    "timestamp": source.timestamp},
         "correlation_id": correlation_id,
         "image": image,
         "models": {
-            spec.name: {"version": spec.version, "outputs": postprocess(out, spec)}
-            for spec, out in zip(pipeline.models, outputs)
+            spec.name: {"version": spec.version, "outputs": post}
+            for spec, post in zip(pipeline.models, postprocessed)
         },
         "timings_ms": {name: round(seconds * 1000.0, 3) for name, seconds in timings_s.items()},
         "batch_size": batch_size,

@@ -67,6 +67,45 @@ def topk(array: np.ndarray, out: OutputSpec) -> list[dict[str, Any]]:
     return result
 
 
+def topk_rows(array: np.ndarray, out: OutputSpec) -> list[list[dict[str, Any]]]:
+    """``topk`` of every row of a batch (N, ...) at once: the same numbers as ``topk`` row by row (same
+    float64 softmax, same stable order), one NumPy call per step instead of one per image."""
+    n = len(array)
+    scores = np.asarray(array).reshape(n, -1)
+    if scores.shape[1] == 0:
+        return [[] for _ in range(n)]
+    if out.softmax:
+        z = scores.astype(np.float64) - scores.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        scores = e / e.sum(axis=1, keepdims=True)
+    else:
+        scores = scores.astype(np.float64)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, : out.k]
+    best = np.take_along_axis(scores, order, axis=1)
+    labels = out.labels
+    rows = []
+    for idx, val in zip(order.tolist(), best.tolist()):
+        row = []
+        for i, score in zip(idx, val):
+            item: dict[str, Any] = {"index": i, "score": score if np.isfinite(score) else None}
+            if i < len(labels):
+                item["label"] = labels[i]
+            row.append(item)
+        rows.append(row)
+    return rows
+
+
+def postprocess_batch(outputs: dict[str, np.ndarray], spec: ModelSpec) -> list[dict[str, Any]]:
+    """``postprocess`` of every image of a batch (arrays with the batch dimension first). The GPU thread
+    runs it once per batch, vectorised, so the event loop only encodes the JSON."""
+    check_outputs(spec, outputs)
+    selected = spec.outputs or tuple(OutputSpec(name=name) for name in outputs)
+    n = len(next(iter(outputs.values()))) if outputs else 0
+    columns = {o.name: (topk_rows(outputs[o.name], o) if o.kind == "topk"
+                        else [raw(row) for row in outputs[o.name]]) for o in selected}
+    return [{name: column[j] for name, column in columns.items()} for j in range(n)]
+
+
 def postprocess(outputs: dict[str, np.ndarray], spec: ModelSpec) -> dict[str, Any]:
     """One image's outputs (no batch dimension) -> ``{output name: raw dict or top-k list}``."""
     check_outputs(spec, outputs)
