@@ -170,7 +170,7 @@ def _fake_decoder(max_batch: int = 8) -> tuple[NvImageCodecDecoder, FakeRuntime,
     dec.fallbacks, dec._nv, dec._decoder, dec._params, dec._kernel = 0, nv, nv, None, kernel
     dec._tables = [np.zeros(max_batch, SOURCE_DTYPE) for _ in engines]
     dec._device_tables = [SimpleNamespace(ptr=0x900000 + i) for i in range(len(engines))]
-    dec._fallback_rows, dec._held = None, []
+    dec._fallback_rows, dec._free, dec._last = None, [], None
     return dec, rt, kernel
 
 
@@ -226,7 +226,7 @@ def test_decoded_images_are_held_for_the_next_batch_and_passed_back_for_reuse():
     dec._decoder = SimpleNamespace(decode=spy)
     jpeg = _encoded(encode(np.zeros((20, 30, 3), np.uint8), "jpeg"))
     dec.decode([jpeg, jpeg])
-    held = list(dec._held)
+    held = list(dec._last.images)
     dec.decode([jpeg])
     assert seen[0] == (None, 7)  # our stream, nothing to reuse yet
     assert seen[1][0] == held[:1] and seen[1][1] == 7
@@ -262,26 +262,36 @@ class ResidentEngine:
 
 
 class FillDecoder:
-    """Writes each value into its row; 99 is an image it rejects."""
+    """Writes each value into its row; 99 is an image it rejects. ``events`` logs the calls."""
 
     fallbacks = 0
 
     def __init__(self, engine: ResidentEngine) -> None:
         self.engine = engine
         self.closed = False
+        self.events: list[tuple[str, tuple]] = []
 
     def warm_up(self) -> None:
         pass
 
-    def decode(self, encoded):
+    def stage(self, items):
+        staged = tuple(items)
+        self.events.append(("stage", staged))
+        return staged
+
+    def write(self, staged):
+        self.events.append(("write", staged))
         kept, rejected = [], []
-        for i, value in enumerate(encoded):
+        for i, value in enumerate(staged):
             if value == 99:
                 rejected.append((i, UndecodableImage("corrupt image data")))
                 continue
             self.engine.rows[len(kept)] = value
             kept.append(i)
         return kept, rejected
+
+    def release(self, staged) -> None:
+        self.events.append(("release", staged))
 
     def close(self) -> None:
         self.closed = True
@@ -314,6 +324,31 @@ async def test_gpu_thread_runs_device_decoded_rows_rejects_poison_and_isolates_m
         else:
             assert isinstance(out, InferenceResult) and int(out.outputs[0]["sum"]) == v * size
     assert decoder.closed
+
+
+async def test_the_next_full_batch_is_decoded_while_the_device_runs_the_current_one():
+    engine = ResidentEngine(PIPELINE.models[0], 4)
+    decoder = FillDecoder(engine)
+    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=4, max_wait_ms=2000, warmup=False,
+                    device_decoder=lambda runtime, engines, max_batch: decoder)
+    loop = asyncio.get_running_loop()
+    values = list(range(1, 13))
+    futures = [loop.create_future() for _ in values]
+    for v, fut in zip(values, futures):  # queued before the thread starts: three full batches waiting
+        gpu.submit(InferenceRequest(None, fut, loop, {"value": v}, encoded=v))
+    await gpu.start()
+    try:
+        outcomes = await asyncio.gather(*futures)
+    finally:
+        gpu.stop()
+    size = int(np.prod(engine.spec.preprocess.hwc_shape))
+    assert [int(o.outputs[0]["sum"]) for o in outcomes] == [v * size for v in values]
+    assert engine.batch_sizes == [4, 4, 4]
+    batches = [(1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11, 12)]
+    assert decoder.events == [
+        ("stage", batches[0]), ("write", batches[0]), ("stage", batches[1]), ("release", batches[0]),
+        ("write", batches[1]), ("stage", batches[2]), ("release", batches[1]),
+        ("write", batches[2]), ("release", batches[2])]
 
 
 async def test_a_decoder_that_cannot_start_leaves_decoding_to_the_cpu():

@@ -99,7 +99,7 @@ def _new_shape_cost(engines: Sequence[Any], runtime: Any, sizes: Sequence[int]) 
 
 def engine_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, batch_sizes: Sequence[int],
                    min_s: float = 2.0, min_iters: int = 5, warmup: int = 3) -> dict:
-    """Measure every batch size on one activation (sized for the largest); runs on a thread of its own."""
+    """Measure every batch size, each on engines activated for it; runs on a thread of its own."""
     out: dict[str, Any] = {}
     error: list[BaseException] = []
 
@@ -119,60 +119,68 @@ def engine_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, b
 
 def _engine_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, batch_sizes: Sequence[int],
                     min_s: float, min_iters: int, warmup: int) -> dict:
+    """Each batch size on engines activated for exactly that size: the worker pads every batch to its
+    max_batch_size (ort_batch_shapes=max), so engines sized for a larger batch would time the padding."""
     runtime = create_runtime(settings)
-    engines = [create_engine(spec, settings) for spec in pipeline.models]
-    largest = max(batch_sizes)
     runtime.start()
-    activated = []
     try:
-        for engine in engines:
-            engine.activate(runtime, largest)
-            activated.append(engine)
-        host = [runtime.host_buffer((largest, *spec.preprocess.hwc_shape), np.uint8) for spec in pipeline.models]
-        for j in range(largest):  # real decoded images, not zeros
-            for i, buf in enumerate(host):
-                buf[j] = inputs[j % len(inputs)][i]
         results: dict[str, list[dict]] = {"engine_api": [], "device_resident": []}
         for n in sorted(set(batch_sizes)):
-            batch = [buf[:n] for buf in host]
-
-            def step(batch: list[np.ndarray] = batch) -> None:
-                collectors = [e.enqueue(b) for e, b in zip(engines, batch)]
-                runtime.synchronize()
-                for collect in collectors:
-                    collect()
-
-            for _ in range(warmup):
-                step()
-            results["engine_api"].append(_summary(_time_loop(step, lambda: None, min_s, min_iters), n))
-            if runtime.kind == "cuda":
-                step()  # leaves every binding at n rows, on the device buffers
-                runners = [_device_resident_runner(e, runtime) for e in engines]
-                if all(r is not None for r in runners):
-                    def device_step(runners: list = runners) -> None:
-                        for r in runners:
-                            r()
-                    for _ in range(warmup):
-                        device_step()
-                        runtime.synchronize()
-                    results["device_resident"].append(
-                        _summary(_time_loop(device_step, runtime.synchronize, min_s, min_iters), n))
+            _measure_at(settings, pipeline, inputs, runtime, n, results, min_s, min_iters, warmup,
+                        last=n == max(batch_sizes))
         if not results["device_resident"]:
             del results["device_resident"]
-        if runtime.kind == "cuda":
-            results["new_shape"] = _new_shape_cost(engines, runtime, [n for n in (3, 77) if n <= largest])
         kind = runtime.kind
         return {"runtime": kind, "device": runtime.device_name,
                 "gpu_name": getattr(runtime, "gpu_name", "") or runtime.device_name,
                 "definitions": {k: v for k, v in CEILING_DEFINITIONS.items() if k.split(":")[0] == kind},
                 **results}
     finally:
+        runtime.stop()
+
+
+def _measure_at(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, runtime: Any, n: int,
+                results: dict[str, Any], min_s: float, min_iters: int, warmup: int, last: bool) -> None:
+    engines = [create_engine(spec, settings) for spec in pipeline.models]
+    activated = []
+    try:
+        for engine in engines:
+            engine.activate(runtime, n)
+            activated.append(engine)
+        host = [runtime.host_buffer((n, *spec.preprocess.hwc_shape), np.uint8) for spec in pipeline.models]
+        for j in range(n):  # real decoded images, not zeros
+            for i, buf in enumerate(host):
+                buf[j] = inputs[j % len(inputs)][i]
+
+        def step() -> None:
+            collectors = [e.enqueue(b) for e, b in zip(engines, host)]
+            runtime.synchronize()
+            for collect in collectors:
+                collect()
+
+        for _ in range(warmup):
+            step()
+        results["engine_api"].append(_summary(_time_loop(step, lambda: None, min_s, min_iters), n))
+        if runtime.kind == "cuda":
+            step()  # leaves every binding at n rows, on the device buffers
+            runners = [_device_resident_runner(e, runtime) for e in engines]
+            if all(r is not None for r in runners):
+                def device_step() -> None:
+                    for r in runners:
+                        r()
+                for _ in range(warmup):
+                    device_step()
+                    runtime.synchronize()
+                results["device_resident"].append(
+                    _summary(_time_loop(device_step, runtime.synchronize, min_s, min_iters), n))
+            if last:
+                results["new_shape"] = _new_shape_cost(engines, runtime, [k for k in (3, 77) if k <= n])
+    finally:
         try:
             runtime.synchronize()
         finally:
             for engine in reversed(activated):
                 engine.deactivate()
-            runtime.stop()
 
 
 async def _metrics_caught_up(metrics: Metrics, images: int, timeout_s: float = 10.0) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,18 @@ def decoded_size_problem(encoded: Encoded, shape: Sequence[int]) -> str:
     return ""
 
 
+@dataclass
+class Staged:
+    """A batch decoded but not yet written into rows (see ``NvImageCodecDecoder.stage``)."""
+
+    kept: list[int] = field(default_factory=list)  # item indices, in row order
+    rejected: list[tuple[int, PoisonMessage]] = field(default_factory=list)
+    sources: list[tuple[int, int, int, int]] = field(default_factory=list)  # device images: ptr, pitch, h, w
+    host_rows: list[tuple[int, Sequence[np.ndarray]]] = field(default_factory=list)  # (row, per-model arrays)
+    images: list[Any] = field(default_factory=list)  # nvImageCodec images, alive until ``release``
+    host_s: float = 0.0
+
+
 class NvImageCodecDecoder:
     """Decodes batches of ``Encoded`` images into the engines' device input rows (GPU thread only)."""
 
@@ -90,10 +103,11 @@ class NvImageCodecDecoder:
         self._device_tables = [runtime.device_buffer(max_batch * SOURCE_DTYPE.itemsize, f"resize table {i}")
                                for i in range(len(self.engines))]
         self._fallback_rows: list[np.ndarray] | None = None  # pinned, made on the first fallback
-        # Decoded images must outlive the kernels that read them: kept until the next batch, which
-        # starts after the GPU thread synchronised this one. Passing them back to ``decode`` lets
-        # nvImageCodec reuse their device buffers instead of allocating (and freeing) per batch.
-        self._held: list[Any] = []
+        # Decoded images must outlive the kernels that read them: a Staged batch holds them until the
+        # GPU thread has synchronised and calls ``release``; released images go back to nvImageCodec
+        # as buffers to reuse instead of allocating (and freeing) per batch.
+        self._free: list[Any] = []
+        self._last: Staged | None = None
 
     def warm_up(self) -> None:
         """One full batch of 640x480 JPEGs through decode and resize before the worker reports ready:
@@ -110,6 +124,9 @@ class NvImageCodecDecoder:
         item = Encoded(data, sniff(data), None, 0.0)
         kept, rejected = self.decode([item] * self.max_batch)
         self.runtime.synchronize()
+        assert self._last is not None
+        self.release(self._last)
+        self._last = None
         if rejected or self.fallbacks:
             raise ConfigError(f"nvImageCodec could not decode a plain baseline JPEG at start-up "
                               f"(rejected: {[str(e) for _, e in rejected][:1]}, fallbacks: {self.fallbacks})")
@@ -120,7 +137,8 @@ class NvImageCodecDecoder:
                   max_batch=self.max_batch, models=[e.spec.name for e in self.engines])
 
     def close(self) -> None:
-        self._held = []
+        self._free = []
+        self._last = None
         for buf in self._device_tables:
             self.runtime.free(buf)
         self._device_tables = []
@@ -128,9 +146,18 @@ class NvImageCodecDecoder:
 
     def decode(self, items: Sequence[Encoded | Sequence[np.ndarray]]
                ) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:
-        """Queue decode + resize of the Encoded ``items`` on the stream, and the copy of the others (one
-        pre-processed array per model, decoded by the pool) into their rows. Returns (indices of the
-        images now in batch rows 0..k-1, in that order; (index, error) of the poison ones)."""
+        """``stage`` then ``write``, for callers that synchronise between calls (warm-up, bench, tests):
+        the previous call's images are released first, so their buffers are reused."""
+        if self._last is not None:
+            self.release(self._last)
+        self._last = self.stage(items)
+        return self.write(self._last)
+
+    def stage(self, items: Sequence[Encoded | Sequence[np.ndarray]]) -> Staged:
+        """Decode the Encoded ``items`` with nvImageCodec (device images, ordered before the stream's
+        next work), OpenCV for what it cannot; touches no batch row, so it may run while the stream still
+        executes the previous batch. The other items (one pre-processed array per model, decoded by the
+        pool) pass through."""
         started = time.perf_counter()
         streams: list[Any] = []
         positions: list[int] = []
@@ -144,55 +171,66 @@ class NvImageCodecDecoder:
                 pass
         images: list[Any] = [None] * len(items)
         if streams:
-            decoded = self._decode_streams(streams)
-            for i, image in zip(positions, decoded):
+            for i, image in zip(positions, self._decode_streams(streams)):
                 images[i] = image
-        kept: list[int] = []
-        rejected: list[tuple[int, PoisonMessage]] = []
-        sources: list[tuple[int, int, int, int]] = []
-        fallback: list[tuple[int, Sequence[np.ndarray]]] = []  # (row, per-model arrays) copied from the host
+        staged = Staged()
         for i, (item, image) in enumerate(zip(items, images)):
             if not isinstance(item, Encoded):
-                fallback.append((len(kept), item))
-                kept.append(i)
+                staged.host_rows.append((len(staged.kept), item))
+                staged.kept.append(i)
                 continue
             if image is not None:
+                staged.images.append(image)
                 problem = decoded_size_problem(item, image.shape)
                 if problem:
-                    rejected.append((i, UndecodableImage(problem)))
+                    staged.rejected.append((i, UndecodableImage(problem)))
                     continue
                 cai = image.__cuda_array_interface__
                 pitch = (cai.get("strides") or (image.shape[1] * 3, 3, 1))[0]
-                sources.append((int(cai["data"][0]), int(pitch), int(image.shape[0]), int(image.shape[1])))
-                kept.append(i)
+                staged.sources.append((int(cai["data"][0]), int(pitch), int(image.shape[0]), int(image.shape[1])))
+                staged.kept.append(i)
                 continue
             try:  # nvImageCodec could not: OpenCV, exactly as decoder=cpu would (same verdict, same reason)
                 arrays = decode_encoded(item, self.pipeline, self.max_bytes, self.max_pixels)
             except PoisonMessage as exc:
-                rejected.append((i, exc))
+                staged.rejected.append((i, exc))
                 continue
             self.fallbacks += 1
-            fallback.append((len(kept), arrays))
-            kept.append(i)
-        # Batch rows follow request order: GPU-decoded images take the rows fallback images left free.
-        fallback_rows = {row for row, _ in fallback}
-        gpu_rows = [row for row in range(len(kept)) if row not in fallback_rows]
+            staged.host_rows.append((len(staged.kept), arrays))
+            staged.kept.append(i)
+        staged.host_s = time.perf_counter() - started
+        return staged
+
+    def write(self, staged: Staged) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:
+        """Queue the resize of the staged device images and the copies of the host rows into every
+        model's input rows, in item order. Returns (indices of the items in rows 0..k-1; rejected)."""
+        host_rows = {row for row, _ in staged.host_rows}
+        gpu_rows = [row for row in range(len(staged.kept)) if row not in host_rows]
         for e, engine in enumerate(self.engines):
             pre = engine.spec.preprocess
-            if sources:
-                filled = fill_sources(self._tables[e], sources, gpu_rows, pre)
+            if staged.sources:
+                filled = fill_sources(self._tables[e], staged.sources, gpu_rows, pre)
                 self.runtime.to_device(self._device_tables[e].ptr, filled.view(np.uint8), "resize table")
-                self._kernel.launch(self._device_tables[e].ptr, len(sources), engine.device_input, pre)
-            for row, arrays in fallback:
+                self._kernel.launch(self._device_tables[e].ptr, len(staged.sources), engine.device_input, pre)
+            for row, arrays in staged.host_rows:
                 self._copy_fallback(e, row, arrays[e], engine)
-        self._held = [image for image in images if image is not None]
-        _log.debug("gpu_decode_queued", images=len(items), on_gpu=len(sources), host_rows=len(fallback),
-                   rejected=len(rejected), host_ms=round((time.perf_counter() - started) * 1000, 3))
-        return kept, rejected
+        _log.debug("gpu_decode_queued", images=len(staged.kept) + len(staged.rejected), on_gpu=len(staged.sources),
+                   host_rows=len(staged.host_rows), rejected=len(staged.rejected),
+                   stage_ms=round(staged.host_s * 1000, 3))
+        return staged.kept, staged.rejected
+
+    def release(self, staged: Staged) -> None:
+        """The stream has run everything that read ``staged``'s images (the caller synchronised): their
+        device buffers go back to the pool that ``stage`` hands nvImageCodec for reuse."""
+        self._free.extend(staged.images)
+        del self._free[: max(0, len(self._free) - 2 * self.max_batch)]
+        staged.images = []
 
     def _decode_streams(self, streams: list[Any]) -> list[Any]:
-        """nvImageCodec over the batch; None where an image failed. Reuses the last batch's images."""
-        reuse = self._held[:len(streams)] if len(self._held) >= len(streams) else None
+        """nvImageCodec over the batch; None where an image failed. Reuses released images' buffers."""
+        reuse = None
+        if len(self._free) >= len(streams):  # buffers of batches the stream has finished with
+            reuse, self._free = self._free[:len(streams)], self._free[len(streams):]
         for attempt in (reuse, None) if reuse is not None else (None,):
             try:
                 return list(self._decoder.decode(streams, images=attempt, params=self._params,

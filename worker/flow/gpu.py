@@ -15,6 +15,7 @@ Failures, by kind:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -48,15 +49,21 @@ class InferenceRequest:
 
 
 class DeviceDecoder(Protocol):
-    """Decodes images on the GPU thread into the engines' device input rows (worker.engines.imagecodec)."""
+    """Decodes images on the GPU thread into the engines' device input rows (worker.engines.imagecodec).
+    Items are Encoded images, or the per-model rows the pool already decoded (not JPEG)."""
 
     fallbacks: int
 
     def warm_up(self) -> None: ...
 
-    def decode(self, items: Sequence[Any]) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:
-        """Each item an Encoded image, or the per-model rows the pool already decoded; returns (indices
-        of the items now in rows 0..k-1, in order; (index, error) of the rejected)."""
+    def stage(self, items: Sequence[Any]) -> Any:
+        """Decode, touching no batch row: may run while the stream still executes the previous batch."""
+
+    def write(self, staged: Any) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:
+        """Queue the staged images into rows 0..k-1; returns (item indices in row order; rejected)."""
+
+    def release(self, staged: Any) -> None:
+        """After the stream synchronised: the staged images' buffers may be reused."""
 
     def close(self) -> None: ...
 
@@ -93,6 +100,11 @@ def _resolve(fut: asyncio.Future, result: Any = None, error: BaseException | Non
         fut.set_result(result)
 
 
+def _decoder_items(requests: Sequence[InferenceRequest]) -> list[Any]:
+    """Encoded images go to the device decoder as bytes; those the pool decoded (not JPEG) as rows."""
+    return [req.encoded if req.encoded is not None else req.inputs for req in requests]
+
+
 def _resolve_all(resolved: list[tuple[asyncio.Future, Any]]) -> None:
     for fut, result in resolved:
         _resolve(fut, result)
@@ -110,6 +122,8 @@ class GpuThread:
         # (after ``start``) to choose between sending bytes and decoding in the pool.
         self.device_decoder: DeviceDecoder | None = None
         self.decodes_on_device = False
+        self._next: tuple[list[InferenceRequest], Any] | None = None  # prefetched batch and its decode
+        self._stopping = False
         self.engines = list(engines)
         self.max_batch_size = max_batch_size
         self.metrics = metrics
@@ -142,7 +156,8 @@ class GpuThread:
         self._queue.put(request)
 
     def queue_depth(self) -> int:
-        return self._queue.qsize() + len(self._batcher)
+        staged = self._next
+        return self._queue.qsize() + len(self._batcher) + (len(staged[0]) if staged is not None else 0)
 
     def alive(self) -> bool:
         return self._thread.is_alive() and self.fatal_error is None
@@ -217,12 +232,16 @@ class GpuThread:
             self._infer(batch)
 
     def _loop(self) -> None:
-        stopping = False
         while True:
             self.heartbeat = self._clock()
             if self.metrics is not None:
                 self.metrics.gpu_queue_depth.set(self.queue_depth())
-            if stopping and not len(self._batcher) and self._queue.empty():
+            if self._next is not None:  # decoded while the previous batch ran: runs now
+                requests, staged = self._next
+                self._next = None
+                self._run_batch(requests, self._clock(), staged)
+                continue
+            if self._stopping and not len(self._batcher) and self._queue.empty():
                 return
             timeout = self._batcher.time_left(self._clock())
             try:
@@ -231,7 +250,7 @@ class GpuThread:
                 item = None
             while item is not None:
                 if item is _STOP:
-                    stopping = True
+                    self._stopping = True
                 else:
                     self._batcher.add(item, item.enqueued_at)
                 if len(self._batcher) >= self.max_batch_size:
@@ -241,7 +260,7 @@ class GpuThread:
                 except queue.Empty:
                     item = None
             now = self._clock()
-            if self._batcher.ready(now) or (stopping and len(self._batcher)):
+            if self._batcher.ready(now) or (self._stopping and len(self._batcher)):
                 self._run_batch([req for req, _ in self._batcher.take()], now)
 
     def _infer(self, batches: Sequence[np.ndarray]) -> list[Outputs]:
@@ -274,27 +293,70 @@ class GpuThread:
         self.runtime.synchronize()  # decode, resize and every model: one synchronisation
         return [collect() for collect in collectors]
 
-    def _process(self, requests: list[InferenceRequest]) -> tuple[list[InferenceRequest], list[Outputs]]:
+    def _process(self, requests: list[InferenceRequest], staged: Any = None, prefetch: bool = False
+                 ) -> tuple[list[InferenceRequest], list[Outputs]]:
         """Inputs into the engines and the batch through them. Returns the requests that ran (rows in
         that order) and the outputs; requests whose images the device decoder rejected are resolved
-        here with their PoisonMessage (to the DLQ) and left out."""
-        if self.device_decoder is None:
-            return requests, self._infer(self._assemble(requests))
-        # Encoded images are decoded on the device; those the pool decoded (not JPEG) come as rows
-        kept, rejected = self.device_decoder.decode(
-            [req.encoded if req.encoded is not None else req.inputs for req in requests])
-        for i, error in rejected:
-            req = requests[i]
-            self._log.warning("image rejected by the gpu decoder", reason=error.reason, error=str(error),
-                              **req.context)
-            req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
-        ran = [requests[i] for i in kept]
-        return ran, (self._infer_resident(len(ran)) if ran else [])
+        here with their PoisonMessage (to the DLQ) and left out.
 
-    def _run_batch(self, requests: list[InferenceRequest], now: float) -> None:
+        With a device decoder, ``staged`` is this batch already decoded (during the previous batch), and
+        ``prefetch`` decodes the next batch while the device runs this one: nvImageCodec's host work and
+        its decode streams then overlap inference instead of following it."""
+        decoder = self.device_decoder
+        if decoder is None:
+            return requests, self._infer(self._assemble(requests))
+        if staged is None:
+            staged = decoder.stage(_decoder_items(requests))
+        try:
+            kept, rejected = decoder.write(staged)
+            for i, error in rejected:
+                req = requests[i]
+                self._log.warning("image rejected by the gpu decoder", reason=error.reason, error=str(error),
+                                  **req.context)
+                req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+            ran = [requests[i] for i in kept]
+            if not ran:
+                self.runtime.synchronize()
+                return ran, []
+            collectors = [engine.enqueue_resident(len(ran)) for engine in self.engines]
+            if prefetch:
+                self._prefetch()
+            self.runtime.synchronize()  # decode, resize and every model: one synchronisation
+            return ran, [collect() for collect in collectors]
+        except BaseException:
+            with contextlib.suppress(BaseException):  # kernels may still read the images: wait first
+                self.runtime.synchronize()
+            raise
+        finally:
+            decoder.release(staged)
+
+    def _prefetch(self) -> None:
+        """If a full batch is already waiting, take it and decode it now (it runs next, at once)."""
+        if self._next is not None or self.device_decoder is None:
+            return
+        while len(self._batcher) < self.max_batch_size:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._stopping = True
+                continue
+            self._batcher.add(item, item.enqueued_at)
+        if len(self._batcher) < self.max_batch_size:
+            return
+        requests = [req for req, _ in self._batcher.take()]
+        try:
+            staged = self.device_decoder.stage(_decoder_items(requests))
+        except Exception as exc:  # noqa: BLE001 - decoded again, with errors handled, when the batch runs
+            self._log.debug("prefetch decode failed; the batch decodes when it runs", error=str(exc))
+            staged = None
+        self._next = (requests, staged)
+
+    def _run_batch(self, requests: list[InferenceRequest], now: float, staged: Any = None) -> None:
         started = self._clock()
         try:
-            requests, outputs = self._process(requests)
+            requests, outputs = self._process(requests, staged, prefetch=True)
         except BaseException as exc:  # noqa: BLE001 - classified below
             device_error = as_device_error(exc)
             if device_error is not None:
@@ -370,7 +432,12 @@ class GpuThread:
         self.fatal_error = exc
         # Fail everything still queued so that no coroutine waits for a thread that is gone; first,
         # before anything that could itself raise (a log call with a broken stream, say).
-        pending = [req for req, _ in self._batcher.take()]
+        pending = []
+        while len(self._batcher):
+            pending.extend(req for req, _ in self._batcher.take())
+        if self._next is not None:
+            pending.extend(self._next[0])
+            self._next = None
         while True:
             try:
                 item = self._queue.get_nowait()
