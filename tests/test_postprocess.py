@@ -100,3 +100,17 @@ def test_batch_postprocess_equals_per_image_postprocess(soft):
         assert json.dumps(batch[j], sort_keys=True) == json.dumps(one, sort_keys=True)
     with pytest.raises(ConfigError, match="has no output 'logits'"):
         postprocess_batch({"embed": embed}, spec)
+
+
+def test_top_indices_equal_a_full_stable_sort_on_ties_nan_and_inf():
+    from worker.models.postprocess import _top_indices
+
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n, m, k = int(rng.integers(1, 20)), int(rng.integers(1, 50)), int(rng.integers(0, 8))
+        x = rng.integers(-3, 4, size=(n, m)).astype(np.float64)  # few distinct values: ties everywhere
+        if rng.random() < 0.3:
+            x[rng.integers(n), rng.integers(m)] = np.nan
+        if rng.random() < 0.2:
+            x[rng.integers(n), rng.integers(m)] = np.inf
+        np.testing.assert_array_equal(_top_indices(x, k), np.argsort(-x, axis=1, kind="stable")[:, :k])
