@@ -172,6 +172,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   value: {{ int .maxBatchSize | quote }}
 - name: WORKER_MAX_WAIT_MS
   value: {{ toString .maxWaitMs | quote }}
+- name: WORKER_DECODER
+  value: {{ .decoder | quote }}
 - name: WORKER_DECODE_WORKERS
   value: {{ int .decodeWorkers | quote }}
 - name: WORKER_MAX_IN_FLIGHT
