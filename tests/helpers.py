@@ -82,3 +82,18 @@ def check_demo_result(doc: dict, image: np.ndarray) -> None:
 
 def result_doc(record) -> dict:
     return json.loads(record.value)
+
+
+def exif_rotated_jpeg() -> bytes:
+    """A JPEG stored 40 wide and 20 high with EXIF orientation 6 (rotate 90 degrees clockwise to display):
+    upright it is 20 wide and 40 high; columns are a ramp, so a wrong rotation shows."""
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (20, 1)), "L").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from tests.helpers import exif_rotated_jpeg
 from worker.errors import MalformedEnvelope, TooLarge
 from worker.flow.decode import decode_image, decode_message, reduction_factor, unwrap_envelope
 from worker.flow.imageinfo import sniff
@@ -38,15 +37,10 @@ def test_envelope_and_correlation_id():
 
 
 def test_exif_orientation_is_applied():
-    # 40 wide, 20 high on disk, EXIF orientation 6 (rotate 90° clockwise to display): upright it is 20x40.
-    img = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (20, 1)), "L").convert("RGB")
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
-    decoded = decode_image(buf.getvalue(), 10**7, 10**7)
+    jpeg = exif_rotated_jpeg()  # 40x20 on disk, EXIF orientation 6: upright it is 20x40
+    decoded = decode_image(jpeg, 10**7, 10**7)
     assert decoded.shape == (40, 20, 3)
-    out = decode_message(buf.getvalue(), None, pipeline(Preprocess(width=20, height=40)), 10**7, 10**7)
+    out = decode_message(jpeg, None, pipeline(Preprocess(width=20, height=40)), 10**7, 10**7)
     assert (out.width, out.height) == (40, 20)  # as stored; the pixels are upright
     assert out.inputs[0].shape == (40, 20, 3)
 

@@ -6,14 +6,13 @@ differ by (IDCT and chroma upsampling, float vs. fixed-point weights), not tuned
 
 from __future__ import annotations
 
-import io
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from tests.gpu.test_gpu_runtime import IMAGENET, WHY_NOT, on_own_thread
-from tests.helpers import check_demo_result, produce, result_doc, source_of
+from tests.helpers import check_demo_result, exif_rotated_jpeg, produce, result_doc, source_of
 from tests.test_end_to_end import lossless_images, run_until
 from worker.broker import create_topics
 from worker.flow.decode import decode_encoded, gpu_decodable, inspect_message
@@ -163,15 +162,8 @@ def test_nvimgcodec_rows_are_close_to_the_cpu_decoders():
 
 
 def test_exif_orientation_is_applied_on_the_gpu_too():
-    from PIL import Image
-
-    img = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (20, 1)), "L").convert("RGB")
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
     pipeline = _pipeline({"upright": Preprocess(width=20, height=40)})
-    encoded, (kept, rejected, rows, fallbacks) = _decode_rows(pipeline, [buf.getvalue()])
+    encoded, (kept, rejected, rows, fallbacks) = _decode_rows(pipeline, [exif_rotated_jpeg()])
     want = decode_encoded(encoded[0], pipeline, *LIMITS)[0]
     mean, mx, _ = _diff(rows[0][0], want)
     print(f"\nEXIF 6: mean |diff| {mean:.3f}, max {mx}, fallbacks {fallbacks}")

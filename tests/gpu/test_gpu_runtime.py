@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -97,20 +96,9 @@ def rel_error(got: np.ndarray, want: np.ndarray) -> float:
 
 def on_own_thread(fn):
     """Run ``fn`` on a fresh thread (a GPU thread of its own) and return or raise what it did."""
-    box: dict = {}
+    from worker.bench.own_thread import on_own_thread as run
 
-    def main() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            box["error"] = exc
-
-    t = threading.Thread(target=main, name="gpu-test")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    return run(fn, "gpu-test")
 
 
 def run_script(tmp_path: Path, code: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -11,13 +11,13 @@ exactly as it does in such code.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from worker.bench.corpus import Topics, preload
+from worker.bench.own_thread import on_own_thread
 from worker.bench.end_to_end import percentiles
 from worker.engines import create_engine, create_runtime
 from worker.flow.decode import decode_message
@@ -28,37 +28,22 @@ from worker.settings import Settings
 
 def baseline(settings: Settings, pipeline: PipelineSpec, bootstrap: str, images: list[bytes],
              partitions: int, timeout_s: float = 600.0) -> dict:
-    out: dict = {}
-    error: list[BaseException] = []
-
-    def main() -> None:
-        try:
-            runtime = create_runtime(settings)
-            engines = [create_engine(spec, settings) for spec in pipeline.models]
-            runtime.start()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            error.append(exc)
-            return
+    def main() -> dict:
+        runtime = create_runtime(settings)
+        engines = [create_engine(spec, settings) for spec in pipeline.models]
+        runtime.start()
         activated = []
         try:
             for engine in engines:
                 engine.activate(runtime, 1)
                 activated.append(engine)
-            out.update(asyncio.run(_loop(settings, pipeline, bootstrap, images, partitions, runtime, engines,
-                                         timeout_s)))
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            error.append(exc)
+            return asyncio.run(_loop(settings, pipeline, bootstrap, images, partitions, runtime, engines, timeout_s))
         finally:
             for engine in reversed(activated):
                 engine.deactivate()
             runtime.stop()
 
-    thread = threading.Thread(target=main, name="bench-baseline")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return out
+    return on_own_thread(main, "bench-baseline")
 
 
 async def _loop(settings: Settings, pipeline: PipelineSpec, bootstrap: str, images: list[bytes], partitions: int,

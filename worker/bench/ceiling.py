@@ -18,13 +18,13 @@ batch assembly into the pinned buffer, the per-image copy of outputs and the han
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from worker.bench.own_thread import on_own_thread
 from worker.engines import create_engine, create_runtime
 from worker.engines.imagecodec import decoder_factory
 from worker.flow.gpu import GpuThread, InferenceRequest
@@ -100,21 +100,8 @@ def _new_shape_cost(engines: Sequence[Any], runtime: Any, sizes: Sequence[int]) 
 def engine_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, batch_sizes: Sequence[int],
                    min_s: float = 2.0, min_iters: int = 5, warmup: int = 3) -> dict:
     """Measure every batch size, each on engines activated for it; runs on a thread of its own."""
-    out: dict[str, Any] = {}
-    error: list[BaseException] = []
-
-    def main() -> None:
-        try:
-            out.update(_engine_ceiling(settings, pipeline, inputs, batch_sizes, min_s, min_iters, warmup))
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=main, name="bench-ceiling")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return out
+    return on_own_thread(lambda: _engine_ceiling(settings, pipeline, inputs, batch_sizes, min_s, min_iters,
+                                                 warmup), "bench-ceiling")
 
 
 def _engine_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, batch_sizes: Sequence[int],

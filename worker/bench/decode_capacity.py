@@ -4,7 +4,6 @@ for decoder=nvimgcodec, nvImageCodec + the resize kernel into device rows, per b
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from worker.bench.own_thread import on_own_thread
 from worker.flow.decode import decode_message, inspect_message
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings
@@ -43,21 +43,7 @@ def device_decode_capacity(images: Sequence[bytes], pipeline: PipelineSpec, sett
     """decoder=nvimgcodec alone: batches of ``batch`` images decoded by nvImageCodec and resized into
     device rows for every model, one synchronize per batch (what the GPU thread adds per batch before
     inference). Runs on a thread of its own that takes the device like the GPU thread."""
-    out: list[dict] = []
-    error: list[BaseException] = []
-
-    def main() -> None:
-        try:
-            out.append(_device_decode(images, pipeline, settings, batch, min_s))
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=main, name="bench-gpu-decode")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return out
+    return [on_own_thread(lambda: _device_decode(images, pipeline, settings, batch, min_s), "bench-gpu-decode")]
 
 
 def _device_decode(images: Sequence[bytes], pipeline: PipelineSpec, settings: Settings, batch: int,
