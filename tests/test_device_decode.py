@@ -20,7 +20,11 @@ from tests.test_end_to_end import lossless_images, run_until
 from worker import log
 from worker.broker import create_topics
 from worker.engines.base import CpuRuntime
-from worker.engines.imagecodec import NvImageCodecDecoder, decoded_size_problem, decoder_factory
+from worker.engines.imagecodec import (
+    NvImageCodecDecoder,
+    decoded_size_problem,
+    decoder_factory,
+)
 from worker.engines.resize_kernel import SOURCE, SOURCE_DTYPE, fill_sources
 from worker.errors import ConfigError, ModelRejectedInput, UndecodableImage
 from worker.flow.decode import Encoded, decode_encoded, gpu_decodable, inspect_message
@@ -40,7 +44,7 @@ def _log_to_this_tests_stderr():
 # --- the descriptor table ---------------------------------------------------------------------------
 
 def test_descriptor_dtype_matches_the_kernels_struct_field_for_field():
-    body = re.search(r"struct Source \{(.*?)\};", SOURCE, re.S).group(1)
+    body = re.search(r"struct Source \{(.*?)\};", SOURCE, re.DOTALL).group(1)
     fields = []
     for line in body.splitlines():
         decl = line.split("//")[0].strip().rstrip(";")
@@ -121,7 +125,7 @@ class FakeNv:
         self.calls: list[int] = []
         self.refuse: set[bytes] = set()
 
-    def CodeStream(self, data: bytes):  # noqa: N802 - nvImageCodec's name
+    def CodeStream(self, data: bytes):
         if data in self.refuse:
             raise RuntimeError("cannot parse")
         return data

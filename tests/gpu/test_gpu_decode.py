@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from tests.gpu.test_gpu_runtime import IMAGENET, WHY_NOT, on_own_thread
-from tests.helpers import check_demo_result, exif_rotated_jpeg, produce, result_doc, source_of
+from tests.helpers import (
+    check_demo_result,
+    exif_rotated_jpeg,
+    produce,
+    result_doc,
+    source_of,
+)
 from tests.test_end_to_end import lossless_images, run_until
 from worker.broker import create_topics
 from worker.flow.decode import decode_encoded, gpu_decodable, inspect_message
@@ -27,8 +33,8 @@ def _why_no_nvimgcodec() -> str:
     if WHY_NOT:
         return WHY_NOT
     try:
-        from nvidia import nvimgcodec  # noqa: F401
         from cuda.bindings import nvrtc  # noqa: F401
+        from nvidia import nvimgcodec  # noqa: F401
     except ImportError as exc:
         return f"nvImageCodec or cuda-bindings is not importable ({exc}); install the gpu-decode extra"
     return ""
@@ -173,10 +179,13 @@ def test_exif_orientation_is_applied_on_the_gpu_too():
 def test_malformed_inputs_get_the_cpu_decoders_verdicts():
     """Everything that passes the header checks goes to the GPU decoder: what OpenCV refuses must still be
     refused (with OpenCV's reason, via the fallback), what OpenCV decodes must not be refused."""
-    from tests.corpus import damaged_but_decodable, malformed_corpus
+    from tests.corpus import (
+        MAX_BYTES,
+        MAX_PIXELS,
+        damaged_but_decodable,
+        malformed_corpus,
+    )
     from worker.errors import PoisonMessage
-
-    from tests.corpus import MAX_BYTES, MAX_PIXELS
 
     cases: list[tuple[str, bytes, str | None]] = []
     others = 0

@@ -119,10 +119,10 @@ class NvImageCodecDecoder:
 
         y, x = np.mgrid[0:480, 0:640]
         image = np.dstack([x % 256, y % 256, (x + y) % 256]).astype(np.uint8)
-        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        _, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         data = jpeg.tobytes()
         item = Encoded(data, sniff(data), None, 0.0)
-        kept, rejected = self.decode([item] * self.max_batch)
+        _, rejected = self.decode([item] * self.max_batch)
         self.runtime.synchronize()
         assert self._last is not None
         self.release(self._last)
@@ -235,7 +235,7 @@ class NvImageCodecDecoder:
             try:
                 return list(self._decoder.decode(streams, images=attempt, params=self._params,
                                                  cuda_stream=self.runtime.stream_handle))
-            except Exception as exc:  # noqa: BLE001 - a CUDA failure is fatal, anything else falls back
+            except Exception as exc:  # a CUDA failure is fatal, anything else falls back
                 if cuda_error_name(str(exc)):
                     raise device_error(exc, "decoding a batch with nvImageCodec", self.runtime.device_name) from exc
                 _log.warning("nvimgcodec_batch_failed", error=str(exc), images=len(streams),

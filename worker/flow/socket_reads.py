@@ -25,7 +25,7 @@ _log = log.get(__name__)
 def widen_socket_reads(read_bytes: int, reader_limit: int) -> dict[str, int]:
     """Raise asyncio's per-read size to ``read_bytes`` and aiokafka's stream limit to ``reader_limit``
     (0: leave as is). Returns what is in force."""
-    import asyncio.selector_events as selector_events
+    from asyncio import selector_events
 
     import aiokafka.conn
 
