@@ -29,6 +29,7 @@ from worker.engines.resize_kernel import SOURCE, SOURCE_DTYPE, fill_sources
 from worker.errors import ConfigError, ModelRejectedInput, UndecodableImage
 from worker.flow.decode import Encoded, decode_encoded, gpu_decodable, inspect_message
 from worker.flow.gpu import GpuThread, InferenceRequest, InferenceResult
+from worker.metrics import Metrics
 from worker.models import default_pipeline_path
 from worker.models.spec import Preprocess, load_pipeline
 from worker.samples import encode, synth_image
@@ -195,6 +196,7 @@ def test_rows_follow_request_order_across_gpu_decoded_fallback_and_poison_images
 
     assert kept == [0, 1, 3, 4, 5, 6]  # rows 0..5 in request order
     assert [i for i, _ in rejected] == [2]
+    assert dec._last.fallbacks == 2  # counted per batch too: the GPU thread reports it as a metric
     assert isinstance(rejected[0][1], UndecodableImage)
     assert dec.fallbacks == 2  # the PNG, and the JPEG nvImageCodec could not parse
     # per model: one table copy and one launch for the three GPU-decoded JPEGs, rows 0, 2, 4
@@ -265,6 +267,10 @@ class ResidentEngine:
         pass
 
 
+class _Staged(tuple):
+    fallbacks = 0
+
+
 class FillDecoder:
     """Writes each value into its row; 99 is an image it rejects. ``events`` logs the calls."""
 
@@ -279,7 +285,8 @@ class FillDecoder:
         pass
 
     def stage(self, items):
-        staged = tuple(items)
+        staged = _Staged(items)
+        staged.fallbacks = sum(1 for v in staged if v == 5)  # as if OpenCV had to decode the 5s
         self.events.append(("stage", staged))
         return staged
 
@@ -304,11 +311,13 @@ class FillDecoder:
 async def test_gpu_thread_runs_device_decoded_rows_rejects_poison_and_isolates_model_errors():
     engine = ResidentEngine(PIPELINE.models[0], 8)
     decoder = FillDecoder(engine)
-    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=8, max_wait_ms=2000, warmup=False,
+    metrics = Metrics()
+    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=8, max_wait_ms=2000, warmup=False, metrics=metrics,
                     device_decoder=lambda runtime, engines, max_batch: decoder)
     await gpu.start()
     try:
         assert gpu.decodes_on_device
+        assert metrics.registry.get_sample_value("worker_gpu_decoding") == 1
         loop = asyncio.get_running_loop()
         values = [1, 99, 2, 13, 3, 4, 5, 6]
         futures = [loop.create_future() for _ in values]
@@ -328,6 +337,8 @@ async def test_gpu_thread_runs_device_decoded_rows_rejects_poison_and_isolates_m
         else:
             assert isinstance(out, InferenceResult) and int(out.outputs[0]["sum"]) == v * size
     assert decoder.closed
+    # the 5 was "decoded by OpenCV" twice: in the batch, and again when the batch was retried item by item
+    assert metrics.registry.get_sample_value("worker_gpu_decode_fallbacks_total") == 2
 
 
 async def test_the_next_full_batch_is_decoded_while_the_device_runs_the_current_one():
@@ -360,11 +371,13 @@ async def test_a_decoder_that_cannot_start_leaves_decoding_to_the_cpu():
         raise ConfigError("decoder=nvimgcodec needs a CUDA device; this runtime is the CPU")
 
     engine = ResidentEngine(PIPELINE.models[0], 4)
-    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=4, max_wait_ms=1, warmup=False,
+    metrics = Metrics()
+    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=4, max_wait_ms=1, warmup=False, metrics=metrics,
                     device_decoder=unavailable)
     await gpu.start()
     try:
         assert not gpu.decodes_on_device and gpu.alive()
+        assert metrics.registry.get_sample_value("worker_gpu_decoding") == 0  # the fall back shows
     finally:
         gpu.stop()
     assert decoder_factory(SimpleNamespace(decoder="cpu-reduced"), PIPELINE) is None

@@ -42,6 +42,10 @@ class Metrics:
                                       buckets=(0, 1, 4, 16, 64, 256, 1024), registry=r)
         self.poll_wait_seconds = Counter("worker_poll_wait_seconds", "Time the consume loop spent in poll.",
                                          registry=r)
+        self.gpu_decoding = Gauge("worker_gpu_decoding", "1 while JPEGs are decoded on the GPU (decoder=nvimgcodec "
+                                  "started); 0 when decoding on the CPU, by choice or by fallback.", registry=r)
+        self.gpu_decode_fallbacks = Counter("worker_gpu_decode_fallbacks", "JPEGs nvImageCodec could not decode, "
+                                            "decoded by OpenCV on the GPU thread instead.", registry=r)
         self.in_flight = Gauge("worker_in_flight_messages", "Consumed and not yet finished.", registry=r)
         self.gpu_queue_depth = Gauge("worker_gpu_queue_depth", "Requests waiting for the GPU thread.",
                                      registry=r)

@@ -77,6 +77,7 @@ class Staged:
     sources: list[tuple[int, int, int, int]] = field(default_factory=list)  # device images: ptr, pitch, h, w
     host_rows: list[tuple[int, Sequence[np.ndarray]]] = field(default_factory=list)  # (row, per-model arrays)
     images: list[Any] = field(default_factory=list)  # nvImageCodec images, alive until ``release``
+    fallbacks: int = 0  # JPEGs nvImageCodec could not decode, decoded by OpenCV instead
     host_s: float = 0.0
 
 
@@ -196,6 +197,7 @@ class NvImageCodecDecoder:
                 staged.rejected.append((i, exc))
                 continue
             self.fallbacks += 1
+            staged.fallbacks += 1
             staged.host_rows.append((len(staged.kept), arrays))
             staged.kept.append(i)
         staged.host_s = time.perf_counter() - started

@@ -193,6 +193,8 @@ class GpuThread:
             self._teardown(activated, started)
             return
         self.decodes_on_device = self.device_decoder is not None
+        if self.metrics is not None:  # an operator sees a silent fall back to CPU decoding here
+            self.metrics.gpu_decoding.set(1 if self.decodes_on_device else 0)
         self._log.info("gpu thread ready", device=self.runtime.device_name, kind=self.runtime.kind,
                        models=[e.spec.name for e in self.engines], max_batch_size=self.max_batch_size,
                        decodes_on_device=self.decodes_on_device)
@@ -309,6 +311,9 @@ class GpuThread:
             staged = decoder.stage(_decoder_items(requests))
         try:
             kept, rejected = decoder.write(staged)
+            fallbacks = getattr(staged, "fallbacks", 0)
+            if self.metrics is not None and fallbacks:
+                self.metrics.gpu_decode_fallbacks.inc(fallbacks)
             for i, error in rejected:
                 req = requests[i]
                 self._log.warning("image rejected by the gpu decoder", reason=error.reason, error=str(error),
