@@ -105,7 +105,7 @@ def test_decoded_size_must_match_the_header_or_its_rotation():
     enc = _encoded(encode(np.zeros((30, 40, 3), np.uint8), "jpeg"))
     assert decoded_size_problem(enc, (30, 40, 3)) == ""
     assert decoded_size_problem(enc, (40, 30, 3)) == ""  # EXIF orientation applied
-    assert "header says 40x30 but nvImageCodec decoded 20x30" in decoded_size_problem(enc, (30, 20, 3))
+    assert "header says 40x30 but decoded 20x30" in decoded_size_problem(enc, (30, 20, 3))
     assert "expected H x W x 3 RGB" in decoded_size_problem(enc, (30, 40, 4))
 
 
@@ -175,7 +175,7 @@ def _fake_decoder(max_batch: int = 8) -> tuple[NvImageCodecDecoder, FakeRuntime,
     dec.fallbacks, dec._nv, dec._decoder, dec._params, dec._kernel = 0, nv, nv, None, kernel
     dec._tables = [np.zeros(max_batch, SOURCE_DTYPE) for _ in engines]
     dec._device_tables = [SimpleNamespace(ptr=0x900000 + i) for i in range(len(engines))]
-    dec._fallback_rows, dec._free, dec._last = None, [], None
+    dec._host_rows, dec._free, dec._last = None, [], None
     return dec, rt, kernel
 
 

@@ -285,12 +285,18 @@ async def until(condition, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_revoke_cuts_late_work_and_a_reassigned_partition_starts_clean(monkeypatch):
-    worker, consumer, publisher, gpu = make_worker(monkeypatch)
+async def run_with_two_partitions(worker, consumer) -> asyncio.Task:
+    """Start ``worker.run()`` and give it partitions 0 and 1, as a group join would."""
     run = asyncio.create_task(worker.run())
     await until(lambda: consumer.listener is not None)
     consumer.assigned = {TP0, TP1}
     await consumer.listener.on_partitions_assigned({TP0, TP1})
+    return run
+
+
+async def test_revoke_cuts_late_work_and_a_reassigned_partition_starts_clean(monkeypatch):
+    worker, consumer, publisher, gpu = make_worker(monkeypatch)
+    run = await run_with_two_partitions(worker, consumer)
     consumer.queue = [msg(0, o) for o in range(4)] + [msg(1, o) for o in range(2)]
     await until(lambda: len(gpu.held) == 6)
 
@@ -334,10 +340,7 @@ async def test_revoke_waits_for_in_flight_work_then_commits_it(monkeypatch):
 
 async def test_backpressure_pauses_keeps_polling_resumes_at_low_water_and_survives_a_rebalance(monkeypatch):
     worker, consumer, publisher, gpu = make_worker(monkeypatch, max_in_flight=4, resume_in_flight=2)
-    run = asyncio.create_task(worker.run())
-    await until(lambda: consumer.listener is not None)
-    consumer.assigned = {TP0, TP1}
-    await consumer.listener.on_partitions_assigned({TP0, TP1})
+    run = await run_with_two_partitions(worker, consumer)
     consumer.queue = [msg(0, o) for o in range(10)] + [msg(1, o) for o in range(10)]
     await until(lambda: len(gpu.held) == 4)
     await until(lambda: consumer.paused == {TP0, TP1})

@@ -42,7 +42,7 @@ from worker import log
 from worker.engines.cuda import cuda_error_name, cuda_errors, device_error
 from worker.engines.resize_kernel import SOURCE_DTYPE, ResizeKernel, fill_sources
 from worker.errors import ConfigError, PoisonMessage, UndecodableImage
-from worker.flow.decode import Encoded, decode_encoded
+from worker.flow.decode import Encoded, decode_encoded, size_mismatch
 from worker.models.spec import PipelineSpec
 
 _log = log.get(__name__)
@@ -59,12 +59,11 @@ def import_nvimgcodec() -> Any:
 
 def decoded_size_problem(encoded: Encoded, shape: Sequence[int]) -> str:
     """Why a decoded image of ``shape`` (H, W, C) does not match its header, or "" when it does."""
-    h, w = int(shape[0]), int(shape[1])
-    info = encoded.info
-    if (h, w) not in ((info.height, info.width), (info.width, info.height)):  # swapped: EXIF orientation
-        return f"{info.format} header says {info.width}x{info.height} but nvImageCodec decoded {w}x{h}"
+    mismatch = size_mismatch(encoded.info, int(shape[0]), int(shape[1]))
+    if mismatch:
+        return mismatch
     if len(shape) != 3 or int(shape[2]) != 3:
-        return f"{info.format}: nvImageCodec gave shape {tuple(shape)}, expected H x W x 3 RGB"
+        return f"{encoded.format}: nvImageCodec gave shape {tuple(shape)}, expected H x W x 3 RGB"
     return ""
 
 
@@ -103,7 +102,7 @@ class NvImageCodecDecoder:
         self._tables = [runtime.host_buffer((max_batch,), SOURCE_DTYPE) for _ in self.engines]
         self._device_tables = [runtime.device_buffer(max_batch * SOURCE_DTYPE.itemsize, f"resize table {i}")
                                for i in range(len(self.engines))]
-        self._fallback_rows: list[np.ndarray] | None = None  # pinned, made on the first fallback
+        self._host_rows: list[np.ndarray] | None = None  # pinned, made on the first row copied from the host
         # Decoded images must outlive the kernels that read them: a Staged batch holds them until the
         # GPU thread has synchronised and calls ``release``; released images go back to nvImageCodec
         # as buffers to reuse instead of allocating (and freeing) per batch.
@@ -215,7 +214,7 @@ class NvImageCodecDecoder:
                 self.runtime.to_device(self._device_tables[e].ptr, filled.view(np.uint8), "resize table")
                 self._kernel.launch(self._device_tables[e].ptr, len(staged.sources), engine.device_input, pre)
             for row, arrays in staged.host_rows:
-                self._copy_fallback(e, row, arrays[e], engine)
+                self._copy_host_row(e, row, arrays[e], engine)
         _log.debug("gpu_decode_queued", images=len(staged.kept) + len(staged.rejected), on_gpu=len(staged.sources),
                    host_rows=len(staged.host_rows), rejected=len(staged.rejected),
                    stage_ms=round(staged.host_s * 1000, 3))
@@ -244,13 +243,14 @@ class NvImageCodecDecoder:
                              reused_buffers=attempt is not None)
         return [None] * len(streams)
 
-    def _copy_fallback(self, model: int, row: int, array: np.ndarray, engine: Any) -> None:
-        if self._fallback_rows is None:
-            self._fallback_rows = [self.runtime.host_buffer((self.max_batch, *e.spec.preprocess.hwc_shape), np.uint8)
+    def _copy_host_row(self, model: int, row: int, array: np.ndarray, engine: Any) -> None:
+        """An image decoded on the CPU (the pool, or OpenCV after nvImageCodec failed) into its device row."""
+        if self._host_rows is None:
+            self._host_rows = [self.runtime.host_buffer((self.max_batch, *e.spec.preprocess.hwc_shape), np.uint8)
                                    for e in self.engines]
-        host = self._fallback_rows[model][row]  # its own pinned row: an async copy reads it later
+        host = self._host_rows[model][row]  # its own pinned row: an async copy reads it later
         np.copyto(host, array.reshape(host.shape))
-        self.runtime.to_device(engine.device_input + row * host.nbytes, host, "fallback-decoded image")
+        self.runtime.to_device(engine.device_input + row * host.nbytes, host, "host-decoded image")
 
 
 def decoder_factory(settings: Any, pipeline: PipelineSpec) -> Any:

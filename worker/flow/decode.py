@@ -139,6 +139,14 @@ def inspect(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
     return info
 
 
+def size_mismatch(info: ImageInfo, h: int, w: int) -> str:
+    """Why a decoded h x w image does not match its header (either decoder), or "" when it does. Swapped
+    sides are fine: the decoder applied the EXIF orientation."""
+    if (h, w) in ((info.height, info.width), (info.width, info.height)):
+        return ""
+    return f"{info.format} header says {info.width}x{info.height} but decoded {w}x{h}"
+
+
 def decode_image(data: bytes, max_bytes: int, max_pixels: int, reduce: int = 1,
                  info: ImageInfo | None = None, gray: bool = False) -> np.ndarray:
     """Bytes → uint8 array, BGR (H, W, 3), or gray (H, W) if ``gray``. Raises PoisonMessage."""
@@ -155,9 +163,9 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, reduce: int = 1,
     if image.dtype != np.uint8:
         raise UnsupportedImage(f"{info.format} decoded to {image.dtype}; only 8-bit images are supported")
     h, w = image.shape[:2]
-    expect = ((info.height + reduce - 1) // reduce, (info.width + reduce - 1) // reduce)
-    if reduce == 1 and (h, w) not in (expect, expect[::-1]):  # swapped: EXIF orientation applied
-        raise UndecodableImage(f"{info.format} header says {info.width}x{info.height} but decoded {w}x{h}")
+    mismatch = size_mismatch(info, h, w) if reduce == 1 else ""
+    if mismatch:
+        raise UndecodableImage(mismatch)
     channels = 1 if image.ndim == 2 else image.shape[2]
     if channels not in (1, 3, 4):
         raise UnsupportedImage(f"{info.format} image has {channels} channels; supported: gray, RGB, RGBA")

@@ -52,8 +52,6 @@ class DeviceDecoder(Protocol):
     """Decodes images on the GPU thread into the engines' device input rows (worker.engines.imagecodec).
     Items are Encoded images, or the per-model rows the pool already decoded (not JPEG)."""
 
-    fallbacks: int
-
     def warm_up(self) -> None: ...
 
     def stage(self, items: Sequence[Any]) -> Any:
@@ -289,11 +287,6 @@ class GpuThread:
                                      f"does not fit a batch row {buf.shape[1:]} uint8")
                 flat[j * step:(j + 1) * step] = memoryview(np.ascontiguousarray(image)).cast("B")
         return [buf[:n] for buf in self._host]
-
-    def _infer_resident(self, n: int) -> list[Outputs]:
-        collectors = [engine.enqueue_resident(n) for engine in self.engines]
-        self.runtime.synchronize()  # decode, resize and every model: one synchronisation
-        return [collect() for collect in collectors]
 
     def _process(self, requests: list[InferenceRequest], staged: Any = None, prefetch: bool = False
                  ) -> tuple[list[InferenceRequest], list[Outputs]]:

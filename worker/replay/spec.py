@@ -98,6 +98,15 @@ def parse_timestamp(text: str, flag: str) -> int:
     return int(when.timestamp() * 1000)
 
 
+def _bound(offsets: str | None, timestamp: str | None, side: str, default: str) -> Bound:
+    """One end of the range from its flags (``side`` "from" or "until"); neither flag: ``default``."""
+    if offsets:
+        return Bound("offsets", offsets=parse_offsets(offsets, f"--{side}-offset"))
+    if timestamp:
+        return Bound("timestamp", timestamp_ms=parse_timestamp(timestamp, f"--{side}-timestamp"))
+    return Bound(default)
+
+
 def range_spec(topic: str, *, from_beginning: bool = False, from_offset: str | None = None,
                from_timestamp: str | None = None, until: str | None = None, until_offset: str | None = None,
                until_timestamp: str | None = None, partitions: str | None = None) -> RangeSpec:
@@ -113,18 +122,8 @@ def range_spec(topic: str, *, from_beginning: bool = False, from_offset: str | N
         raise ConfigError(f"a replay takes one end point, got {' and '.join(ends)}")
     if until not in (None, "end"):
         raise ConfigError(f"--until {until!r}: the only value is 'end' (use --until-offset or --until-timestamp)")
-    if from_offset:
-        start = Bound("offsets", offsets=parse_offsets(from_offset, "--from-offset"))
-    elif from_timestamp:
-        start = Bound("timestamp", timestamp_ms=parse_timestamp(from_timestamp, "--from-timestamp"))
-    else:
-        start = Bound("beginning")
-    if until_offset:
-        end = Bound("offsets", offsets=parse_offsets(until_offset, "--until-offset"))
-    elif until_timestamp:
-        end = Bound("timestamp", timestamp_ms=parse_timestamp(until_timestamp, "--until-timestamp"))
-    else:
-        end = Bound("end")
+    start = _bound(from_offset, from_timestamp, "from", "beginning")
+    end = _bound(until_offset, until_timestamp, "until", "end")
     if start.kind == end.kind == "timestamp" and start.timestamp_ms > end.timestamp_ms:
         raise ConfigError(f"start after end: --from-timestamp {start.describe()} is after "
                           f"--until-timestamp {end.describe()}")
