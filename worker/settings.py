@@ -93,7 +93,12 @@ class Settings:
              "CUDA and ONNX Runtime call and must win it back from the decode threads each time; a "
              "shorter interval hands it back sooner. 0: leave Python's default (5 ms).")
     # --- Decode ---------------------------------------------------------------------------
-    decode_workers: int = _opt(0, "Decode threads. 0: one per CPU core.")
+    decode_workers: int = _opt(0, "Decode threads per intake process. 0: the CPUs this process may use, "
+                                  "shared among the intake processes.")
+    intake_processes: int = _opt(
+        0, "Intake processes (each an aiokafka consumer in the group, with its own decode pool, publisher "
+           "and committer) feeding the one GPU-owning process through shared memory. 0: derived from the "
+           "CPUs this process may use (1 on a machine of up to 2).")
     decoder: str = _opt(
         "cpu", "Image decoder: cpu (OpenCV), cpu-reduced (DCT-domain downscaled JPEG decode), or nvimgcodec "
                "(nvImageCodec on the GPU thread, resized on the device; images it cannot decode go to OpenCV; "
@@ -122,7 +127,8 @@ class Settings:
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "gil_switch_interval_ms", "drain_timeout_s", "rebalance_timeout_s", "decode_workers",
-                     "max_bytes", "max_pixels", "resume_in_flight", "http_port", "socket_read_bytes"):
+                     "max_bytes", "max_pixels", "resume_in_flight", "http_port", "socket_read_bytes",
+                     "intake_processes"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.resume_in_flight > self.max_in_flight:
@@ -142,8 +148,18 @@ class Settings:
         return self.resume_in_flight or max(1, self.max_in_flight // 2)
 
     @property
+    def intakes(self) -> int:
+        """Intake processes: the setting, or derived from the CPUs this process may use."""
+        from worker.policy.cpus import intake_processes_for, usable_cpus
+
+        return self.intake_processes or intake_processes_for(usable_cpus())
+
+    @property
     def decode_threads(self) -> int:
-        return self.decode_workers or (os.cpu_count() or 1)
+        """Decode threads per intake: the setting, or the usable CPUs shared among the intakes."""
+        from worker.policy.cpus import decode_threads_for, usable_cpus
+
+        return self.decode_workers or decode_threads_for(usable_cpus(), self.intakes)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
