@@ -37,7 +37,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from worker import log
+from worker import codecs, log
 from worker.flow.committer import BROKER_TIMEOUT_S, Committer
 from worker.flow.consume import Backpressure, LivePlan, Plan, RebalanceHooks
 from worker.flow.gpu import GpuThread
@@ -114,6 +114,7 @@ class Worker:
         self.publisher = Publisher(
             AIOKafkaProducer(client_id=s.client_id, acks="all", linger_ms=s.producer_linger_ms,
                              max_request_size=s.producer_max_request_size, max_batch_size=1 << 20,
+                             compression_type=codecs.producer_compression(s.output_compression),
                              **s.kafka_common()),
             s.producer_max_pending, on_broker_trouble=self._broker_trouble)
 
@@ -154,6 +155,7 @@ class Worker:
 
     def fail(self, exc: BaseException) -> None:
         """A fatal error: stop without draining, exit non-zero. Safe to call from any thread."""
+        exc = codecs.explain(exc)  # an undecompressable input batch: say what to install
         def _set() -> None:
             if self._fatal is None:
                 self._fatal = exc

@@ -12,6 +12,7 @@ import sys
 
 from worker import log
 from worker.app import Worker
+from worker.codecs import check_codecs
 from worker.engines import create_engine, create_runtime
 from worker.engines.imagecodec import decoder_factory
 from worker.flow.consume import Plan
@@ -36,6 +37,7 @@ async def serve(settings: Settings, plan: Plan | None = None, metrics: Metrics |
     """
     logger = log.get("service")
     logger.info("starting", settings=settings.masked())
+    check_codecs()  # every Kafka codec must decompress before a consumer meets a compressed batch
     if settings.socket_read_bytes:
         widen_socket_reads(settings.socket_read_bytes, max(settings.fetch_max_bytes, settings.socket_read_bytes))
     if settings.gil_switch_interval_ms > 0:
