@@ -32,6 +32,8 @@ from worker.flow.rate import TokenBucket
 from worker.replay import (PartitionRange, ReplayPlan, parse_offsets, parse_partitions, parse_timestamp,
                            plan_ranges, range_spec, replay_group_id)
 from worker.replay.cli import EXIT_INCOMPLETE, run_replay
+from worker.replay.ends import probe_offset, true_end
+from worker.replay.ranges import true_end_offsets
 from worker.samples import encode, synth_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +104,16 @@ def test_plan_ranges_rules():
     ):
         with pytest.raises(ConfigError, match=message):
             plan_ranges(spec, parts, first, last, {0: None, 1: None, 2: None}, {0: 50, 1: 10, 2: 0})
+
+
+def test_true_end_from_one_fetch_at_end_minus_one():
+    assert true_end(21, range(20, 30)) == 30  # tansu: base of the last batch + 1, the fetch holds the batch
+    assert true_end(30, [29]) == 30  # Kafka: the record at end - 1 and nothing after it
+    assert true_end(30, [29, 30, 31]) == 32  # records that arrived since: in, the snapshot moves to the fetch
+    assert true_end(30, [29, 31]) == 30  # only the contiguous run from end - 1 counts
+    assert true_end(30, [30, 31]) == 30 and true_end(30, []) == 30  # no record at end - 1 (compaction, a marker)
+    assert true_end(5, [4, 5, 6], start=5) == 5  # an empty partition is not probed
+    assert (probe_offset(0, 21), probe_offset(7, 7), probe_offset(0, 0)) == (20, None, None)
 
 
 def test_replay_group_is_stable_and_follows_what_defines_the_replay():
@@ -230,8 +242,8 @@ async def _outputs(settings, expected: int, settle_s: float = 1.0, timeout_s: fl
 
 
 async def _produce(settings, values: list[bytes], partitions: int = 2) -> list[tuple[int, int]]:
-    """One record per produce request. tansu answers ListOffsets(latest) with the base offset of the last
-    batch + 1, so multi-record batches would make the end offsets (the replay's snapshot) too low."""
+    """One record per produce request, spread over the partitions (multi-record batches:
+    ``_produce_batches``)."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
     await producer.start()
     try:
@@ -417,3 +429,43 @@ def test_bad_ranges_fail_fast_with_exit_2(settings, make_topics, capsys, flags, 
     err = capsys.readouterr().err
     assert message in err, err
     assert time.monotonic() - started < 10  # before models load or anything is consumed
+
+
+async def _produce_batches(settings, batches: int, per_batch: int, partition: int = 0) -> list[tuple[int, int]]:
+    """``batches`` record batches of ``per_batch`` records each (one produce request per batch)."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all", max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        out, blobs = [], _images(per_batch, seed=11)
+        for b in range(batches):
+            batch = producer.create_batch()
+            for i, blob in enumerate(blobs):
+                assert batch.append(key=f"b{b}-{i}".encode(), value=blob, timestamp=None) is not None
+            md = await (await producer.send_batch(batch, settings.input_topic, partition=partition))
+            out.extend((md.partition, md.offset + i) for i in range(per_batch))  # md.offset: the batch's base
+        return out
+    finally:
+        await producer.stop()
+
+
+async def test_until_end_covers_multi_record_batches(settings):
+    """tansu answers end offsets with the last batch's base offset + 1 (30 records in three batches of
+    10 at 0..29: 21); the replay must still cover all 30 (issue 12: it stopped at 21, exit 0, complete)."""
+    await _topics(settings)
+    produced = await _produce_batches(settings, batches=3, per_batch=10)
+    assert produced == [(0, o) for o in range(30)]
+    tp0 = TopicPartition(settings.input_topic, 0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        reported = (await consumer.end_offsets([tp0]))[tp0]
+        assert reported in (21, 30)  # 21 on tansu (what this test is about), 30 on Kafka
+        assert await true_end_offsets(consumer, {tp0: 0}, {tp0: reported}) == ({tp0: 30}, [])
+    finally:
+        await consumer.stop()
+    outcome = await _replay(settings, from_beginning=True, until="end")
+    s = outcome.summary
+    assert outcome.exit_code == 0 and s["status"] == "complete"
+    assert s["ranges"] == {0: [0, 30], 1: [0, 0]}
+    assert (s["range_messages"], s["processed"], s["published"]) == (30, 30, 30)
+    assert Counter(await _outputs(settings, 30)) == Counter(produced)

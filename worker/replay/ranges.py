@@ -10,10 +10,11 @@ from aiokafka.errors import KafkaError
 
 from worker.errors import ConfigError
 from worker.settings import Settings
+from worker.replay.ends import probe_offset, true_end
 from worker.replay.spec import RangeSpec
 
 _BROKER_TIMEOUT_S = 30.0
-
+_PROBE_TIMEOUT_S = 10.0  # the fetch at end - 1 (true_end_offsets); past it the broker's end offset stands
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,34 @@ def _by_time(answer: dict, tps: list[TopicPartition]) -> dict[int, int | None]:
             for tp in tps}
 
 
+async def true_end_offsets(consumer: AIOKafkaConsumer, first: dict[TopicPartition, int],
+                           last: dict[TopicPartition, int], timeout_s: float = _PROBE_TIMEOUT_S,
+                           ) -> tuple[dict[TopicPartition, int], list[TopicPartition]]:
+    """``last`` (end_offsets) checked by one fetch at ``end - 1`` per partition (worker.replay.ends: the
+    embedded broker answers the last batch's base offset + 1). Returns the ends and the partitions whose
+    fetch got no answer in time (their end offset stands). Leaves ``consumer`` assigned to them."""
+    probes = {tp: o for tp, e in last.items() if (o := probe_offset(first.get(tp, 0), e)) is not None}
+    if not probes:
+        return dict(last), []
+    consumer.assign(list(probes))
+    for tp, offset in probes.items():
+        consumer.seek(tp, offset)
+    fetched: dict[TopicPartition, list[int]] = {tp: [] for tp in probes}
+    pending = set(probes)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while pending and loop.time() < deadline:
+        answer = await consumer.getmany(*pending, timeout_ms=200)
+        for tp, records in answer.items():
+            fetched[tp].extend(r.offset for r in records)
+            pending.discard(tp)  # one fetch is enough: the one that holds end - 1 when there is one
+        for tp in list(pending):  # moved on without a record: a control batch or a reset; nothing to add
+            if await consumer.position(tp) > probes[tp]:
+                pending.discard(tp)
+    return ({tp: true_end(e, fetched.get(tp, ()), first.get(tp, 0)) for tp, e in last.items()},
+            sorted(pending, key=lambda tp: tp.partition))
+
+
 async def resolve(spec: RangeSpec, settings: Settings) -> Resolved:
     """Ask the broker once (topics, offsets) and plan the ranges; ConfigError before any processing."""
     consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **settings.kafka_common())
@@ -127,14 +156,20 @@ async def resolve(spec: RangeSpec, settings: Settings) -> Resolved:
         tps = [TopicPartition(spec.topic, p) for p in selected]
         first = await asyncio.wait_for(consumer.beginning_offsets(tps), _BROKER_TIMEOUT_S)
         last = await asyncio.wait_for(consumer.end_offsets(tps), _BROKER_TIMEOUT_S)  # the snapshot
+        last, unchecked = await true_end_offsets(consumer, first, last)
         by_time = {}
         for which, bound in (("start", spec.start), ("end", spec.until)):
             if bound.kind == "timestamp":
                 answer = await asyncio.wait_for(
                     consumer.offsets_for_times({tp: bound.timestamp_ms for tp in tps}), _BROKER_TIMEOUT_S)
                 by_time[which] = _by_time(answer, tps)
-        return plan_ranges(spec, existing, {tp.partition: o for tp, o in first.items()},
-                           {tp.partition: o for tp, o in last.items()}, by_time.get("start"), by_time.get("end"))
+        resolved = plan_ranges(spec, existing, {tp.partition: o for tp, o in first.items()},
+                               {tp.partition: o for tp, o in last.items()}, by_time.get("start"), by_time.get("end"))
+        resolved.warnings += [f"partition {tp.partition}: no answer to a fetch at its end offset - 1 within "
+                              f"{_PROBE_TIMEOUT_S:g}s; taking the broker's end offset {last[tp]} as the end "
+                              f"(a broker that reports the last batch's start would leave that batch out)"
+                              for tp in unchecked]
+        return resolved
     except (KafkaError, OSError, asyncio.TimeoutError) as exc:
         raise ConfigError(f"cannot resolve the replay range on {settings.bootstrap_servers}: "
                           f"{type(exc).__name__}: {exc}") from None
