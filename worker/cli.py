@@ -22,11 +22,11 @@ def _settings(args: argparse.Namespace, **overrides: object):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from worker.service import serve
+    from worker.supervisor import supervise
 
     s = _settings(args)
     log.configure(s.log_format, s.log_level)
-    return asyncio.run(serve(s))
+    return asyncio.run(supervise(s)).exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -14,29 +14,65 @@ def drop_empty(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[s
     return {k: v for k, v in event_dict.items() if v is not None}
 
 
+class _Handler(logging.StreamHandler):
+    """The root handler ``configure`` installs (and replaces when called again)."""
+
+
 def configure(log_format: str = "auto", level: str = "info", stream: Any = None) -> None:
     stream = stream or sys.stderr
     if log_format == "auto":
         log_format = "console" if stream.isatty() else "json"
     renderer: Any = (structlog.processors.JSONRenderer() if log_format == "json"
                      else structlog.dev.ConsoleRenderer(colors=stream.isatty()))
+    level_no = logging.getLevelNamesMapping()[level.upper()]
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             drop_empty,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        wrapper_class=structlog.make_filtering_bound_logger(level_no),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    # aiokafka logs connection trouble through stdlib logging; keep it, at warning and above.
-    logging.basicConfig(level=logging.WARNING, stream=stream, format="%(levelname)s %(name)s: %(message)s")
+    # The libraries (aiokafka) log through the standard library: the same lines (JSON off a terminal, with
+    # event, level, timestamp, plus logger), at warning and above (aiokafka's info and debug are chatty).
+    handler = _Handler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.stdlib.add_logger_name,
+            stamp,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            drop_empty,
+            renderer,
+        ]))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(logging.WARNING, level_no))
 
 
 def get(name: str | None = None, **bound: Any) -> Any:
     return structlog.get_logger(name).bind(**bound) if bound else structlog.get_logger(name)
+
+
+def bind_process(name: str) -> None:
+    """Every line of this process (any thread) names it: ``process=gpu`` or ``process=intake-2``."""
+    def add_process(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        event_dict.setdefault("process", name)
+        return event_dict
+
+    processors = [p for p in structlog.get_config()["processors"] if getattr(p, "__name__", "") != "add_process"]
+    structlog.configure(processors=[add_process, *processors])

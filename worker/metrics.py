@@ -52,8 +52,10 @@ class Metrics:
         self.decode_queue_depth = Gauge("worker_decode_queue_depth", "Messages waiting for or in decode.",
                                         registry=r)
         self.paused = Gauge("worker_partitions_paused", "1 while backpressure pauses consumption.", registry=r)
-        self.lag = Gauge("worker_consumer_lag_messages", "End offset minus committed offset.",
-                         ["topic", "partition"], registry=r)
+        # By consumer group (a replay Job's group is not the live one), for the partitions owned now: a
+        # revoked partition's series goes (drop_lag), or it would stay at its last value for ever.
+        self.lag = Gauge("worker_consumer_lag_messages", "End offset minus committed offset, per partition "
+                         "this process owns.", ["group", "topic", "partition"], registry=r)
         self.commits = Counter("worker_commits", "Offset commits sent to the broker.", registry=r)
         self.commit_failures = Counter("worker_commit_failures", "Offset commits that failed.", registry=r)
         self.rebalances = Counter("worker_rebalances", "Partition assignments and revocations.", ["kind"],
@@ -63,5 +65,51 @@ class Metrics:
         self.build = Info("worker_build", "Build information.", registry=r)
         self.build.info({"version": __version__})
 
+    def set_lag(self, group: str, topic: str, partition: int, messages: int) -> None:
+        self.lag.labels(group, topic, str(partition)).set(max(0, messages))
+
+    def drop_lag(self, group: str, topic: str, partition: int) -> None:
+        """Remove one partition's lag series (no error when there is none)."""
+        try:
+            self.lag.remove(group, topic, str(partition))
+        except KeyError:
+            pass
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def write_snapshot(metrics: Metrics, path: str) -> None:
+    """This process's exposition, for the supervisor's merged ``/metrics`` (written atomically)."""
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(metrics.exposition())
+    os.replace(tmp, path)
+
+
+def merge_expositions(texts: dict[str, bytes]) -> bytes:
+    """One exposition of several processes' snapshots, each series labelled ``process=<name>``, every
+    metric family once (sums across processes are the query's job: ``sum without (process)``)."""
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.samples import Sample
+
+    families: dict[str, Metric] = {}
+    for process, text in sorted(texts.items()):
+        for fam in text_string_to_metric_families(text.decode("utf-8", "replace")):
+            merged = families.get(fam.name)
+            if merged is None:
+                merged = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for s in fam.samples:
+                merged.samples.append(Sample(s.name, {**s.labels, "process": process}, s.value, s.timestamp,
+                                             s.exemplar))
+
+    class _Collected:
+        def collect(self) -> list[Metric]:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collected())  # type: ignore[arg-type]
+    return generate_latest(registry)

@@ -29,6 +29,14 @@ def pipeline_for(settings: Settings) -> PipelineSpec:
     return load_pipeline(settings.pipeline or default_pipeline_path())
 
 
+def tune_process(settings: Settings) -> None:
+    """Per-process knobs of an intake (or a single-process worker): socket reads, GIL switch interval."""
+    if settings.socket_read_bytes:
+        widen_socket_reads(settings.socket_read_bytes, max(settings.fetch_max_bytes, settings.socket_read_bytes))
+    if settings.gil_switch_interval_ms > 0:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
+
+
 async def serve(settings: Settings, plan: Plan | None = None, metrics: Metrics | None = None,
                 worker_out: list | None = None) -> int:
     """Run a worker until it stops; returns the process exit code.
@@ -38,10 +46,7 @@ async def serve(settings: Settings, plan: Plan | None = None, metrics: Metrics |
     logger = log.get("service")
     logger.info("starting", settings=settings.masked())
     check_codecs()  # every Kafka codec must decompress before a consumer meets a compressed batch
-    if settings.socket_read_bytes:
-        widen_socket_reads(settings.socket_read_bytes, max(settings.fetch_max_bytes, settings.socket_read_bytes))
-    if settings.gil_switch_interval_ms > 0:
-        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
+    tune_process(settings)
     pipeline = pipeline_for(settings)
     metrics = metrics or Metrics()
     health = HealthState()

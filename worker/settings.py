@@ -116,6 +116,13 @@ class Settings:
     max_pixels: int = _opt(
         40_000_000, "Largest accepted width*height, read from the header before decoding (bomb guard)."
     )
+    ipc_slots: int = _opt(
+        256, "Slots of each intake's shared-memory ring: images handed to the GPU process and not yet "
+             "answered. A full ring makes the intake wait (backpressure), it never grows.")
+    ipc_slot_bytes: int = _opt(
+        262144, "Bytes of one ring slot (an encoded JPEG, or the decoded rows of every model). A larger "
+                "image travels in a segment of its own. Shared memory in use: intakes x slots x this "
+                "(the chart sizes /dev/shm from it).")
     # --- Flow control and commits ---------------------------------------------------------
     max_in_flight: int = _opt(1024, "Most messages consumed but not yet finished; past it partitions pause.")
     resume_in_flight: int = _opt(0, "Resume paused partitions below this many in flight. 0: half of max_in_flight.")
@@ -130,7 +137,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("max_batch_size", "max_in_flight", "commit_interval_ms", "producer_max_pending"):
+        for name in ("max_batch_size", "max_in_flight", "commit_interval_ms", "producer_max_pending", "ipc_slots",
+                     "ipc_slot_bytes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "gil_switch_interval_ms", "drain_timeout_s", "rebalance_timeout_s", "decode_workers",

@@ -8,8 +8,12 @@ one synchronisation, and resolves each request's asyncio future on the event loo
 Failures, by kind:
 - ``DeviceError`` (a CUDA error): every request of the batch fails as retriable, the thread stops and
   ``on_fatal`` is told, so the process exits non-zero without committing those offsets.
-- any other exception from a model: the batch is retried item by item, once, to isolate the bad
-  input; only the items that fail alone become ``ModelRejectedInput`` (poison, to the DLQ).
+- any other exception from a model: the batch is retried item by item, once, to tell the input's
+  fault from the engine's (``_isolate``). Only an input that fails alone while the engine demonstrably
+  works becomes ``ModelRejectedInput`` (poison, to the DLQ); an engine that fails a known-good input too,
+  or every input of a batch, raises ``EngineFailure``, and an exception that is a bug (``TypeError``,
+  ``AttributeError``, ...) a ``FatalError``: the thread stops, ``on_fatal`` is told, nothing of the batch
+  is dead-lettered or committed.
 """
 
 from __future__ import annotations
@@ -27,12 +31,16 @@ import numpy as np
 
 from worker import log
 from worker.engines.base import DeviceRuntime, InferenceEngine, Outputs
-from worker.errors import ConfigError, DeviceError, FatalError, ModelRejectedInput, PoisonMessage, WorkerError
+from worker.errors import (ConfigError, DeviceError, EngineFailure, FatalError, ModelRejectedInput, PoisonMessage,
+                           WorkerError)
 from worker.flow.batch import MicroBatcher
 from worker.metrics import Metrics
 from worker.models.postprocess import postprocess_batch
 
 _STOP = object()
+# Exceptions that say the code (or the host) is wrong, not the input: fatal wherever they come from.
+_NOT_THE_INPUT = (TypeError, AttributeError, NameError, LookupError, AssertionError, ImportError,
+                  NotImplementedError, RecursionError, MemoryError)
 
 
 @dataclass
@@ -142,10 +150,18 @@ class GpuThread:
     # --- called from the event loop ------------------------------------------------------
     async def start(self) -> None:
         """Start the thread and wait (off the loop) until every model is loaded and warmed up."""
+        await asyncio.get_running_loop().run_in_executor(None, self.start_blocking)
+
+    def start_blocking(self) -> None:
+        """Start the thread and wait until every model is loaded and warmed up (the GPU process)."""
         self._thread.start()
-        await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
+        self._ready.wait()
         if self._startup_error is not None:
             raise self._startup_error
+
+    async def put(self, request: InferenceRequest) -> None:
+        """The handler's way in (the same call as the intake's ``GpuClient.put``)."""
+        self.submit(request)
 
     def submit(self, request: InferenceRequest) -> None:
         if self.fatal_error is not None:
@@ -389,8 +405,8 @@ class GpuThread:
             self.metrics.inference_seconds.observe(elapsed)
             self.metrics.gpu_memory.set(self.runtime.memory_in_use())
         oldest_wait = max(started - r.enqueued_at for r in requests)
-        self._log.info("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
-                       inference_ms=round(elapsed * 1000, 3))
+        self._log.debug("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
+                        inference_ms=round(elapsed * 1000, 3))
 
     def _postprocess(self, outputs: list[Outputs]) -> list[list[dict[str, Any]]] | None:
         """Per model, every image's JSON-ready outputs, vectorised over the batch (top-k and softmax of a
@@ -403,28 +419,102 @@ class GpuThread:
             return None
 
     def _isolate(self, requests: list[InferenceRequest], batch_error: BaseException) -> None:
-        """A model raised on the batch: retry each item alone, once, so only the bad one is rejected."""
+        """A model raised on the batch: retry each item alone, once, to tell the input's fault from the
+        engine's.
+
+        - an item that runs alone gets its result;
+        - if one ran, the engine works: each item that failed alone is rejected (ModelRejectedInput, DLQ);
+        - if none ran, the warm-up input (a zero row per model, through ``enqueue`` as at start-up) goes
+          through the engines. Fails too: the engine is broken, ``EngineFailure``. Passes: a single
+          failed input is rejected; two or more that all fail alone are the engine's fault as well (a
+          model that fails every decoded, correctly sized input of a batch is not meeting bad inputs);
+        - a bug (``_NOT_THE_INPUT``) is fatal wherever it comes from;
+        - a device error stops the thread as in ``_run_batch``.
+        Whatever is fatal resolves every unresolved request of the batch with the error (the handler
+        then stops the worker: nothing dead-lettered, nothing committed) and raises it into ``_fail``.
+        """
         self._log.warning("batch failed; retrying items one by one", size=len(requests),
                           error=f"{type(batch_error).__name__}: {batch_error}")
-        for req in requests:
+        if isinstance(batch_error, _NOT_THE_INPUT):
+            self._fail_batch(requests, self._bug(batch_error), batch_error)
+        failed: list[tuple[InferenceRequest, BaseException]] = []
+        ran_any = False
+        for i, req in enumerate(requests):
             try:
                 ran, outputs = self._process([req])
             except BaseException as exc:  # noqa: BLE001 - classified below
+                unresolved = [r for r, _ in failed] + requests[i:]
                 device_error = as_device_error(exc)
                 if device_error is not None:
-                    req.loop.call_soon_threadsafe(_resolve, req.future, None, device_error)
-                    raise device_error from exc
-                names = "+".join(e.spec.name for e in self.engines)
-                error = ModelRejectedInput(f"model {names} failed on this input alone: "
-                                           f"{type(exc).__name__}: {exc}")
-                self._log.warning("model rejected input", error=str(error), **req.context)
-                req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+                    self._fail_batch(unresolved, device_error, exc)
+                if isinstance(exc, _NOT_THE_INPUT):
+                    self._fail_batch(unresolved, self._bug(exc), exc)
+                failed.append((req, exc))
                 continue
             if not ran:  # the decoder rejected it, and resolved it
                 continue
+            ran_any = True
             per_model = [{name: np.array(arr[0]) for name, arr in out.items()} for out in outputs]
             req.loop.call_soon_threadsafe(
                 _resolve, req.future, InferenceResult(per_model, self._clock() - req.enqueued_at, 0.0, 1))
+        if not failed:
+            return
+        if not ran_any:
+            self._judge_engine(failed)  # raises when the engine, not the input, is at fault
+        for req, exc in failed:
+            error = ModelRejectedInput(f"model {self._model_names()} failed on this input alone: "
+                                       f"{type(exc).__name__}: {exc}")
+            self._log.warning("model rejected input", error=str(error), **req.context)
+            req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+
+    def _judge_engine(self, failed: list[tuple[InferenceRequest, BaseException]]) -> None:
+        """No item of the batch ran alone: raise EngineFailure (or the canary's DeviceError) unless a
+        known-good input runs and only one input failed."""
+        canary = self._canary()
+        requests = [req for req, _ in failed]
+        first = failed[0][1]
+        if canary is not None:
+            device_error = as_device_error(canary)
+            if device_error is not None:
+                self._fail_batch(requests, device_error, canary)
+            why = f"a known-good input (the warm-up's zero rows) fails too: {type(canary).__name__}: {canary}"
+        elif len(failed) > 1:
+            why = f"all {len(failed)} inputs of the batch failed alone, while a known-good input runs"
+        else:
+            return
+        error = EngineFailure(f"model {self._model_names()} is failing, not its inputs: {why}; first input's "
+                              f"error: {type(first).__name__}: {first}. Nothing of the batch is dead-lettered "
+                              f"or committed; the worker stops (check the engine, the device and the model)")
+        self._log.error("engine failure", error=str(error), inputs=[req.context for req in requests])
+        self._fail_batch(requests, error, canary or first)
+
+    def _canary(self) -> BaseException | None:
+        """The warm-up input through the engines, as ``_warm_up`` runs it: None if it runs, else what it
+        raised. With a device decoder too: ``enqueue`` of host rows is the engines' own input path, the
+        one warm-up proved, and a zero row is a valid image for any model."""
+        try:
+            batch = [buf[:1] for buf in self._host]
+            for b in batch:
+                b.fill(0)
+            self._infer(batch)
+        except BaseException as exc:  # noqa: BLE001 - the verdict is the caller's
+            return exc
+        return None
+
+    def _bug(self, exc: BaseException) -> FatalError:
+        return FatalError(f"bug on the GPU thread running model {self._model_names()}: "
+                          f"{type(exc).__name__}: {exc}")
+
+    def _model_names(self) -> str:
+        return "+".join(e.spec.name for e in self.engines)
+
+    @staticmethod
+    def _fail_batch(requests: Sequence[InferenceRequest], error: BaseException, cause: BaseException) -> None:
+        """Resolve every request with ``error`` (none is left waiting on a thread about to stop), then
+        raise it: ``_main`` hands it to ``_fail``."""
+        for req in requests:
+            req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+        raise error from cause
 
     def _fail(self, exc: BaseException) -> None:
         self.fatal_error = exc

@@ -72,7 +72,7 @@ class MessageHandler:
                                                  s.max_bytes, s.max_pixels, self._reduced)
                     request = InferenceRequest(decoded.inputs, future, loop, where)
                 self.metrics.decode_seconds.observe(decoded.decode_s)
-                self.gpu.submit(request)
+                await self.gpu.put(request)
                 result = await future
             except PoisonMessage as exc:
                 await self.dead_letter(source, msg, exc, where)

@@ -1,0 +1,76 @@
+"""The intake process: one consumer-group member and everything it owns, talking to the GPU process.
+
+It runs the same ``Worker`` as a single-process worker, with a ``GpuClient`` in the GPU thread's
+place, so every delivery guarantee is the same code: commit only after the ack, the contiguous
+prefix, drain on revoke and on SIGTERM. Exit codes: the worker's (0 after a drain, 1 after a fatal
+error, such as the GPU process going away). Its counters go to ``counts-<n>.json`` in the run folder
+for the supervisor's summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+from worker import log
+from worker.ipc.board import Row
+from worker.ipc.lifetime import die_with_parent
+from worker.metrics import Metrics, write_snapshot
+from worker.settings import Settings
+
+REPORT_EVERY_S = 0.5
+SNAPSHOT_EVERY = 4  # reports
+
+
+def main(index: int, settings: Settings, plan: Any, conn: Any, link_name: str, slots: int, slot_bytes: int,
+         decodes_on_device: bool, board: Any, run_dir: str, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
+    log.configure(settings.log_format, settings.log_level)
+    log.bind_process(f"intake-{index}")
+    code = asyncio.run(_run(index, settings, plan, conn, link_name, slots, slot_bytes, decodes_on_device,
+                            board, run_dir))
+    sys.exit(code)
+
+
+async def _run(index: int, settings: Settings, plan: Any, conn: Any, link_name: str, slots: int,
+               slot_bytes: int, decodes_on_device: bool, board: Any, run_dir: str) -> int:
+    from worker.app import Worker
+    from worker.health import HealthState
+    from worker.ipc.client import GpuClient
+    from worker.ipc.shm import Segment
+    from worker.service import pipeline_for, tune_process
+
+    tune_process(settings)
+    row, gpu_row = Row(board, index), Row(board, 0)
+    segment = Segment.attach(link_name)
+    client = GpuClient(conn, segment, slots, slot_bytes, decodes_on_device, heartbeat=lambda: gpu_row.get("beat"))
+    metrics = Metrics()
+    metrics.gpu_decoding.set(1 if decodes_on_device else 0)
+    health = HealthState(models_ready=True)
+    worker = Worker(settings, pipeline_for(settings), client, metrics=metrics, plan=plan, health=health)
+    client.on_fatal = worker.fail
+    await client.start()
+    snapshot = os.path.join(run_dir, f"metrics-intake-{index}.prom")
+
+    async def report() -> None:
+        n = 0
+        while True:
+            row.set(beat=health.loop_heartbeat, joined=health.joined, broker_ok=health.broker_ok)
+            if n % SNAPSHOT_EVERY == 0:
+                write_snapshot(metrics, snapshot)
+            n += 1
+            await asyncio.sleep(REPORT_EVERY_S)
+
+    reporter = asyncio.create_task(report())
+    try:
+        code = await worker.run()
+    finally:
+        reporter.cancel()
+        row.set(joined=False)
+        write_snapshot(metrics, snapshot)
+        with open(os.path.join(run_dir, f"counts-{index}.json"), "w") as f:
+            json.dump(worker.counts, f)
+    return code

@@ -1,0 +1,209 @@
+"""The intake's end of a link to the GPU process: what the worker's handler sees as "the GPU".
+
+``GpuClient`` has the GPU thread's face (``put``, ``decodes_on_device``, ``alive``, ``heartbeat``,
+``queue_depth``, ``stop``), so the intake runs the same ``Worker`` and ``MessageHandler`` as a worker
+with the GPU thread in its own process. Per request it takes a slot of its ring (waiting while all are
+taken: a full ring is backpressure, not growth), writes the image there, and queues a small request
+header; the headers queued in one event-loop iteration go out in one pipe write. A reader thread takes
+the replies, copies each result out of its slot, and hands them to the loop in one callback per reply
+message, where the slots are freed and the futures resolved.
+
+If the GPU process goes away (its end of the pipe closes) or says it failed, every waiting request
+fails with a ``FatalError`` and ``on_fatal`` stops the worker: nothing unfinished is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from worker import log
+from worker.errors import FatalError
+from worker.flow.gpu import InferenceRequest, InferenceResult
+from worker.ipc import payload, wire
+from worker.ipc.shm import Segment, unlink
+
+
+class GpuClient:
+    def __init__(self, conn: Connection, segment: Segment, slots: int, slot_bytes: int,
+                 decodes_on_device: bool, heartbeat: Callable[[], float] | None = None) -> None:
+        self.conn = conn
+        self.segment = segment
+        self.slot_bytes = slot_bytes
+        self.decodes_on_device = decodes_on_device
+        self.on_fatal: Callable[[BaseException], None] | None = None
+        self.fatal_error: BaseException | None = None
+        self._beat = heartbeat
+        self._free: deque[int] = deque(range(slots))
+        self._slots = asyncio.Semaphore(slots)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future, int, bool]] = {}  # id -> future, slot, overflow
+        self._outgoing: list[wire.Request] = []
+        self._flush_scheduled = False
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader = threading.Thread(target=self._read, name="gpu-link", daemon=True)
+        self._log = log.get("ipc")
+
+    @property
+    def heartbeat(self) -> float:
+        return self._beat() if self._beat is not None else 0.0
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._reader.start()
+
+    def alive(self) -> bool:
+        return self.fatal_error is None and self._reader.is_alive()
+
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    # --- requests ------------------------------------------------------------------------
+    async def put(self, request: InferenceRequest) -> None:
+        """Write the request's image into a free slot (waiting for one) and queue its header."""
+        if self.fatal_error is not None:
+            raise FatalError(f"GPU process has stopped: {self.fatal_error}")
+        await self._slots.acquire()
+        slot = self._free.popleft()
+        rid = next(self._ids) & 0xFFFFFFFF
+        try:
+            kind, parts, info = self._parts(request)
+            nbytes = sum(len(p) for p in parts)
+            overflow = nbytes > self.slot_bytes
+            if overflow:  # rare (images over a slot): a segment of its own, unlinked when answered
+                seg = Segment.create(wire.overflow_name(self.segment.name, rid), max(1, nbytes))
+                try:
+                    _write(seg.buf, 0, parts)
+                finally:
+                    seg.close()
+            else:
+                _write(self.segment.buf, slot * self.slot_bytes, parts)
+        except BaseException:
+            self._release(slot)
+            raise
+        where = request.context
+        self._pending[rid] = (request.future, slot, overflow)
+        self._outgoing.append(wire.Request(kind, -1 if overflow else slot, rid, nbytes,
+                                           int(where.get("partition", -1)), int(where.get("offset", -1)), info))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    @staticmethod
+    def _parts(request: InferenceRequest) -> tuple[wire.Kind, list[Any], Any]:
+        if request.encoded is not None:
+            return wire.Kind.ENCODED, [request.encoded.data], request.encoded.info
+        return wire.Kind.ROWS, [memoryview(a).cast("B") for a in request.inputs], None
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._outgoing = self._outgoing, []
+        if not batch or self.fatal_error is not None:
+            return
+        try:
+            self.conn.send_bytes(wire.pack_requests(batch))
+        except (OSError, ValueError) as exc:
+            self._gpu_gone(FatalError(f"GPU process link broken: {type(exc).__name__}: {exc}"))
+
+    def _release(self, slot: int) -> None:
+        self._free.append(slot)
+        self._slots.release()
+
+    # --- replies (reader thread, then the loop) ------------------------------------------
+    def _read(self) -> None:
+        assert self._loop is not None
+        buf = self.segment.buf
+        while True:
+            try:
+                message = self.conn.recv_bytes()
+            except (EOFError, OSError):
+                if not self._closing:
+                    self._loop.call_soon_threadsafe(self._gpu_gone, FatalError(
+                        "GPU process exited: unfinished messages are left uncommitted"))
+                return
+            if message[:1] == wire.FATAL:
+                text = bytes(message[1:]).decode("utf-8", "replace")
+                self._loop.call_soon_threadsafe(self._gpu_gone, FatalError(f"GPU process failed: {text}"))
+                return
+            answers = []
+            for reply in wire.unpack_replies(message):
+                if reply.placement == wire.Placement.SLOT:
+                    start = reply.slot * self.slot_bytes
+                    data = bytes(buf[start:start + reply.nbytes])
+                else:
+                    data = reply.inline
+                answers.append((reply.request_id, reply.status, data))
+            self._loop.call_soon_threadsafe(self._answer, answers)
+
+    def _answer(self, answers: list[tuple[int, wire.Status, bytes]]) -> None:
+        for rid, status, data in answers:
+            entry = self._pending.pop(rid, None)
+            if entry is None:
+                continue
+            future, slot, overflow = entry
+            if overflow:
+                unlink(wire.overflow_name(self.segment.name, rid))
+            self._release(slot)
+            if future.done():  # cancelled meanwhile (drain cut, revoke)
+                continue
+            if status == wire.Status.OK:
+                doc = payload.decode_result(data)
+                future.set_result(InferenceResult([], queue_s=doc["q"], inference_s=doc["i"], batch_size=doc["b"],
+                                                  postprocessed=doc["p"]))
+            else:
+                future.set_exception(payload.decode_error(status, data))
+
+    def _gpu_gone(self, error: FatalError) -> None:
+        if self.fatal_error is not None:
+            return
+        self.fatal_error = error
+        for rid, (future, _slot, overflow) in list(self._pending.items()):
+            if overflow:
+                unlink(wire.overflow_name(self.segment.name, rid))
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        self._log.error("gpu link lost", error=str(error))
+        if self.on_fatal is not None:
+            self.on_fatal(error)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close our end (blocking is fine: the worker calls it off the loop at shutdown)."""
+        self._closing = True
+        shutdown_socket(self.conn)  # wakes the reader blocked in recv: it sees the end and returns
+        self._reader.join(timeout)
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+
+def shutdown_socket(conn: Connection) -> None:
+    """Shut a duplex Pipe's socket down in both directions. Closing its descriptor in one thread does
+    not wake another thread blocked reading it; a shutdown does (the reader sees end of file)."""
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except (OSError, ValueError):
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _write(buf: memoryview, start: int, parts: list[Any]) -> None:
+    pos = start
+    for part in parts:
+        n = len(part)
+        buf[pos:pos + n] = part
+        pos += n
