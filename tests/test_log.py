@@ -1,4 +1,5 @@
 import io
+import logging
 import json
 
 import structlog
@@ -24,3 +25,28 @@ def test_json_lines_with_bound_coordinates():
 
 def test_drop_empty_is_a_plain_processor():
     assert log.drop_empty(None, "info", {"a": 1, "b": None}) == {"a": 1}
+
+
+def test_library_logs_through_the_standard_library_are_json_lines():
+    buf = io.StringIO()
+    log.configure("json", "info", stream=buf)
+    try:
+        logging.getLogger("aiokafka.consumer.group_coordinator").warning(
+            "Heartbeat failed for group %s because it is rebalancing", "g-1")
+        logging.getLogger("aiokafka.conn").info("chatty")  # below warning: left out
+        try:
+            raise ConnectionError("refused")
+        except ConnectionError:
+            logging.getLogger("aiokafka").exception("Unable connect to %r", "127.0.0.1:9092")
+        lines = [json.loads(line) for line in buf.getvalue().splitlines()]  # every line parses
+        assert [(r["level"], r["event"]) for r in lines] == [
+            ("warning", "Heartbeat failed for group g-1 because it is rebalancing"),
+            ("error", "Unable connect to '127.0.0.1:9092'")]
+        assert lines[0]["logger"] == "aiokafka.consumer.group_coordinator" and "timestamp" in lines[0]
+        assert "ConnectionError: refused" in lines[1]["exception"]
+        log.configure("json", "info", stream=buf)  # configuring again replaces the handler: one line, not two
+        logging.getLogger("aiokafka").warning("once")
+        assert buf.getvalue().count('"once"') == 1
+    finally:
+        structlog.reset_defaults()
+        log.configure("json", "warning")

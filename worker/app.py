@@ -72,7 +72,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._signals = 0
         self._fatal: BaseException | None = None
-        self.committer = Committer(lambda: self.consumer, self.tracker, self.metrics, self.health)
+        self.committer = Committer(lambda: self.consumer, self.tracker, self.metrics, self.health,
+                                   group=self.plan.group_id)
         self._log = log.get("worker")
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -366,6 +367,7 @@ class Worker:
             except (KafkaError, asyncio.TimeoutError) as exc:
                 self._log.warning("producer flush on revoke failed", error=f"{type(exc).__name__}: {exc}")
         await self.commit(revoked)
+        self.committer.forget_lag(revoked)
         for tp in revoked:
             self.tracker.forget(tp)
             self._tasks_by_tp.pop(tp, None)

@@ -9,7 +9,11 @@ Commit order (``Committer.commit``), as in Quix Streams:
      out commit is retried on the next interval and never counted as done.
 
 The probe is a round trip with its own timeout, apart from the commits: a commit waits for a group
-coordinator for as long as it takes, and readiness must turn false meanwhile. It also measures lag.
+coordinator for as long as it takes, and readiness must turn false meanwhile. It also measures lag, per
+consumer group and owned partition: the end is the larger of the broker's end offset and the high
+watermark of our last fetch (the embedded tansu broker answers end offsets with the start of the last
+record batch + 1, but its fetches carry the true high watermark); a partition's series goes when the
+partition does (``forget_lag`` on revoke, and any left over at the next probe).
 """
 
 from __future__ import annotations
@@ -33,13 +37,20 @@ def _names(positions: dict[TopicPartition, int]) -> dict[str, int]:
     return {f"{tp.topic}:{tp.partition}": o for tp, o in positions.items()}
 
 
+def lag(end: int, highwater: int | None, committed: int) -> int:
+    """Messages behind: the end is the larger of the broker's end offset and the last fetch's high watermark."""
+    return max(0, max(end, highwater or 0) - committed)
+
+
 class Committer:
     def __init__(self, consumer: Callable[[], AIOKafkaConsumer], tracker: OffsetTracker, metrics: Metrics,
-                 health: HealthState) -> None:
+                 health: HealthState, group: str = "") -> None:
         self._consumer = consumer  # a getter: the worker replaces its clients while it connects
         self.tracker = tracker
         self.metrics = metrics
         self.health = health
+        self.group = group  # the lag metric's label
+        self._lag_series: set[TopicPartition] = set()
         self._log = log.get("worker")
 
     async def commit(self, partitions: set[TopicPartition] | None = None) -> bool:
@@ -90,9 +101,16 @@ class Committer:
                 self._log.info("broker reachable again")
             self.health.broker_ok = True
 
+    def forget_lag(self, partitions: set[TopicPartition]) -> None:
+        """Remove the lag series of partitions no longer ours (revoked)."""
+        for tp in partitions & self._lag_series:
+            self.metrics.drop_lag(self.group, tp.topic, tp.partition)
+        self._lag_series -= partitions
+
     async def _lag_round_trip(self) -> None:
         consumer = self._consumer()
         assigned = list(consumer.assignment())
+        self.forget_lag(self._lag_series - set(assigned))  # a lost membership skips the revoke hook
         if not assigned:
             await consumer.topics()
             return
@@ -100,4 +118,7 @@ class Committer:
         for tp, end in ends.items():
             pos = self.tracker.committable(tp)
             committed = pos if pos is not None else await consumer.committed(tp) or 0
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, end - committed))
+            if tp not in consumer.assignment():
+                continue  # revoked while we asked: no series for it
+            self.metrics.set_lag(self.group, tp.topic, tp.partition, lag(end, consumer.highwater(tp), committed))
+            self._lag_series.add(tp)
