@@ -121,12 +121,22 @@ class Worker:
 
     async def _connect(self, backoff: tuple[float, float] = (0.5, 10.0)) -> bool:
         """Start producer and consumer, retrying with backoff while the broker is unreachable or stalls
-        (not ready meanwhile). Returns False if a stop came first."""
+        (not ready meanwhile), and check that the output and DLQ topics can be written. Returns False
+        if a stop came first, or after ``fail`` when a topic cannot be written (nothing consumed)."""
+        from worker.errors import FatalError
+
         delay = backoff[0]
         while True:
             try:
                 await asyncio.wait_for(self.publisher.start(), timeout=30)
                 await asyncio.wait_for(self.consumer.start(), timeout=30)
+                check = getattr(self.publisher, "check_topics", None)  # test doubles may have none
+                if check is not None:
+                    await check([self.settings.output_topic, self.settings.dlq_topic])
+                self.publisher.on_stalled = self.health.publish_stalled
+            except FatalError as exc:  # UnwritableTopic: no retry helps
+                self.fail(exc)
+                return False
             except (KafkaError, OSError, asyncio.TimeoutError) as exc:
                 self._broker_trouble(True)
                 self._log.warning("broker unreachable; retrying", error=f"{type(exc).__name__}: {exc}",

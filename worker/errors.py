@@ -4,7 +4,8 @@
   ``reason`` (a stable, machine-readable code) and the message text in headers, and then counts as done.
 - ``RetriableError``: the input is fine but we could not finish it (device error, broker trouble). Its
   offset is never committed, so a restart redoes it.
-- ``FatalError``: the process cannot go on (engine will not load, a stage crashed). Exit non-zero.
+- ``FatalError``: the process cannot go on (engine will not load or fails on a known-good input, a topic
+  cannot be written, a stage crashed). Exit non-zero; what it held stays uncommitted.
 """
 
 from __future__ import annotations
@@ -77,3 +78,23 @@ class FatalError(WorkerError):
 
 class EngineLoadError(FatalError, ConfigError):
     """A model or engine cannot be loaded: start-up stops with this message."""
+
+
+class EngineFailure(FatalError):
+    """The engine fails whatever the input (a known-good input fails too, or every input of a batch
+    fails alone): not poison. The worker stops non-zero; nothing of the batch is committed or
+    dead-lettered, so a restart (or a fixed engine) redoes it."""
+
+
+class PublishFailed(FatalError):
+    """A record can never be written to ``topic`` (invalid name, not authorised, missing past a bound):
+    retrying cannot help. The worker stops non-zero; the message stays uncommitted."""
+
+    def __init__(self, topic: str, reason: str, advice: str = "") -> None:
+        super().__init__(f"cannot write to topic {topic!r}: {reason}" + (f"; {advice}" if advice else ""))
+        self.topic = topic
+        self.reason = reason
+
+
+class UnwritableTopic(PublishFailed, ConfigError):
+    """Found at start-up, before anything is consumed: the output or dead-letter topic cannot be written."""

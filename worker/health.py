@@ -4,7 +4,8 @@
   wedged loop or a dead GPU thread fails it, so Kubernetes restarts the pod. It fails until the models
   are loaded too: the GPU thread does not beat while TensorRT builds an engine (minutes), and the
   chart's startup probe, not liveness, is what gives start-up its time.
-- ``/readyz`` (readiness): models loaded and warmed, consumer joined its group, broker reachable.
+- ``/readyz`` (readiness): models loaded and warmed, consumer joined its group, broker reachable, and
+  publishing not stalled (no acknowledgement for ``STALL_AFTER_S`` of failed sends: worker.flow.publish).
 - ``/metrics``: Prometheus text format.
 """
 
@@ -27,9 +28,13 @@ class HealthState:
     models_ready: bool = False
     joined: bool = False
     broker_ok: bool = False
+    publishing: bool = True  # False while sends have failed past the bound (Publisher.on_stalled)
     loop_heartbeat: float = field(default_factory=time.monotonic)
     gpu_heartbeat: Callable[[], float] = time.monotonic
     gpu_alive: Callable[[], bool] = lambda: True
+
+    def publish_stalled(self, stalled: bool) -> None:
+        self.publishing = not stalled
 
     def loop_beat(self) -> None:
         self.loop_heartbeat = time.monotonic()
@@ -45,7 +50,7 @@ class HealthState:
 
     def readiness(self) -> tuple[bool, dict]:
         checks = {"models_ready": self.models_ready, "consumer_joined": self.joined,
-                  "broker_reachable": self.broker_ok}
+                  "broker_reachable": self.broker_ok, "publishing": self.publishing}
         return all(checks.values()), checks
 
 

@@ -8,29 +8,111 @@ acknowledged its result or its DLQ record.
 A record that can never be sent (over ``producer_max_request_size`` or the broker's message size limit)
 is not retried: it raises ``RecordTooLarge`` so the caller can send something smaller instead (a DLQ
 record without the original value) rather than hold the partition's offsets back forever.
+
+Other failures are told apart (``classify``): retriable ones (broker away, leader moving, timeouts) are
+retried for as long as they last, and after ``STALL_AFTER_S`` without an acknowledgement the worker is
+marked not ready (``on_stalled``); permanent ones (invalid topic name, no authorisation, ...) raise
+``PublishFailed``, fatal; a topic that stays missing for ``STALL_AFTER_S`` is permanent too.
+``check_topics`` finds the same at start-up, before anything is consumed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka import errors as kafka_errors
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 
 from worker import __version__, log
-from worker.errors import WorkerError
+from worker.errors import PublishFailed, UnwritableTopic, WorkerError
 from worker.models.postprocess import postprocess
 from worker.models.spec import PipelineSpec
 
 Headers = list[tuple[str, bytes]]
 HOST = socket.gethostname()
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
+# Publish trouble that lasts this long without an acknowledgement marks the worker not ready; a topic
+# missing for this long is given up on (fatal). Also how long start-up waits for a topic being created.
+STALL_AFTER_S = 30.0
+TOPIC_CHECK_TIMEOUT_S = 5.0  # one metadata round trip of check_topics / of the reason for a missing topic
+DESCRIBE_CACHE_S = 1.0  # concurrent publishes to a missing topic share one metadata answer for this long
+
+E = kafka_errors
+# Refusals that no retry changes: configuration (topic name, ACLs, versions), or a closed producer.
+_PERMANENT = (E.InvalidTopicError, E.TopicAuthorizationFailedError, E.ClusterAuthorizationFailedError,
+              E.TransactionalIdAuthorizationFailed, E.AuthenticationFailedError, E.SaslAuthenticationFailed,
+              E.AuthenticationMethodNotSupported, E.UnsupportedVersionError, E.IncompatibleBrokerVersion,
+              E.UnsupportedForMessageFormatError, E.InvalidRequiredAcksError, E.UnsupportedCodecError,
+              E.KafkaConfigurationError, E.ProducerClosed, E.ProducerFenced)
+# Not flagged retriable by aiokafka, yet what an unreachable or busy broker gives: retried.
+_TRANSIENT = (E.KafkaTimeoutError, E.KafkaConnectionError, E.KafkaUnavailableError, E.QuotaViolationError,
+              E.BrokerNotAvailableError, E.ReplicaNotAvailableError, E.RequestTimedOutError, E.UnknownError)
+_ADVICE = {
+    E.InvalidTopicError: "fix the topic setting (output_topic / dlq_topic) and restart",
+    E.TopicAuthorizationFailedError: "grant this client's principal Write and Describe on the topic",
+    E.ClusterAuthorizationFailedError: "grant this client's principal the cluster permissions a producer needs",
+    E.UnknownTopicOrPartitionError: "create the topic (this broker does not create it on first use) or fix "
+                                    "the topic setting, then restart",
+}
+_LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def topic_name_problem(topic: str) -> str:
+    """Why Kafka would refuse ``topic`` as a name (its own rules: 1 to 249 of ``[A-Za-z0-9._-]``, not
+    ``.`` or ``..``), or "" for a legal name."""
+    if not topic or topic in (".", ".."):
+        return f"{topic!r} is not a valid topic name"
+    if len(topic) > 249:
+        return f"a topic name of {len(topic)} characters is not valid (at most 249)"
+    if not _LEGAL_TOPIC.fullmatch(topic):
+        return f"{topic!r} is not a valid topic name (only letters, digits, '.', '_' and '-')"
+    return ""
+
+
+def classify(exc: BaseException) -> str:
+    """What a failed send means: "permanent" (raise), "missing" (the topic or partition is unknown:
+    retried, and permanent once it lasts ``STALL_AFTER_S``) or "retriable" (retry, not ready after the
+    bound). Unknown errors retry: an outage must not stop the worker, and a stall shows in readiness."""
+    if isinstance(exc, E.UnknownTopicOrPartitionError):
+        return "missing"
+    if isinstance(exc, _PERMANENT):
+        return "permanent"
+    if getattr(exc, "retriable", False) or isinstance(exc, _TRANSIENT):
+        return "retriable"
+    if isinstance(exc, E.BrokerResponseError):  # the broker refused, for a reason a retry does not change
+        return "permanent"
+    return "retriable"
+
+
+async def topic_error(producer: AIOKafkaProducer, topic: str) -> type[KafkaError] | None:
+    """The broker's own answer for ``topic``, from a metadata request of our own (the producer's metadata
+    cache only logs it and then times out as "unknown topic"): None when the topic has partitions, else
+    the error class (UnknownTopicOrPartitionError: missing, not auto-created; InvalidTopicError;
+    TopicAuthorizationFailedError; LeaderNotAvailableError: being created). Raises KafkaError when no
+    broker answers."""
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    client = producer.client
+    node = client.get_random_node()
+    if node is None:
+        raise E.KafkaConnectionError("no broker known to ask for topic metadata")
+    response = await client.send(node, MetadataRequest([topic]))
+    for data in response.topics:  # (error_code, name, [is_internal,] partitions)
+        if data[1] == topic:
+            error = E.for_code(data[0])
+            if error is E.NoError:
+                return None if data[-1] else E.LeaderNotAvailableError
+            return error
+    return E.UnknownTopicOrPartitionError
 
 
 class RecordTooLarge(WorkerError):
@@ -117,26 +199,61 @@ def dlq_record_without_value(source: Source, value: bytes | None,
 class Publisher:
     def __init__(self, producer: AIOKafkaProducer, max_pending: int,
                  on_broker_trouble: Callable[[bool], None] | None = None,
-                 backoff_s: tuple[float, float] = (0.2, 10.0)) -> None:
+                 backoff_s: tuple[float, float] = (0.2, 10.0), stall_after_s: float = STALL_AFTER_S,
+                 on_stalled: Callable[[bool], None] | None = None) -> None:
         self._producer = producer
         self._slots = asyncio.Semaphore(max_pending)
         self._on_trouble = on_broker_trouble
+        # Told True once publishing has failed for ``stall_after_s`` without an acknowledgement, False
+        # at the next acknowledgement (readiness; the broker probe alone stays green while a topic
+        # cannot be written).
+        self.on_stalled = on_stalled
         self._backoff = backoff_s
+        self._stall_after = stall_after_s
+        self._failing_since: float | None = None  # first failure since the last acknowledgement
+        self._stalled = False
+        self._missing_since: dict[str, float] = {}
+        self._described: dict[str, tuple[float, tuple[str, str, type[BaseException]]]] = {}
         self._closing = False
         self._log = log.get("publish")
 
     async def start(self) -> None:
         await self._producer.start()
 
+    async def check_topics(self, topics: Sequence[str], missing_for_s: float | None = None) -> None:
+        """Before anything is consumed: each topic has a legal name, exists (waiting up to
+        ``missing_for_s`` for one being created) and may be described. Raises ``UnwritableTopic``
+        naming the topic otherwise; a broker that does not answer raises KafkaError or TimeoutError
+        (the caller retries). Write permission itself shows only on the first send (then fatal too)."""
+        wait_s = self._stall_after if missing_for_s is None else missing_for_s
+        for topic in dict.fromkeys(topics):
+            problem = topic_name_problem(topic)
+            if problem:
+                raise UnwritableTopic(topic, problem, _ADVICE[E.InvalidTopicError])
+            deadline = time.monotonic() + wait_s
+            while True:
+                error = await asyncio.wait_for(topic_error(self._producer, topic), TOPIC_CHECK_TIMEOUT_S)
+                if error is None:
+                    break
+                waiting = error in (E.UnknownTopicOrPartitionError, E.LeaderNotAvailableError)
+                if waiting and time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    continue
+                reason = (f"it does not exist (still missing after {wait_s:g} s)" if waiting
+                          else f"the broker says {error.__name__}")
+                raise UnwritableTopic(topic, reason, _ADVICE.get(error, "fix the configuration and restart"))
+
     async def publish(self, topic: str, record: Record) -> None:
         """Send and wait for the broker's acknowledgement, retrying with backoff while it fails.
 
         Only returns once acknowledged: a message is never counted done on a failed send. Gives up
-        (raising) only when the worker is closing, so that the offset stays uncommitted, or with
-        ``RecordTooLarge`` for a record that no retry can deliver.
+        (raising) only when the worker is closing, so that the offset stays uncommitted; with
+        ``RecordTooLarge`` for a record that no retry can deliver; or with ``PublishFailed`` (fatal)
+        when the topic can never be written (``classify``).
         """
         delay = self._backoff[0]
         while True:
+            attempt_at = time.monotonic()
             try:
                 async with self._slots:
                     ack = await self._producer.send(topic, record.value, key=record.key,
@@ -146,6 +263,7 @@ class Publisher:
                     await asyncio.shield(ack)
                 if self._on_trouble is not None:
                     self._on_trouble(False)
+                self._acknowledged(topic)
                 return
             except _TOO_LARGE as exc:
                 raise RecordTooLarge(f"record of {len(record.value)} bytes for {topic} refused: "
@@ -155,10 +273,74 @@ class Publisher:
                     raise
                 if self._on_trouble is not None:
                     self._on_trouble(True)
+                await self._judge(topic, exc, attempt_at)  # raises PublishFailed when it is permanent
                 self._log.warning("publish failed; retrying", topic=topic, error=f"{type(exc).__name__}: {exc}",
                                   retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff[1])
+
+    async def _judge(self, topic: str, exc: KafkaError, attempt_at: float) -> None:
+        kind, why, cause = classify(exc), f"{type(exc).__name__}: {exc}", type(exc)
+        if kind == "missing":
+            kind, why, cause = await self._why_missing(topic, why)
+        if kind == "permanent":
+            failure = PublishFailed(topic, why, _ADVICE.get(cause, "retrying cannot help; fix the "
+                                                            "configuration and restart"))
+            self._log.error("publish failed for good", topic=topic, error=str(failure))
+            raise failure from exc
+        now = time.monotonic()
+        if kind == "missing":
+            since = self._missing_since.setdefault(topic, attempt_at)
+            if now - since >= self._stall_after:
+                failure = PublishFailed(topic, f"it does not exist (missing for {now - since:.1f} s)",
+                                        _ADVICE[E.UnknownTopicOrPartitionError])
+                self._log.error("publish failed for good", topic=topic, error=str(failure))
+                raise failure from exc
+        if self._failing_since is None:
+            self._failing_since = attempt_at
+        if not self._stalled and now - self._failing_since >= self._stall_after:
+            self._stalled = True
+            self._log.error("publishing stalled; not ready until the broker acknowledges again", topic=topic,
+                            failing_for_s=round(now - self._failing_since, 1), error=why)
+            if self.on_stalled is not None:
+                self.on_stalled(True)
+
+    async def _why_missing(self, topic: str, why: str) -> tuple[str, str, type[BaseException]]:
+        """An unknown topic: ask the broker why (the producer only times out), at most once a second per
+        topic. Invalid or unauthorised: permanent; missing or being created: missing; it exists (a
+        leader moving) or no answer: retriable."""
+        now = time.monotonic()
+        cached = self._described.get(topic)
+        if cached is not None and now - cached[0] < DESCRIBE_CACHE_S:
+            return cached[1]
+        missing = E.UnknownTopicOrPartitionError
+        verdict: tuple[str, str, type[BaseException]]
+        problem = topic_name_problem(topic)
+        if problem:
+            verdict = ("permanent", problem, E.InvalidTopicError)
+        else:
+            try:
+                error = await asyncio.wait_for(topic_error(self._producer, topic), TOPIC_CHECK_TIMEOUT_S)
+            except (KafkaError, asyncio.TimeoutError, OSError) as exc:
+                verdict = ("retriable", f"{why} (metadata request failed too: {type(exc).__name__}: {exc})", missing)
+            else:
+                if error is None:
+                    verdict = ("retriable", why, missing)
+                elif error in (missing, E.LeaderNotAvailableError):
+                    verdict = ("missing", f"{why} (the broker says {error.__name__})", missing)
+                else:
+                    verdict = (classify(error()), f"the broker says {error.__name__}", error)
+        self._described[topic] = (now, verdict)
+        return verdict
+
+    def _acknowledged(self, topic: str) -> None:
+        self._failing_since = None
+        self._missing_since.pop(topic, None)
+        if self._stalled:
+            self._stalled = False
+            self._log.info("publishing again")
+            if self.on_stalled is not None:
+                self.on_stalled(False)
 
     async def flush(self) -> None:
         await self._producer.flush()
