@@ -116,16 +116,16 @@ class WorkerProc:
             return None
 
     def metric(self, name: str) -> float | None:
-        """One unlabelled sample of /metrics (e.g. ``worker_in_flight_messages``), or None."""
+        """A sample of /metrics summed over its series (``worker_in_flight_messages`` of every process:
+        the supervisor labels each process's series ``process=...``), or None."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=1.0) as r:
                 text = r.read().decode()
         except (OSError, ValueError):
             return None
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return None
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith(name + " ") or line.startswith(name + "{")]
+        return sum(values) if values else None
 
     def ready(self) -> bool:
         answer = self.probe()

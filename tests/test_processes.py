@@ -1,0 +1,220 @@
+"""The process model against the real broker: K intakes + one GPU process (CPU runtime here).
+
+Each test starts ``python -m worker run`` (the supervisor) in a subprocess with ``intake_processes=2``
+and checks outcomes on the topics: every input offset has exactly one result whose values are the
+bundled models applied to that input alone, kills of the GPU process or of one intake lose nothing,
+SIGTERM drains with no duplicates, and no shared-memory segment is left under /dev/shm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import check_demo_result
+from tests.procs import PacedProducer, TopicReader, WorkerProc, duplicates, source_coords, worker_env
+from worker.broker import create_topics
+from worker.ipc import shm
+from worker.samples import encode, synth_image
+
+pytestmark = pytest.mark.slow
+K = 2
+
+
+def pngs(n: int, seed: int = 5) -> tuple[list[bytes], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    pixels = [synth_image(rng, 64, 64, 3) for _ in range(48)]
+    blobs = [encode(p, "png") for p in pixels]
+    return [blobs[i % 48] for i in range(n)], [pixels[i % 48] for i in range(n)]
+
+
+def segments_of(proc: WorkerProc) -> list[str]:
+    token = shm.creator_token(proc.pid)
+    return [p.name for p in shm.SHM_DIR.glob(f"{shm.PREFIX}{token.split('.')[0]}.*")]
+
+
+def child_pid(proc: WorkerProc, event: str, key: str = "pid") -> int | list[int]:
+    for e in proc.events():
+        if e.get("event") == event:
+            return e[key]
+    raise AssertionError(f"no '{event}' in the log:\n{proc.log_tail()}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def setup(broker, topics, partitions: int = 4) -> None:
+    await create_topics(broker.bootstrap, [(topics["input"], partitions), (topics["output"], partitions),
+                                           (topics["dlq"], 1)])
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers(monkeypatch):
+    started: list[WorkerProc] = []
+    real_start = WorkerProc.start
+
+    def start(self):
+        started.append(self)
+        return real_start(self)
+
+    monkeypatch.setattr(WorkerProc, "start", start)
+    yield
+    for proc in started:
+        if proc.alive():
+            proc.kill()
+
+
+@pytest.mark.timeout(180)
+async def test_two_intakes_every_result_exact_one_view_and_nothing_left_in_shm(broker, topics, tmp_path):
+    n = 600
+    await setup(broker, topics)
+    values, pixels = pngs(n)
+    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_batch_size=32)
+    async with TopicReader(broker.bootstrap, topics["output"]) as out:
+        worker = WorkerProc(env, tmp_path / "w.log").start()
+        await worker.wait_ready(90)
+        status, ready = worker.probe("/readyz")
+        assert ready["intakes_joined"] == K and ready["models_ready"]
+        coords = await PacedProducer(broker.bootstrap, topics["input"], values, 4, rate=2000).run()
+        records = await out.until(lambda r: len(r) >= n, timeout_s=120, settle_s=1.0, alive=worker.alive)
+        await asyncio.sleep(2.5)  # metrics snapshots are written every 2 s
+        metrics = await asyncio.to_thread(_scrape, worker.port)
+        live_segments = segments_of(worker)
+        assert worker.stop(60) == 0, worker.log_tail()
+    by_coord = {source_coords(r): r for r in records}
+    assert len(records) == n and set(by_coord) == set(coords)
+    for (coord, image) in zip(coords, pixels):
+        check_demo_result(json.loads(by_coord[coord].value), image)
+    publishers = {json.loads(r.value)["worker"]["pid"] for r in records}
+    assert len(publishers) == K, "both intakes published"
+    # one /metrics for the pod: each process's series, labelled
+    consumed = {line.split('process="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines() if line.startswith("worker_messages_consumed_total{")}
+    assert consumed["intake-1"] + consumed["intake-2"] == n and consumed.get("gpu", 0) == 0
+    assert 'worker_batch_size_count{process="gpu"}' in metrics
+    assert len(live_segments) == K  # one ring per intake while running ...
+    assert segments_of(worker) == []  # ... and none after the exit
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+async def _kill_mid_stream(broker, topics, tmp_path, victim: str) -> None:
+    """kill -9 one child (the GPU process or intake 1) mid-stream: the worker exits 1 with nothing of the
+    dead one's unfinished work committed; a restart finishes everything: 0 lost, duplicates bounded."""
+    n, max_in_flight, commit_ms = 1500, 64, 200
+    await setup(broker, topics)
+    values, pixels = pngs(n)
+    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_in_flight=max_in_flight,
+                     commit_interval_ms=commit_ms, max_batch_size=16)
+    producer = PacedProducer(broker.bootstrap, topics["input"], values, 4, rate=n / 12.0)
+    async with TopicReader(broker.bootstrap, topics["output"]) as out:
+        first = WorkerProc(env, tmp_path / "w1.log", name="first").start()
+        await first.wait_ready(90)
+        feed = asyncio.create_task(producer.run())
+        try:
+            await out.until(lambda r: len(r) >= n // 4, timeout_s=60, alive=first.alive)
+            pid = (child_pid(first, "gpu process started; loading models") if victim == "gpu"
+                   else child_pid(first, "intakes started", "pids")[0])
+            intakes = child_pid(first, "intakes started", "pids")
+            os.kill(pid, signal.SIGKILL)
+            code = first.wait(60)
+            assert code == 1, f"exit {code} after the {victim} was killed:\n{first.log_tail()}"
+            assert not any(alive(p) for p in intakes), "no orphaned intake"
+            assert segments_of(first) == []
+            text = first.log_path.read_text()
+            assert ("gpu process exited" if victim == "gpu" else "intake exited; stopping the worker") in text
+            second = WorkerProc(env, tmp_path / "w2.log", name="second").start()
+            coords = await asyncio.wait_for(feed, 90)
+            want = set(coords)
+            records = await out.until(lambda r: want <= {source_coords(x) for x in r}, timeout_s=120,
+                                      settle_s=1.0, alive=second.alive)
+        finally:
+            feed.cancel()
+        assert second.stop(60) == 0, second.log_tail()
+    assert {source_coords(r) for r in records} == want  # 0 lost
+    stamps = sorted(r.timestamp for r in records)
+    peak = max(np.searchsorted(stamps, t + commit_ms + 500, side="right") - i for i, t in enumerate(stamps))
+    bound = K * max_in_flight + peak
+    dup = duplicates(records)
+    print(f"\nkill -9 {victim}: {len(records)} results for {n} inputs, duplicates={dup} (bound {bound})")
+    assert dup <= bound
+    by_coord = {source_coords(r): r for r in records}
+    for coord, image in zip(coords, pixels):
+        check_demo_result(json.loads(by_coord[coord].value), image)
+
+
+@pytest.mark.timeout(300)
+async def test_kill_9_of_the_gpu_process_mid_stream(broker, topics, tmp_path):
+    await _kill_mid_stream(broker, topics, tmp_path, "gpu")
+
+
+@pytest.mark.timeout(300)
+async def test_kill_9_of_one_intake_mid_stream(broker, topics, tmp_path):
+    await _kill_mid_stream(broker, topics, tmp_path, "intake")
+
+
+@pytest.mark.timeout(240)
+async def test_sigterm_drains_every_intake_then_restart_has_no_duplicates(broker, topics, tmp_path):
+    n = 1200
+    await setup(broker, topics)
+    values, _ = pngs(n)
+    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_batch_size=16)
+    producer = PacedProducer(broker.bootstrap, topics["input"], values, 4, rate=n / 8.0)
+    async with TopicReader(broker.bootstrap, topics["output"]) as out:
+        first = WorkerProc(env, tmp_path / "w1.log", name="first").start()
+        await first.wait_ready(90)
+        feed = asyncio.create_task(producer.run())
+        try:
+            await out.until(lambda r: len(r) >= n // 3, timeout_s=60, alive=first.alive)
+            assert first.stop(60) == 0, first.log_tail()
+            assert segments_of(first) == []
+            second = WorkerProc(env, tmp_path / "w2.log", name="second").start()
+            coords = await asyncio.wait_for(feed, 90)
+            want = set(coords)
+            records = await out.until(lambda r: want <= {source_coords(x) for x in r}, timeout_s=120,
+                                      settle_s=2.0, alive=second.alive)
+        finally:
+            feed.cancel()
+        assert second.stop(60) == 0
+    assert {source_coords(r) for r in records} == want
+    assert duplicates(records) == 0
+
+
+@pytest.mark.timeout(120)
+async def test_kill_9_of_the_supervisor_leaves_no_process_and_the_next_start_cleans_shm(broker, topics, tmp_path):
+    await setup(broker, topics)
+    env = worker_env(broker.bootstrap, topics, intake_processes=K)
+    first = WorkerProc(env, tmp_path / "w1.log", name="first").start()
+    await first.wait_ready(90)
+    children = [child_pid(first, "gpu process started; loading models"), *child_pid(first, "intakes started", "pids")]
+    left = segments_of(first)
+    assert len(left) == K
+    first.kill()
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not any(alive(p) for p in children), "children die with the supervisor"
+    assert all((shm.SHM_DIR / name).exists() for name in left)  # kill -9: nobody unlinked them
+    second = WorkerProc(env, tmp_path / "w2.log", name="second").start()
+    await second.wait_ready(90)
+    assert not any((shm.SHM_DIR / name).exists() for name in left)
+    assert "unlinked shared memory left by a killed earlier run" in second.log_path.read_text()
+    assert second.stop(60) == 0
