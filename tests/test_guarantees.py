@@ -243,6 +243,9 @@ class HeldGpu:
     def __init__(self) -> None:
         self.held: list[InferenceRequest] = []
 
+    async def put(self, req: InferenceRequest) -> None:
+        self.submit(req)
+
     def submit(self, req: InferenceRequest) -> None:
         self.held.append(req)
 

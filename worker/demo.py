@@ -20,9 +20,8 @@ from rich.table import Table
 
 from worker import log
 from worker.broker import LocalBroker, create_topics
-from worker.metrics import Metrics
 from worker.samples import sample_images
-from worker.service import serve
+from worker.supervisor import Supervisor
 from worker.settings import Settings
 
 
@@ -125,10 +124,9 @@ async def run_demo(count: int, settings: Settings, partitions: int = 4, seed: in
         images = sample_images(count, seed=seed)
         coords = await produce(settings, images)
         console.print(f"wrote {len(images)} sample images to {settings.input_topic} ({partitions} partitions)")
-        metrics = Metrics()
-        workers: list = []
         started = time.monotonic()
-        worker_task = asyncio.create_task(serve(settings, metrics=metrics, worker_out=workers))
+        supervisor = Supervisor(settings)  # the process model of `worker run`: K intakes, one GPU process
+        worker_task = asyncio.create_task(supervisor.run())
         with Progress(TextColumn("results"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=False) as progress:
             task = progress.add_task("results", total=count)
@@ -136,14 +134,13 @@ async def run_demo(count: int, settings: Settings, partitions: int = 4, seed: in
             done, _ = await asyncio.wait({worker_task, collect_task}, return_when=asyncio.FIRST_COMPLETED)
             if worker_task in done:  # the worker stopped early: report why instead of waiting
                 collect_task.cancel()
-                code = worker_task.result()
+                code = worker_task.result().exit_code
                 console.print(f"[red]worker stopped early with exit code {code}[/red]")
                 return code or 1
             collected = collect_task.result()
         elapsed = time.monotonic() - started
-        if workers:
-            workers[0].request_stop()
-        code = await worker_task
+        supervisor.request_stop()
+        code = (await worker_task).exit_code
         console.print(summary_table(collected, elapsed))
         missing = set(coords) - set(collected.results) - set(collected.dlq)
         if missing or code != 0:

@@ -58,7 +58,8 @@ async def _run(index: int, settings: Settings, plan: Any, conn: Any, link_name: 
     async def report() -> None:
         n = 0
         while True:
-            row.set(beat=health.loop_heartbeat, joined=health.joined, broker_ok=health.broker_ok)
+            row.set(beat=health.loop_heartbeat, joined=health.joined,
+                    broker_ok=health.broker_ok and getattr(health, "publishing", True))
             if n % SNAPSHOT_EVERY == 0:
                 write_snapshot(metrics, snapshot)
             n += 1
