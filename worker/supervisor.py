@@ -59,6 +59,7 @@ class Outcome:
     counts: dict[str, int] = field(default_factory=dict)
     intakes: int = 0
     device: str = ""
+    reports: list[dict[str, Any]] = field(default_factory=list)  # the intakes' IntakeHooks.report
 
 
 class ProcessHealth:
@@ -106,9 +107,10 @@ class MergedMetrics:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, plan: Any = None, intakes: int | None = None) -> None:
+    def __init__(self, settings: Settings, plan: Any = None, intakes: int | None = None, hooks: Any = None) -> None:
         self.settings = settings
         self.plan = plan
+        self.hooks = hooks
         self.k = intakes or settings.intakes
         self.ctx = mp.get_context("spawn")
         self.token = shm.creator_token()
@@ -155,12 +157,13 @@ class Supervisor:
         finally:
             code = await self._stop_all(code)
             counts = self._counts()
+            reports = self._reports()
             self._cleanup()
             if server is not None:
                 await server.stop()
             self._remove_signals(loop)
         self._log.info("stopped", exit_code=code, intakes=self.k, **counts)
-        return Outcome(code, counts, self.k, self.device)
+        return Outcome(code, counts, self.k, self.device, reports)
 
     async def _start_gpu(self) -> bool | None:
         """Start the GPU process and wait for its models; None if a stop came first. Raises the
@@ -215,7 +218,7 @@ class Supervisor:
         for i, ((intake_end, _), seg) in enumerate(zip(self.links, self.segments), start=1):
             p = self.ctx.Process(target=intake_process.main, name=f"intake-{i}",
                                  args=(i, s, self.plan, intake_end, seg.name, s.ipc_slots, s.ipc_slot_bytes,
-                                       decodes_on_device, self.board, self.run_dir, os.getpid()))
+                                       decodes_on_device, self.board, self.run_dir, os.getpid(), self.hooks))
             p.start()
             intake_end.close()
             self.intake_procs.append(p)
@@ -284,6 +287,15 @@ class Supervisor:
                 continue
         return total
 
+    def _reports(self) -> list[dict[str, Any]]:
+        out = []
+        for path in sorted(Path(self.run_dir).glob("report-*.json")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return out
+
     def _cleanup(self) -> None:
         for seg in self.segments:
             seg.close()
@@ -324,5 +336,5 @@ class Supervisor:
         self.stop_requested.set()
 
 
-async def supervise(settings: Settings, plan: Any = None, intakes: int | None = None) -> Outcome:
-    return await Supervisor(settings, plan, intakes).run()
+async def supervise(settings: Settings, plan: Any = None, intakes: int | None = None, hooks: Any = None) -> Outcome:
+    return await Supervisor(settings, plan, intakes, hooks).run()

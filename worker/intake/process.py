@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Protocol
 
 from worker import log
 from worker.ipc.board import Row
@@ -25,18 +25,31 @@ REPORT_EVERY_S = 0.5
 SNAPSHOT_EVERY = 4  # reports
 
 
+class IntakeHooks(Protocol):
+    """What a mode adds to an intake (worker replay: its progress and its summary). Pickled into the
+    intake process, so a plain object of plain values."""
+
+    async def during(self, worker: Any) -> None:
+        """Runs beside the worker until it stops (cancelled then)."""
+
+    def report(self, worker: Any, code: int) -> dict[str, Any]:
+        """A JSON document for the supervisor's ``Outcome.reports``, made after the worker stopped."""
+
+
 def main(index: int, settings: Settings, plan: Any, conn: Any, link_name: str, slots: int, slot_bytes: int,
-         decodes_on_device: bool, board: Any, run_dir: str, parent_pid: int) -> None:
+         decodes_on_device: bool, board: Any, run_dir: str, parent_pid: int, hooks: IntakeHooks | None = None
+         ) -> None:
     die_with_parent(parent_pid)
     log.configure(settings.log_format, settings.log_level)
     log.bind_process(f"intake-{index}")
     code = asyncio.run(_run(index, settings, plan, conn, link_name, slots, slot_bytes, decodes_on_device,
-                            board, run_dir))
+                            board, run_dir, hooks))
     sys.exit(code)
 
 
 async def _run(index: int, settings: Settings, plan: Any, conn: Any, link_name: str, slots: int,
-               slot_bytes: int, decodes_on_device: bool, board: Any, run_dir: str) -> int:
+               slot_bytes: int, decodes_on_device: bool, board: Any, run_dir: str,
+               hooks: IntakeHooks | None) -> int:
     from worker.app import Worker
     from worker.health import HealthState
     from worker.ipc.client import GpuClient
@@ -66,10 +79,17 @@ async def _run(index: int, settings: Settings, plan: Any, conn: Any, link_name: 
             await asyncio.sleep(REPORT_EVERY_S)
 
     reporter = asyncio.create_task(report())
+    extra = asyncio.create_task(hooks.during(worker)) if hooks is not None else None
+    code = 1
     try:
         code = await worker.run()
     finally:
         reporter.cancel()
+        if extra is not None:
+            extra.cancel()
+            await asyncio.gather(extra, return_exceptions=True)
+            with open(os.path.join(run_dir, f"report-{index}.json"), "w") as f:
+                json.dump(hooks.report(worker, code), f)
         row.set(joined=False)
         write_snapshot(metrics, snapshot)
         with open(os.path.join(run_dir, f"counts-{index}.json"), "w") as f:

@@ -104,7 +104,7 @@ async def run_replay(settings: Settings, spec: RangeSpec, *, group: str | None =
                      rate: float = 0.0, terminal: bool = False, progress_interval_s: float = 5.0,
                      out: TextIO | None = None, worker_out: list | None = None) -> Outcome:
     """Validate and resolve the range, run the pipeline over it, print the summary."""
-    from worker.service import pipeline_for, serve
+    from worker.service import pipeline_for
 
     out = out or sys.stdout
     logger = log.get("replay")
@@ -125,9 +125,47 @@ async def run_replay(settings: Settings, spec: RangeSpec, *, group: str | None =
     logger.info("replay starting", group_id=group, topic=spec.topic, start=spec.start.describe(),
                 until=spec.until.describe(), output_topic=settings.output_topic, dlq_topic=settings.dlq_topic,
                 rate=rate or None, ranges={p: [r.start, r.end] for p, r in resolved.ranges.items()})
-    workers: list = worker_out if worker_out is not None else []
     started = time.monotonic()
-    reporter = asyncio.create_task(_report(plan, workers, terminal, progress_interval_s, out))
+    if worker_out is None:  # the process model of `worker run`, with one intake (below)
+        code, summary = await _run_in_processes(settings, plan, terminal, progress_interval_s, started)
+    else:  # in this process, for tests that look into the Worker
+        code, summary = await _run_here(settings, plan, terminal, progress_interval_s, out, worker_out, started)
+    _print_summary(summary, terminal, out)
+    event = {0: "replay finished", EXIT_INCOMPLETE: "replay stopped before its end; run it again to resume"}
+    (logger.info if code == 0 else logger.warning)(
+        event.get(code, "replay failed"), **{k: v for k, v in summary.items() if k != "ranges"})
+    return Outcome(code, summary, plan)
+
+
+async def _run_in_processes(settings: Settings, plan: ReplayPlan, terminal: bool, interval_s: float,
+                            started: float) -> tuple[int, dict[str, Any]]:
+    """One intake: a replay assigns every partition of its range to itself (no group rebalance), so a
+    second intake would replay the same records. Its progress is printed by the intake, its summary
+    comes back as the intake's report."""
+    from worker.supervisor import supervise
+
+    outcome = await supervise(settings, plan=plan, intakes=1,
+                              hooks=ReplayHooks(settings, terminal, interval_s, started))
+    code = outcome.exit_code
+    if outcome.reports:
+        summary = outcome.reports[0]
+        summary["ranges"] = {int(p): r for p, r in summary["ranges"].items()}  # JSON keys are strings
+        if code == 0 and summary["status"] != "complete":
+            code = EXIT_INCOMPLETE
+        if code != summary["exit_code"]:
+            summary.update(exit_code=code, status={0: "complete", EXIT_INCOMPLETE: "incomplete"}.get(code, "failed"))
+    else:  # stopped before the intake ran (models failed to load, a signal during start-up)
+        code = code or EXIT_INCOMPLETE
+        summary = _summary(plan, None, settings, code, started)
+    summary["wall_s"] = round(time.monotonic() - started, 3)
+    return code, summary
+
+
+async def _run_here(settings: Settings, plan: ReplayPlan, terminal: bool, interval_s: float, out: TextIO,
+                    workers: list, started: float) -> tuple[int, dict[str, Any]]:
+    from worker.service import serve
+
+    reporter = asyncio.create_task(_report(plan, workers, terminal, interval_s, out))
     try:
         code = await serve(settings, plan=plan, worker_out=workers)
     finally:
@@ -135,12 +173,25 @@ async def run_replay(settings: Settings, spec: RangeSpec, *, group: str | None =
         await asyncio.gather(reporter, return_exceptions=True)
     if code == 0 and not plan.finished:
         code = EXIT_INCOMPLETE
-    summary = _summary(plan, workers[0] if workers else None, settings, code, started)
-    _print_summary(summary, terminal, out)
-    event = {0: "replay finished", EXIT_INCOMPLETE: "replay stopped before its end; run it again to resume"}
-    (logger.info if code == 0 else logger.warning)(
-        event.get(code, "replay failed"), **{k: v for k, v in summary.items() if k != "ranges"})
-    return Outcome(code, summary, plan)
+    return code, _summary(plan, workers[0] if workers else None, settings, code, started)
+
+
+@dataclass
+class ReplayHooks:
+    """The replay's part of its intake process (worker.intake.process.IntakeHooks)."""
+
+    settings: Settings
+    terminal: bool
+    interval_s: float
+    started: float
+
+    async def during(self, worker: Any) -> None:
+        await _report(worker.plan, [worker], self.terminal, self.interval_s, sys.stdout)
+
+    def report(self, worker: Any, code: int) -> dict[str, Any]:
+        if code == 0 and not worker.plan.finished:
+            code = EXIT_INCOMPLETE
+        return _summary(worker.plan, worker, self.settings, code, self.started)
 
 
 # --- progress and summary ------------------------------------------------------------------------

@@ -30,6 +30,17 @@ class ReplayPlan:
         self._last: dict[TopicPartition, int] = {}  # highest accepted offset
         self._log = log.get("replay", group_id=group_id)
 
+    def __getstate__(self) -> dict:
+        """Pickled into the replay's intake process: without the logger and the consumer (process-local)."""
+        state = dict(self.__dict__)
+        state["_log"] = None
+        state["_consumer"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._log = log.get("replay", group_id=self.group_id)
+
     @property
     def total(self) -> int:
         """Offsets this run still has to cover (the whole range minus what earlier runs committed)."""
