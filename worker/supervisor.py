@@ -126,6 +126,7 @@ class Supervisor:
         self.stop_requested = asyncio.Event()
         self.signals = 0
         self.device = ""
+        self.final_metrics = b""
         self._log = log.get("supervisor")
 
     def _children_alive(self) -> bool:
@@ -158,6 +159,7 @@ class Supervisor:
             code = await self._stop_all(code)
             counts = self._counts()
             reports = self._reports()
+            self.final_metrics = self.metrics.exposition()  # the children's last snapshots (the bench reads it)
             self._cleanup()
             if server is not None:
                 await server.stop()

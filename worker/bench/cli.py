@@ -60,6 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rate-seconds", type=float, default=4.0, help="Length of each rate-limited run (default 4).")
     p.add_argument("--decode-threads", type=_ints, default=[], metavar="T1,T2,..",
                    help="Decode capacity thread counts (default: 1 and the worker's decode threads).")
+    p.add_argument("--sweep-intakes", type=_ints, default=[], metavar="K1,K2,..",
+                   help="Also run the worker with these numbers of intake processes (e.g. 1,2,4,8).")
+    p.add_argument("--sweep-replicas", type=_ints, default=[], metavar="N1,N2,..",
+                   help="Also run N independent workers (one intake and one GPU process each, one group) on "
+                        "the same GPU: the alternative to one GPU process fed by several intakes.")
     p.add_argument("--ceiling-seconds", type=float, default=2.0, help="Time per ceiling measurement (default 2).")
     p.add_argument("--skip", default="", metavar="PART,..",
                    help="Leave out parts: decode, ceiling, gpu_thread, worker, broker, baseline, sweeps, rates.")
@@ -94,7 +99,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         seed=args.seed, partitions=args.partitions, baseline_count=args.baseline_count,
                         sweep_batch=args.sweep_batch, sweep_wait=args.sweep_wait, sweep_count=args.sweep_count,
                         rates=args.rates, rate_seconds=args.rate_seconds, decode_threads=args.decode_threads,
-                        ceiling_seconds=args.ceiling_seconds, skip=skip, argv=sys.argv[2:])
+                        ceiling_seconds=args.ceiling_seconds, sweep_intakes=args.sweep_intakes,
+                        sweep_replicas=args.sweep_replicas, skip=skip, argv=sys.argv[2:])
     console = Console(width=None if sys.stdout.isatty() else 200)  # a log file gets the whole table
     checkpoint = (lambda result: report.write_json(result, args.json_path)) if args.json_path else None
     result = asyncio.run(run_bench(opts, s, console, checkpoint))

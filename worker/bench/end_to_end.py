@@ -26,10 +26,8 @@ import numpy as np
 
 from worker.bench import cpu_time, loadgen
 from worker.bench.corpus import Topics, preload
-from worker.bench.gc_pauses import GcPauses
-from worker.metrics import Metrics
-from worker.service import serve
 from worker.settings import Settings
+from worker.supervisor import Supervisor
 
 
 def percentiles(values_ms: list[float] | np.ndarray) -> dict:
@@ -52,50 +50,49 @@ async def _wait_until(predicate, task: asyncio.Task, timeout_s: float, what: str
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if task.done():
-            code = task.result()
-            raise RuntimeError(f"the worker stopped (exit code {code}) while the bench waited for {what}")
+            raise RuntimeError(f"the worker stopped ({task.result()}) while the bench waited for {what}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         await asyncio.sleep(poll_s)
     return time.monotonic()
 
 
-def _poll_totals(metrics: Metrics) -> tuple[float, float, float]:
-    get = metrics.registry.get_sample_value
-    return (get("worker_poll_records_count") or 0.0, get("worker_poll_records_sum") or 0.0,
-            get("worker_poll_wait_seconds_total") or 0.0)
+def _samples(exposition: bytes) -> dict[str, float]:
+    """Every sample of a merged exposition summed over its labels (the processes), by name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(exposition.decode("utf-8", "replace")):
+        for sample in fam.samples:
+            if "le" not in sample.labels:
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
 
 
-async def _sample_in_flight(worker: Any, every_s: float = 0.01) -> list[int]:
-    """Messages in flight every ``every_s`` until cancelled (Little's law needs the mean)."""
-    samples: list[int] = []
-    try:
-        while True:
-            samples.append(worker.tracker.in_flight())
-            await asyncio.sleep(every_s)
-    except asyncio.CancelledError:
-        return samples
-
-
-def _in_flight_summary(samples: Any) -> dict:
-    if not isinstance(samples, list) or not samples:
-        return {}
-    arr = np.array(samples)
-    return {"in_flight_mean": float(arr.mean()), "in_flight_p95": float(np.percentile(arr, 95)),
-            "in_flight_samples": len(samples)}
+def _children_cpu(sups: list[Supervisor]) -> dict[str, float]:
+    """CPU seconds so far of the GPU processes and of the intake processes (each group summed)."""
+    out = {"gpu_process": 0.0, "intake_processes": 0.0}
+    for sup in sups:
+        if sup.gpu is not None and sup.gpu.pid:
+            out["gpu_process"] += cpu_time.process_cpu(sup.gpu.pid)
+        for p in sup.intake_procs:
+            out["intake_processes"] += cpu_time.process_cpu(p.pid)
+    return out
 
 
 async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], distinct: list[bytes],
                      partitions: int, label: str, rate: float | None = None, rate_count: int = 0,
-                     timeout_s: float = 600.0, broker_pid: int | None = None) -> dict:
-    """One worker from start to stop on fresh topics: preloaded ``images`` if ``rate`` is None, else
-    ``rate_count`` messages sent at ``rate`` per second while it runs."""
+                     timeout_s: float = 600.0, broker_pid: int | None = None, replicas: int = 1) -> dict:
+    """The worker from start to stop on fresh topics, as `worker run` runs it (a supervisor, its GPU
+    process and intakes): preloaded ``images`` if ``rate`` is None, else ``rate_count`` messages sent at
+    ``rate`` per second while it runs. ``replicas`` > 1 runs that many independent workers (one intake
+    each, a GPU process each, one group): the "more replicas per GPU" alternative."""
     topics = Topics.fresh(label)
     await topics.create(bootstrap, partitions)
     expected = len(images) if rate is None else rate_count
     preload_s = await preload(bootstrap, topics.input, images, partitions) if rate is None else 0.0
     s = settings.replace(bootstrap_servers=bootstrap, input_topic=topics.input, output_topic=topics.output,
-                         dlq_topic=topics.dlq, group_id=topics.group)
+                         dlq_topic=topics.dlq, group_id=topics.group, http_port=0)
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     ready = loadgen.new_event()
     collector = loadgen.start(loadgen.collector_main, bootstrap, topics.output, topics.dlq, expected,
@@ -105,27 +102,21 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
             raise RuntimeError(f"bench collector exited with {collector.exitcode} before it was ready")
         await asyncio.sleep(0.02)
 
-    metrics = Metrics()
-    workers: list = []
+    sups = [Supervisor(s, intakes=1 if replicas > 1 else None) for _ in range(replicas)]
     t_start = time.monotonic()
-    task = asyncio.create_task(serve(s, metrics=metrics, worker_out=workers))
+    runs = [asyncio.create_task(sup.run()) for sup in sups]
+    task = asyncio.gather(*runs)
     producer = None
     try:
-        t_ready = await _wait_until(lambda: bool(workers), task, timeout_s, "models to load")
-        if rate is None:
-            t_first = await _wait_until(lambda: workers[0].counts["consumed"] > 0, task, 120, "the first message")
-            cpu0, broker0 = cpu_time.thread_cpu(), cpu_time.process_cpu(broker_pid) if broker_pid else 0.0
-        else:
-            await _wait_until(lambda: workers[0].health.joined, task, 120, "the consumer group join", 0.02)
+        t_ready = await _wait_until(lambda: all(sup.health.readiness()[0] for sup in sups), task, timeout_s,
+                                    "models to load and every intake to join", 0.02)
+        cpu0 = _children_cpu(sups)
+        broker0 = cpu_time.process_cpu(broker_pid) if broker_pid else 0.0
+        if rate is not None:
             go = loadgen.new_event()
             producer = loadgen.start(loadgen.producer_main, bootstrap, topics.input, distinct, rate_count, rate,
                                      partitions, str(work / "sent.json"), go)
             go.set()
-            t_first = time.monotonic()
-            cpu0, broker0 = cpu_time.thread_cpu(), cpu_time.process_cpu(broker_pid) if broker_pid else 0.0
-        poll0 = _poll_totals(metrics)
-        in_flight = asyncio.create_task(_sample_in_flight(workers[0]))
-        gc_pauses = GcPauses().__enter__()
         waiters = [asyncio.create_task(loadgen.join(collector, timeout_s))]
         if producer is not None:
             waiters.append(asyncio.create_task(loadgen.join(producer, timeout_s)))
@@ -133,35 +124,38 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         done, _ = await asyncio.wait({task, children}, return_when=asyncio.FIRST_COMPLETED)
         if children not in done:
             children.cancel()
-            raise RuntimeError(f"the worker stopped early with exit code {task.result()}")
+            raise RuntimeError(f"the worker stopped early: {[r.result().exit_code for r in runs if r.done()]}")
         children.result()  # a child's failure or time-out
-        cpu = cpu_time.delta(cpu0, cpu_time.thread_cpu())
-        gc_pauses.__exit__()
-        in_flight.cancel()
-        in_flight_samples = await asyncio.gather(in_flight, return_exceptions=True)
-        poll = [b - a for a, b in zip(poll0, _poll_totals(metrics))]
+        cpu = {k: v - cpu0.get(k, 0.0) for k, v in _children_cpu(sups).items()}
         if broker_pid:
             cpu["broker_process"] = round(cpu_time.process_cpu(broker_pid) - broker0, 3)
-        worker = workers[0]
-        inference_s = metrics.registry.get_sample_value("worker_inference_seconds_sum") or 0.0
-        batches = metrics.registry.get_sample_value("worker_batch_size_count") or 0.0
-        batch_images = metrics.registry.get_sample_value("worker_batch_size_sum") or 0.0
-        worker.request_stop()
-        code = await task
+        for sup in sups:
+            sup.request_stop()
+        outcomes = await task
     finally:
         if not task.done():
-            if workers:
-                workers[0].request_stop()
-            else:
-                task.cancel()
+            for sup in sups:
+                sup.request_stop()
             await asyncio.gather(task, return_exceptions=True)
         for proc in (collector, producer):
             if proc is not None and proc.is_alive():
                 proc.terminate()
-
+    samples = [_samples(sup.final_metrics) for sup in sups]
+    total = lambda name: sum(x.get(name, 0.0) for x in samples)  # noqa: E731
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        for k, v in o.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    code = max(o.exit_code for o in outcomes)
+    inference_s, batches, batch_images = (total("worker_inference_seconds_sum"), total("worker_batch_size_count"),
+                                          total("worker_batch_size_sum"))
+    poll = [total("worker_poll_records_count"), total("worker_poll_records_sum"),
+            total("worker_poll_wait_seconds_total")]
     collected = json.loads((work / "collected.json").read_text())
     rows = collected["rows"]
     results = [r for r in rows if not r["dlq"]]
+    # the first message consumed: each result says how long after its consumption it was published
+    t_first = min((r["recv_t"] - r["timings_ms"]["end_to_end"] / 1000.0 for r in results), default=t_ready)
     recv = np.array([r["recv_t"] for r in rows]) if rows else np.array([t_first])
     t_last = float(recv.max())
     wall = max(t_last - t_first, 1e-9)
@@ -170,13 +164,13 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "input_topic": topics.input,
         "settings": {"max_batch_size": s.max_batch_size, "max_wait_ms": s.max_wait_ms, "decoder": s.decoder,
                      "decode_threads": s.decode_threads, "max_in_flight": s.max_in_flight,
-                     "partitions": partitions},
+                     "partitions": partitions, "intake_processes": sups[0].k, "replicas": replicas},
         "count": expected,
         "results": len(results),
         "dead_lettered": len(rows) - len(results),
         "duplicates": collected["duplicates"],
         "missing": expected - len(rows),
-        "worker_counts": dict(worker.counts),
+        "worker_counts": counts,
         "exit_code": code,
         "startup_s": t_ready - t_start,
         "preload_s": preload_s,
@@ -189,11 +183,11 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "mean_batch_size": batch_images / batches if batches else 0.0,
         "gpu_thread_busy_fraction": inference_s / wall,
         "cpu_s": cpu,
-        "gc_pauses": gc_pauses.summary(),
-        # intake: records per poll, share of the wall time the consume loop waited in poll, work in flight
+        # intake: records per poll, share of the wall time the consume loops (all intakes) waited in poll
         "intake": {"polls": int(poll[0]), "records_per_poll": poll[1] / max(1.0, poll[0]),
-                   "poll_wait_fraction": poll[2] / wall, "max_in_flight": s.max_in_flight,
-                   **_in_flight_summary(in_flight_samples[0])},
+                   # since each intake started (its snapshot), so it includes the join: indicative only
+                   "poll_wait_s_per_intake": poll[2] / max(1, sum(sup.k for sup in sups)),
+                   "max_in_flight": s.max_in_flight},
     }
     if rate is not None:
         sent = json.loads((work / "sent.json").read_text())["sent_t"]

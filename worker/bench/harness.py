@@ -54,6 +54,8 @@ class BenchOptions:
     rate_seconds: float = 4.0
     decode_threads: list[int] = field(default_factory=list)  # empty: 1 and the worker's decode threads
     ceiling_seconds: float = 2.0
+    sweep_intakes: list[int] = field(default_factory=list)
+    sweep_replicas: list[int] = field(default_factory=list)
     skip: set[str] = field(default_factory=set)
     argv: list[str] = field(default_factory=list)
 
@@ -152,6 +154,22 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
                         f"{tag}{v:g}", broker_pid=pid))
                     if run:
                         sweeps[kind].append(result.pop(key))
+
+        if "sweeps" not in opts.skip and (opts.sweep_intakes or opts.sweep_replicas):
+            n = opts.sweep_count or opts.count
+            result.setdefault("sweeps", {"batch": [], "wait": []}).update(intakes=[], replicas=[])
+            for kind, values in (("intakes", opts.sweep_intakes), ("replicas", opts.sweep_replicas)):
+                for v in values:
+                    key = f"sweep_{kind}_{v}"
+                    say(f"sweep: {v} {'intake processes' if kind == 'intakes' else 'independent workers'}, "
+                        f"{n} images")
+                    run = await part(key, lambda kind=kind, v=v: worker_run(
+                        settings.replace(intake_processes=v) if kind == "intakes" else settings, bootstrap,
+                        images[:n], distinct, opts.partitions, f"{kind[0]}{v}", broker_pid=pid,
+                        replicas=v if kind == "replicas" else 1))
+                    if run:
+                        say(f"  {run['images_per_s']:.0f} images/s, mean batch {run['mean_batch_size']:.1f}")
+                        result["sweeps"][kind].append(result.pop(key))
 
         peak = (result.get("worker") or {}).get("images_per_s")
         if "rates" not in opts.skip and opts.rates and peak:

@@ -164,11 +164,16 @@ def rows(result: dict) -> list[tuple[str, ...]]:
                     f"no Kafka; busy {g['busy_fraction']:.0%}"))
     runs: list[tuple[str, dict]] = []
     if result.get("worker"):
-        runs.append(("worker (Kafka->decode->GPU->Kafka)", result["worker"]))
+        k = result["worker"]["settings"].get("intake_processes")
+        runs.append((f"worker (Kafka->decode->GPU->Kafka){f', {k} intakes' if k else ''}", result["worker"]))
     for run in (result.get("sweeps") or {}).get("batch", []):
         runs.append((f"worker, max_batch_size={run['settings']['max_batch_size']}", run))
     for run in (result.get("sweeps") or {}).get("wait", []):
         runs.append((f"worker, max_wait_ms={run['settings']['max_wait_ms']:g}", run))
+    for run in (result.get("sweeps") or {}).get("intakes", []):
+        runs.append((f"worker, {run['settings']['intake_processes']} intake processes", run))
+    for run in (result.get("sweeps") or {}).get("replicas", []):
+        runs.append((f"{run['settings']['replicas']} independent workers, one GPU", run))
     for run in result.get("rates") or []:
         runs.append((f"worker at {run['fraction_of_peak']:.0%} of peak ({run['target_rate']:.0f}/s)", run))
     for label, run in runs:
@@ -222,7 +227,7 @@ def summary_lines(result: dict) -> list[str]:
     if w.get("cpu_busy_fraction"):
         busy = ", ".join(f"{k} {v:.0%}" for k, v in sorted(w["cpu_busy_fraction"].items(), key=lambda kv: -kv[1]))
         per = ", ".join(f"{k} {v:.3f}" for k, v in sorted(w["cpu_ms_per_message"].items(), key=lambda kv: -kv[1]))
-        lines.append(f"worker run, CPU busy per thread group (1.0 = one core): {busy}")
+        lines.append(f"worker run, CPU busy per process group (1.0 = one core): {busy}")
         lines.append(f"worker run, CPU ms per message: {per}")
         if w.get("gc_pauses"):
             lines.append("worker run, garbage-collector pauses (they hold the GIL): " + ", ".join(
@@ -234,10 +239,9 @@ def summary_lines(result: dict) -> list[str]:
                 f"{k} {v['mean']:.2f}" for k, v in stages.items() if v.get("mean") is not None))
         intake = w.get("intake") or {}
         if intake.get("polls"):
-            lines.append(f"worker run, intake: {intake['records_per_poll']:.1f} records per poll, consume loop "
-                         f"waiting in poll {intake['poll_wait_fraction']:.0%} of the time, in flight mean "
-                         f"{intake.get('in_flight_mean', 0):.0f} / p95 {intake.get('in_flight_p95', 0):.0f} "
-                         f"(max_in_flight {intake['max_in_flight']})")
+            lines.append(f"worker run, intake: {intake['records_per_poll']:.1f} records per poll, "
+                         f"{intake.get('poll_wait_s_per_intake', 0):.1f} s waiting in poll per intake since it "
+                         f"started (max_in_flight {intake['max_in_flight']} per intake)")
     r = a.get("ratios", {})
     if r:
         lines.append("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in r.items()))
