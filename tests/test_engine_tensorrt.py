@@ -1,23 +1,25 @@
 """TensorRT engine and CudaRuntime logic, without a GPU: test doubles of ``pycuda.driver`` and ``tensorrt``.
 
-The doubles keep real semantics where it matters:
+The doubles (tests/trt_double.py) keep real semantics where it matters, refusals included:
 
-- fake pycuda: "device memory" is host memory (numpy arrays) addressed by pointer, copies really copy
-  (ctypes.memmove), pinned buffers are tracked, errors carry pycuda's message format
-  ("cuMemAlloc failed: out of memory"), and every call is logged in order;
-- fake tensorrt: the builder parses the ONNX it is given and serialises a "plan" holding it, the
-  runtime refuses plans of another TensorRT version or compute capability (returning None, as the real
-  one does), and ``execute_async_v3`` reads the input at the address it was given, runs the ONNX on
-  ONNX Runtime's CPU provider and writes the outputs to the given addresses.
+- fake pycuda: "device memory" is host memory (numpy arrays) addressed by pointer; copies and kernels
+  are queued on the stream and run only at its synchronisation, in order; pinned buffers are tracked,
+  errors carry pycuda's message format ("cuMemAlloc failed: out of memory"), every call is logged;
+- fake tensorrt, as TensorRT 10 or as TensorRT 11 (every engine test runs against both): the parser
+  refuses uint8 intermediate tensors and reports through ``num_errors``/``get_error``; the builder needs
+  a profile for a dynamic batch and refuses one for a fixed batch that disagrees; each major has its own
+  enums (no ``BuilderFlag.FP16`` on 11); ``Logger`` takes no new attributes; the runtime refuses plans
+  of another TensorRT version or compute capability (returning None, as the real one does); and
+  ``execute_async_v3`` runs the plan's ONNX on ONNX Runtime's CPU provider at the stream's
+  synchronisation, reading and writing the addresses it was given.
 
-So these tests check what the engine does with shapes, profiles, addresses and the stream, and that the
-numbers come out right, but not TensorRT or CUDA themselves: tests/gpu does that on a GPU.
+So these tests check what the engine does with shapes, profiles, addresses, the stream and TensorRT's
+API, and that the numbers come out right, but not TensorRT or CUDA themselves: tests/gpu does that on a
+GPU with TensorRT (not yet run: docs/gpu.md).
 """
 
 from __future__ import annotations
 
-import ctypes
-import json
 import sys
 import threading
 import types
@@ -31,149 +33,17 @@ pytest.importorskip("worker.models.graph")
 pytest.importorskip("worker.models.bundled")
 
 from onnx import TensorProto, helper  # noqa: E402
+from trt_double import FakeCuda, FakeTRT, plan_bytes  # noqa: E402
 
 from worker.engines import create_runtime  # noqa: E402
 from worker.engines.cuda import CudaRuntime, cuda_error_name  # noqa: E402
-from worker.engines.tensorrt import TensorRTEngine, engine_cache_key  # noqa: E402
+from worker.engines.tensorrt import TensorRTEngine, engine_cache_key, timing_cache_key  # noqa: E402
 from worker.errors import ConfigError, DeviceError, EngineLoadError  # noqa: E402
 from worker.models.spec import ModelSpec, OutputSpec, Preprocess  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 PRE = Preprocess(width=5, height=4, layout="nchw", dtype="float32", scale=1 / 255,
                  mean=(0.5, 0.25, 0.125), std=(0.5, 0.25, 2.0))
-
-
-# --- fake pycuda.driver ---------------------------------------------------------------------------
-
-class FakeCuda(types.ModuleType):
-    """The part of pycuda.driver that CudaRuntime uses."""
-
-    def __init__(self, total: int = 1 << 30, devices: int = 1) -> None:
-        super().__init__("pycuda.driver")
-        self.calls: list[tuple] = []
-        self.total, self.used, self.devices = total, 0, devices
-        self.memory: dict[int, np.ndarray] = {}  # device allocations: pointer -> backing array
-        self.pinned: dict[int, int] = {}  # pinned allocations: pointer -> nbytes
-        self.fail_sync: str = ""
-        fake = self
-
-        class Error(Exception):
-            pass
-
-        class MemoryError(Error):  # noqa: A001 - pycuda's name
-            pass
-
-        class LaunchError(Error):
-            pass
-
-        class Context:
-            @staticmethod
-            def pop():
-                fake.calls.append(("pop",))
-
-            def push(self):
-                fake.calls.append(("push",))
-
-            def detach(self):
-                fake.calls.append(("detach",))
-
-        class Device:
-            def __init__(self, index):
-                self.index = index
-
-            @staticmethod
-            def count():
-                return fake.devices
-
-            def retain_primary_context(self):
-                fake.calls.append(("retain_primary_context", self.index))
-                return Context()
-
-            def make_context(self, flags=0):
-                raise AssertionError("CudaRuntime must never call make_context")
-
-            def name(self):
-                return "Fake H100"
-
-            def compute_capability(self):
-                return (9, 0)
-
-        class Stream:
-            handle = 0x5150
-
-            def __init__(self, flags=0):
-                fake.calls.append(("stream",))
-
-            def synchronize(self):
-                fake.calls.append(("synchronize",))
-                if fake.fail_sync:
-                    raise LaunchError(f"cuStreamSynchronize failed: {fake.fail_sync}")
-
-        class Allocation:
-            def __init__(self, nbytes):
-                self.array = np.zeros(nbytes, np.uint8)
-                self.ptr, self.nbytes = self.array.ctypes.data, nbytes
-
-            def __int__(self):
-                return self.ptr
-
-            def free(self):
-                fake.calls.append(("free", self.ptr))
-                fake.memory.pop(self.ptr)
-                fake.used -= self.nbytes
-
-        class HostAllocation(bytearray):
-            def free(self):
-                fake.calls.append(("free_pinned",))
-
-        self.Error, self.MemoryError, self.LaunchError = Error, MemoryError, LaunchError
-        self.Context, self.Device, self.Stream = Context, Device, Stream
-        self._Allocation, self._HostAllocation = Allocation, HostAllocation
-
-    def init(self, flags=0):
-        self.calls.append(("init",))
-
-    def mem_get_info(self):
-        return self.total - self.used, self.total
-
-    def mem_alloc(self, nbytes):
-        if self.used + nbytes > self.total:
-            raise self.MemoryError("cuMemAlloc failed: out of memory")
-        alloc = self._Allocation(nbytes)
-        self.used += nbytes
-        self.memory[alloc.ptr] = alloc.array
-        self.calls.append(("mem_alloc", nbytes))
-        return alloc
-
-    def pagelocked_empty(self, shape, dtype):
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        holder = self._HostAllocation(max(nbytes, 1))
-        arr = np.ndarray(shape, dtype, buffer=holder)
-        self.pinned[arr.ctypes.data] = nbytes
-        return arr
-
-    def _is_pinned(self, arr):
-        start = arr.ctypes.data
-        return any(p <= start and start + arr.nbytes <= p + n for p, n in self.pinned.items())
-
-    def _check_device(self, ptr, nbytes):
-        assert any(p <= ptr and ptr + nbytes <= p + a.nbytes for p, a in self.memory.items()), \
-            "copy outside our device allocations"
-
-    def memcpy_htod_async(self, dst, src, stream=None):
-        assert stream is not None, "copies must go to our stream, not the default one"
-        self._check_device(int(dst), src.nbytes)
-        self.calls.append(("htod", int(dst), src.nbytes, self._is_pinned(src)))
-        ctypes.memmove(int(dst), src.ctypes.data, src.nbytes)
-
-    def memcpy_dtoh_async(self, dst, src, stream=None):
-        assert stream is not None, "copies must go to our stream, not the default one"
-        self._check_device(int(src), dst.nbytes)
-        self.calls.append(("dtoh", int(src), dst.nbytes, self._is_pinned(dst)))
-        ctypes.memmove(dst.ctypes.data, int(src), dst.nbytes)
-
-    def names(self):
-        return [c[0] for c in self.calls]
 
 
 @pytest.fixture
@@ -256,6 +126,8 @@ def test_unpinned_sources_go_through_a_pinned_staging_buffer(fake_cuda):
     rt.to_device(dst.ptr, np.arange(12, dtype=np.uint8))  # ordinary numpy memory
     copies = [c for c in fake_cuda.calls if c[0] == "htod"]
     assert [c[3] for c in copies] == [True, True]
+    assert not fake_cuda.memory[dst.ptr].any()  # queued, not run: the stream has not been synchronised
+    rt.synchronize()
     assert list(fake_cuda.memory[dst.ptr]) == list(range(12))
     rt.stop()
 
@@ -285,217 +157,11 @@ def test_create_runtime_picks_cuda_when_a_device_exists(fake_cuda):
     assert "retain_primary_context" not in fake_cuda.names()  # probing takes no context
 
 
-# --- fake tensorrt --------------------------------------------------------------------------------
+# --- fake tensorrt: every test that takes fake_trt runs against a TensorRT-10-like and an 11-like one
 
-class _Enum:
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return f"DataType.{self.name}"
-
-
-class FakeTRT(types.ModuleType):
-    """The name-based TensorRT 10 API surface that TensorRTEngine uses."""
-
-    def __init__(self, version: str = "10.9.0.34", cc: tuple[int, int] = (9, 0), builder: bool = True,
-                 name: str = "tensorrt") -> None:
-        super().__init__(name)
-        self.__version__, self.cc = version, cc
-        self.builds, self.contexts, self.profiles = 0, [], []
-        trt = self
-
-        class TensorIOMode:
-            INPUT, OUTPUT, NONE = "INPUT", "OUTPUT", "NONE"
-
-        class DataType:
-            FLOAT, HALF, UINT8, INT32 = _Enum("FLOAT"), _Enum("HALF"), _Enum("UINT8"), _Enum("INT32")
-
-        class ILogger:
-            class Severity:
-                INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-            def __init__(self):
-                pass
-
-        class Logger(ILogger):
-            WARNING = 2
-
-            def __init__(self, level=2):
-                pass
-
-            def log(self, severity, msg):
-                pass
-
-        self.TensorIOMode, self.DataType, self.ILogger, self.Logger = TensorIOMode, DataType, ILogger, Logger
-
-        class Runtime:
-            def __init__(self, logger):
-                self.logger = logger
-
-            def deserialize_cuda_engine(self, plan):
-                header, _, onnx_bytes = bytes(plan).partition(b"\n")
-                meta = json.loads(header)
-                if meta["version"] != trt.__version__:
-                    self.logger.log(ILogger.Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 6: "
-                                    f"The engine plan file is not compatible with this version of TensorRT, "
-                                    f"expecting library version {trt.__version__} got {meta['version']}")
-                    return None
-                if tuple(meta["cc"]) != trt.cc:
-                    self.logger.log(ILogger.Severity.ERROR, "The engine plan file is generated on an "
-                                    f"incompatible device, expecting compute {trt.cc} got {meta['cc']}")
-                    return None
-                return FakeEngine(trt, meta, onnx_bytes)
-
-        self.Runtime = Runtime
-        if builder:
-            self.Builder, self.OnnxParser = FakeBuilder, FakeParser
-            self.BuilderFlag = types.SimpleNamespace(FP16="FP16")
-
-
-def plan_bytes(trt_version, cc, inp, outputs, profile, onnx_bytes):
-    header = {"version": trt_version, "cc": list(cc), "input": inp, "outputs": outputs, "profile": profile}
-    return json.dumps(header).encode() + b"\n" + onnx_bytes
-
-
-class FakeEngine:
-    def __init__(self, trt, meta, onnx_bytes):
-        self.trt, self.meta = trt, meta
-        self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-        self.names = [meta["input"]["name"], *[o["name"] for o in meta["outputs"]]]
-
-    @property
-    def num_io_tensors(self):
-        return len(self.names)
-
-    def get_tensor_name(self, i):
-        return self.names[i]
-
-    def get_tensor_mode(self, name):
-        return self.trt.TensorIOMode.INPUT if name == self.names[0] else self.trt.TensorIOMode.OUTPUT
-
-    def _tensor(self, name):
-        return self.meta["input"] if name == self.names[0] else next(o for o in self.meta["outputs"]
-                                                                      if o["name"] == name)
-
-    def get_tensor_shape(self, name):
-        return tuple(self._tensor(name)["shape"])
-
-    def get_tensor_dtype(self, name):
-        return getattr(self.trt.DataType, self._tensor(name)["dtype"])
-
-    def get_tensor_profile_shape(self, name, profile_index):
-        assert name == self.names[0] and profile_index == 0
-        tail = self.meta["input"]["shape"][1:]
-        return tuple((b, *tail) for b in self.meta["profile"])
-
-    def create_execution_context(self):
-        ctx = FakeContext(self)
-        self.trt.contexts.append(ctx)
-        return ctx
-
-
-class FakeContext:
-    def __init__(self, engine):
-        self.engine, self.shapes, self.addresses, self.calls = engine, {}, {}, []
-
-    def set_input_shape(self, name, shape):
-        self.calls.append(("set_input_shape", name, tuple(shape)))
-        lo, hi = self.engine.meta["profile"][0], self.engine.meta["profile"][2]
-        self.shapes[name] = tuple(shape)
-        return lo <= shape[0] <= hi
-
-    def get_tensor_shape(self, name):
-        rows = self.shapes[self.engine.names[0]][0]
-        return (rows, *self.engine.get_tensor_shape(name)[1:])
-
-    def set_tensor_address(self, name, ptr):
-        self.calls.append(("set_tensor_address", name, ptr))
-        self.addresses[name] = ptr
-        return True
-
-    def execute_async_v3(self, stream_handle):
-        self.calls.append(("execute_async_v3", stream_handle))
-        meta = self.engine.meta
-        shape = self.shapes[meta["input"]["name"]]
-        dtype = np.dtype({"UINT8": np.uint8, "FLOAT": np.float32}[meta["input"]["dtype"]])
-        x = np.empty(shape, dtype)
-        ctypes.memmove(x.ctypes.data, self.addresses[meta["input"]["name"]], x.nbytes)
-        feed_name = self.engine.session.get_inputs()[0].name
-        for name, value in zip([o.name for o in self.engine.session.get_outputs()],
-                               self.engine.session.run(None, {feed_name: x}), strict=True):
-            value = np.ascontiguousarray(value)
-            ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
-        return True
-
-
-class FakeNetwork:
-    def __init__(self):
-        self.onnx_bytes, self.inputs, self.outputs = b"", [], []
-
-    def get_input(self, i):
-        return self.inputs[i]
-
-
-class FakeParser:
-    def __init__(self, network, logger):
-        self.network, self.errors = network, []
-
-    def parse(self, data):
-        model = onnx.load_from_string(data)
-        self.network.onnx_bytes = data
-
-        def shape(v):
-            return tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim)
-
-        self.network.inputs = [types.SimpleNamespace(name=i.name, shape=shape(i)) for i in model.graph.input]
-        self.network.outputs = [types.SimpleNamespace(name=o.name, shape=shape(o)) for o in model.graph.output]
-        return True
-
-    @property
-    def num_errors(self):
-        return len(self.errors)
-
-
-class FakeBuilder:
-    trt: FakeTRT
-
-    def __init__(self, logger):
-        self.logger = logger
-
-    def create_network(self, flags=0):
-        assert flags == 0
-        return FakeNetwork()
-
-    def create_optimization_profile(self):
-        profile = types.SimpleNamespace(shapes={})
-        profile.set_shape = lambda name, lo, opt, hi: profile.shapes.__setitem__(name, (lo, opt, hi))
-        return profile
-
-    def build_serialized_network(self, network, config):
-        trt = sys.modules["tensorrt"]
-        trt.builds += 1
-        (name, (lo, opt, hi)), = config.profiles[0].shapes.items()
-        trt.profiles.append((lo, opt, hi))
-        inp = network.inputs[0]
-        outputs = [{"name": o.name, "shape": list(o.shape), "dtype": "FLOAT"} for o in network.outputs]
-        return plan_bytes(trt.__version__, trt.cc, {"name": inp.name, "shape": list(inp.shape), "dtype": "UINT8"},
-                          outputs, [lo[0], opt[0], hi[0]], network.onnx_bytes)
-
-
-def _config_factory():
-    config = types.SimpleNamespace(profiles=[], flags=[])
-    config.add_optimization_profile = lambda p: config.profiles.append(p) or 0
-    config.set_flag = lambda f: config.flags.append(f)
-    return config
-
-
-FakeBuilder.create_builder_config = lambda self: _config_factory()
-
-
-@pytest.fixture
-def fake_trt(monkeypatch) -> FakeTRT:
-    trt = FakeTRT()
+@pytest.fixture(params=[10, 11], ids=["trt10", "trt11"])
+def fake_trt(request, monkeypatch) -> FakeTRT:
+    trt = FakeTRT(request.param)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     return trt
 
@@ -594,11 +260,13 @@ def test_cache_key_covers_onnx_tensorrt_gpu_and_profile():
 
 
 @pytest.mark.parametrize("built_with, built_on, said", [
-    ("10.3.0.26", (9, 0), "expecting library version 10.9.0.34 got 10.3.0.26"),
-    ("10.9.0.34", (8, 6), "incompatible device"),
+    ("10.3.0.26", (9, 0), "expecting library version {version} got 10.3.0.26"),
+    ("", (8, 6), "incompatible device"),
 ])
 def test_a_plan_from_another_tensorrt_or_gpu_stops_start_up_clearly(tmp_path, fake_cuda, fake_trt,
                                                                     built_with, built_on, said):
+    built_with = built_with or fake_trt.__version__
+    said = said.format(version=fake_trt.__version__)
     plan = tmp_path / "model.plan"
     plan.write_bytes(plan_bytes(built_with, built_on, {"name": "x", "shape": [-1, 4, 5, 3], "dtype": "UINT8"},
                                 [], [1, 4, 8], onnx.load(means_model(tmp_path / "m.onnx")).SerializeToString()))
@@ -609,7 +277,7 @@ def test_a_plan_from_another_tensorrt_or_gpu_stops_start_up_clearly(tmp_path, fa
     with pytest.raises(EngineLoadError) as info:
         engine.activate(rt, 4)
     text = str(info.value)
-    assert "TensorRT 10.9.0.34 cannot load model.plan on Fake H100" in text
+    assert f"TensorRT {fake_trt.__version__} cannot load model.plan on Fake H100" in text
     assert "compute capability 9.0" in text and "rebuild it here" in text and said in text
     assert fake_cuda.memory == {}
     rt.stop()
@@ -627,7 +295,8 @@ def wrapped_plan(tmp_path, profile=(1, 4, 8), batch=-1, float_input=False):
         inp = {"name": "image_u8", "shape": [batch, 4, 5, 3], "dtype": "UINT8"}
     outputs = [{"name": n, "shape": [batch, 3], "dtype": "FLOAT"} for n in ("means", "maxes")]
     path = tmp_path / "model.engine"
-    path.write_bytes(plan_bytes("10.9.0.34", (9, 0), inp, outputs, list(profile), model.SerializeToString()))
+    version = sys.modules["tensorrt"].__version__ if sys.modules.get("tensorrt") else "10.9.0.34"
+    path.write_bytes(plan_bytes(version, (9, 0), inp, outputs, list(profile), model.SerializeToString()))
     return str(path)
 
 
@@ -673,7 +342,9 @@ def test_prebuilt_plan_with_float_input_normalises_on_the_device_with_onnxruntim
         return sess
 
     monkeypatch.setattr(ort_engine, "cuda_session", fake_cuda_session)
-    monkeypatch.setattr(ort_engine, "run_bound", lambda s, b, o, what, rt: s.run_with_iobinding(b.inner, o))
+    # ONNX Runtime on our stream: its kernels run when the stream does (at the synchronisation).
+    monkeypatch.setattr(ort_engine, "run_bound", lambda s, b, o, what, rt: fake_cuda.enqueue(
+        rt.stream_handle, "onnxruntime", lambda: s.run_with_iobinding(b.inner, o)))
     spec = ModelSpec(name="f", path=wrapped_plan(tmp_path, float_input=True), preprocess=PRE, backend="tensorrt")
     rt = CudaRuntime(0)
     rt.start()
@@ -753,3 +424,268 @@ def test_importing_the_engines_needs_no_gpu_packages():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "ok"
+
+
+# --- what real TensorRT refuses, and the paths the old double never took ------------------------------
+
+def layout_model(path, pre: Preprocess, batch="N") -> str:
+    """pre.dtype, pre.layout input -> per-channel means and maxes as float32 [N, C]."""
+    elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "uint8": TensorProto.UINT8}[pre.dtype]
+    x = helper.make_tensor_value_info("pixels", elem, [batch, *pre.model_input_shape])
+    axes = [2, 3] if pre.layout == "nchw" else [1, 2]
+    nodes = [helper.make_node("Cast", ["pixels"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["f"], ["means"], axes=axes, keepdims=0),
+             helper.make_node("ReduceMax", ["f"], ["maxes"], axes=axes, keepdims=0)]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [batch, pre.channels]) for n in ("means", "maxes")]
+    model = helper.make_model(helper.make_graph(nodes, "layout", [x], outs), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def numpy_reference(batch: np.ndarray, pre: Preprocess) -> dict[str, np.ndarray]:
+    """Written out here, not worker.models.preprocess: N H W C uint8 -> what the model sees, reduced."""
+    x = batch.astype(np.float64)
+    if pre.dtype != "uint8":
+        x = x * pre.scale
+        if pre.mean:
+            x = x - np.array(pre.mean)
+        if pre.std:
+            x = x / np.array(pre.std)
+        x = x.astype(np.dtype(pre.dtype)).astype(np.float64)
+    return {"means": x.mean(axis=(1, 2)), "maxes": x.max(axis=(1, 2))}
+
+
+def check_batches(rt, engine, pre, sizes, rtol=1e-5, seed=0):
+    rng = np.random.default_rng(seed)
+    for n in sizes:
+        batch = rng.integers(0, 256, size=(n, *pre.hwc_shape), dtype=np.uint8)
+        collector = engine.enqueue(batch)
+        rt.synchronize()
+        out = collector()
+        for name, want in numpy_reference(batch, pre).items():
+            assert out[name].shape == (n, pre.channels)
+            np.testing.assert_allclose(out[name], want, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("batch", ["N", 4], ids=["dynamic-batch", "fixed-batch"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint8"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_every_wrapped_variant_passes_the_parser_builds_and_runs(tmp_path, fake_cuda, fake_trt, layout, dtype,
+                                                                 batch):
+    norm = {} if dtype == "uint8" else {"scale": 1 / 255, "mean": (0.5, 0.25, 0.125), "std": (0.5, 0.25, 2.0)}
+    pre = Preprocess(width=5, height=4, layout=layout, dtype=dtype, **norm)
+    spec = ModelSpec(name="v", path=layout_model(tmp_path / "v.onnx", pre, batch), preprocess=pre,
+                     backend="tensorrt")
+    rt = CudaRuntime(0)
+    rt.start()
+    engine = TensorRTEngine(spec, settings(tmp_path))
+    engine.activate(rt, 4)
+    assert engine.source == "build" and fake_trt.builds == 1
+    check_batches(rt, engine, pre, [1, 3, 4, 2], rtol=1e-3 if dtype == "float16" else 1e-5)
+    shapes = [c for c in fake_trt.contexts[0].calls if c[0] == "set_input_shape"]
+    if batch == 4:  # a fixed batch: no profile, no shape to set, smaller batches padded to 4
+        assert fake_trt.profiles == [((4, 4, 5, 3),) * 3] and shapes == []
+        assert fake_trt.configs[0].profiles == []
+    else:
+        assert [c[2][0] for c in shapes] == [4, 1, 3, 4, 2]
+    engine.deactivate()
+    rt.stop()
+
+
+def test_a_uint8_intermediate_is_refused_by_the_parser_with_its_words(tmp_path, fake_cuda, fake_trt):
+    """What the old wrapper did (Transpose on uint8 before the Cast) and what real TensorRT said to it."""
+    pre = Preprocess(width=5, height=4, layout="nchw", dtype="uint8")
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 3, 4, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, ["N", 3, 5, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Transpose", ["x"], ["y"], perm=[0, 1, 3, 2])],
+                                                "t", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "t.onnx"))
+    spec = ModelSpec(name="t", path=str(tmp_path / "t.onnx"), preprocess=pre, backend="tensorrt")
+    rt = CudaRuntime(0)
+    rt.start()
+    with pytest.raises(EngineLoadError) as info:
+        TensorRTEngine(spec, settings(tmp_path)).activate(rt, 4)
+    text = str(info.value)
+    assert "TensorRT's ONNX parser refused the model" in text
+    assert "node 0: TensorRT does not support UINT8 types for intermediate tensors" in text
+    assert "(UNSUPPORTED_NODE)" in text and "ParserError object" not in text
+    assert fake_trt.builds == 0 and fake_cuda.memory == {}
+    rt.stop()
+
+
+def test_fixed_batch_plan_pads_small_batches_and_never_sets_a_shape(tmp_path, fake_cuda, fake_trt):
+    spec = ModelSpec(name="f", path=wrapped_plan(tmp_path, batch=4), preprocess=PRE, backend="tensorrt")
+    rt = CudaRuntime(0)
+    rt.start()
+    with pytest.raises(ConfigError, match="batches of exactly 4; set max_batch_size <= 4"):
+        TensorRTEngine(spec, settings(tmp_path)).activate(rt, 6)
+    engine = TensorRTEngine(spec, settings(tmp_path))
+    engine.activate(rt, 4)
+    run_batches(rt, engine, [1, 4, 3])
+    ctx = fake_trt.contexts[-1]
+    assert [c for c in ctx.calls if c[0] == "set_input_shape"] == [] and ctx.runs == 3
+    engine.deactivate()
+    rt.stop()
+
+
+def test_fixed_batch_onnx_larger_than_max_batch_size_is_refused_before_building(tmp_path, fake_cuda, fake_trt):
+    spec = ModelSpec(name="f", path=means_model(tmp_path / "f.onnx", batch=2), preprocess=PRE, backend="tensorrt")
+    rt = CudaRuntime(0)
+    rt.start()
+    with pytest.raises(ConfigError, match="the ONNX model takes batches of exactly 2; set max_batch_size <= 2"):
+        TensorRTEngine(spec, settings(tmp_path)).activate(rt, 4)
+    assert fake_trt.builds == 0
+    rt.stop()
+
+
+def test_results_exist_only_after_the_stream_is_synchronised(tmp_path, fake_cuda, fake_trt):
+    spec = ModelSpec(name="mm", path=means_model(tmp_path / "mm.onnx"), preprocess=PRE, backend="tensorrt")
+    rt = CudaRuntime(0)
+    rt.start()
+    engine = TensorRTEngine(spec, settings(tmp_path))
+    engine.activate(rt, 4)
+    batch = np.full((2, *PRE.hwc_shape), 255, np.uint8)
+    collector = engine.enqueue(batch)
+    assert [w for w, _ in fake_cuda.queue] == ["htod", "execute_async_v3", "dtoh", "dtoh"]
+    early = {k: v.copy() for k, v in collector().items()}
+    assert not early["means"].any()  # nothing has run yet: reading before synchronize reads garbage
+    rt.synchronize()
+    np.testing.assert_allclose(collector()["maxes"], reference(batch)["maxes"], rtol=1e-6)
+    engine.deactivate()
+    rt.stop()
+
+
+def test_fp16_the_way_each_major_intends(tmp_path, fake_cuda, fake_trt):
+    pytest.importorskip("onnxconverter_common")
+    spec = ModelSpec(name="h", path=means_model(tmp_path / "h.onnx"), preprocess=PRE, backend="tensorrt",
+                     extra={"fp16": True})
+    rt = CudaRuntime(0)
+    rt.start()
+    engine = TensorRTEngine(spec, settings(tmp_path))
+    engine.activate(rt, 4)
+    config = fake_trt.configs[0]
+    built = onnx.load_from_string(fake_trt.networks[0].onnx_bytes)
+    halves = [t.name for t in built.graph.initializer if t.data_type == TensorProto.FLOAT16]
+    halves += [n.name for n in built.graph.node if n.op_type == "Cast"
+               and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in n.attribute)]
+    if fake_trt.major >= 11:  # strongly typed: the model itself is float16, no flag exists
+        assert config.flags == [] and halves
+    else:  # weakly typed: the model stays float32, the flag lets TensorRT choose float16 kernels
+        assert config.flags == ["FP16"] and not halves
+    assert [i.type.tensor_type.elem_type for i in built.graph.input] == [TensorProto.UINT8]
+    assert {o.type.tensor_type.elem_type for o in built.graph.output} == {TensorProto.FLOAT}
+    run_batches_fp16 = [1, 4]
+    rng = np.random.default_rng(2)
+    for n in run_batches_fp16:
+        batch = rng.integers(0, 256, size=(n, *PRE.hwc_shape), dtype=np.uint8)
+        collector = engine.enqueue(batch)
+        rt.synchronize()
+        np.testing.assert_allclose(collector()["means"], reference(batch)["means"], rtol=2e-3, atol=2e-3)
+    engine.deactivate()
+    rt.stop()
+
+
+def test_fp16_on_tensorrt_11_without_the_converter_is_a_config_error(tmp_path, fake_cuda, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTRT(11))
+    monkeypatch.setitem(sys.modules, "onnxconverter_common", None)
+    spec = ModelSpec(name="h", path=means_model(tmp_path / "h.onnx"), preprocess=PRE, backend="tensorrt",
+                     extra={"fp16": True})
+    rt = CudaRuntime(0)
+    rt.start()
+    with pytest.raises(ConfigError, match=r"strongly typed networks only; BuilderFlag.FP16 is gone\). Install"):
+        TensorRTEngine(spec, settings(tmp_path)).activate(rt, 4)
+    rt.stop()
+
+
+def test_the_doubles_expose_only_their_majors_enums():
+    ten, eleven = FakeTRT(10), FakeTRT(11)
+    assert ten.BuilderFlag.FP16 and ten.NetworkDefinitionCreationFlag.EXPLICIT_BATCH
+    for missing in ("FP16", "INT8", "BF16", "FP8", "OBEY_PRECISION_CONSTRAINTS"):
+        assert not hasattr(eleven.BuilderFlag, missing)
+    assert not hasattr(eleven.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    logger = ten.Logger(ten.Logger.WARNING)
+    with pytest.raises(AttributeError):
+        logger.errors = []  # what the old fallback did: a pybind11 class takes no new attributes
+
+    class Forgot(ten.ILogger):
+        def __init__(self):
+            pass  # no ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            pass
+
+    with pytest.raises(TypeError, match="must be called"):
+        ten.Runtime(Forgot())
+
+
+def test_a_logger_that_cannot_be_subclassed_falls_back_to_trt_logger(tmp_path, fake_cuda, monkeypatch):
+    trt = FakeTRT(10, subclassable_logger=False)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    spec = ModelSpec(name="mm", path=means_model(tmp_path / "mm.onnx"), preprocess=PRE, backend="tensorrt")
+    rt = CudaRuntime(0)
+    rt.start()
+    engine = TensorRTEngine(spec, settings(tmp_path))
+    engine.activate(rt, 4)
+    run_batches(rt, engine, [2])
+    engine.deactivate()
+    rt.stop()
+
+
+def test_timing_cache_is_kept_beside_the_engines_and_reused(tmp_path, fake_cuda, fake_trt):
+    rt = CudaRuntime(0)
+    rt.start()
+    first = TensorRTEngine(ModelSpec(name="a", path=means_model(tmp_path / "a.onnx"), preprocess=PRE,
+                                     backend="tensorrt"), settings(tmp_path))
+    first.activate(rt, 4)
+    path = first.timing_cache_path
+    assert path.parent == first.cache_path.parent and path.is_file()
+    assert path.name == f"timing-{timing_cache_key(fake_trt.__version__, 'Fake H100', (9, 0))}.cache"
+    saved = path.read_bytes()
+    first.deactivate()
+    second = TensorRTEngine(ModelSpec(name="b", path=means_model(tmp_path / "b.onnx"), preprocess=PRE,
+                                      backend="tensorrt"), settings(tmp_path))
+    second.activate(rt, 2)  # another profile: another build, from the same timing cache
+    assert second.source == "build" and second.timing_cache_path == path
+    assert fake_trt.configs[1].timing_cache.serialize() == path.read_bytes()
+    assert saved  # the second build started from what the first saved:
+    assert set(fake_trt.configs[1].timing_cache.entries) >= set(json_entries(saved))
+    second.deactivate()
+    path.write_bytes(b"not a timing cache")  # unusable: ignored, the build goes on and rewrites it
+    third = TensorRTEngine(ModelSpec(name="c", path=means_model(tmp_path / "c.onnx"), preprocess=PRE,
+                                     backend="tensorrt"), settings(tmp_path))
+    third.activate(rt, 3)
+    assert third.source == "build" and json_entries(path.read_bytes())
+    third.deactivate()
+    rt.stop()
+
+
+def json_entries(data: bytes) -> list:
+    import json
+
+    return json.loads(data)["entries"]
+
+
+def test_timing_cache_key_covers_tensorrt_and_gpu_only():
+    base = timing_cache_key("10.9.0", "NVIDIA H100", (9, 0))
+    assert base == timing_cache_key("10.9.0", "NVIDIA H100", (9, 0))
+    assert len({base, timing_cache_key("10.10.0", "NVIDIA H100", (9, 0)),
+                timing_cache_key("10.9.0", "NVIDIA H200", (9, 0)),
+                timing_cache_key("10.9.0", "NVIDIA H100", (8, 9))}) == 4
+
+
+def test_workspace_limit_reaches_the_builder_and_the_cache_key(tmp_path, fake_cuda, fake_trt):
+    spec = ModelSpec(name="mm", path=means_model(tmp_path / "mm.onnx"), preprocess=PRE, backend="tensorrt")
+    rt = CudaRuntime(0)
+    rt.start()
+    plain = TensorRTEngine(spec, settings(tmp_path))
+    plain.activate(rt, 4)
+    plain.deactivate()
+    limited = TensorRTEngine(spec, settings(tmp_path, trt_workspace_bytes=1 << 28))
+    limited.activate(rt, 4)
+    assert fake_trt.configs[0].pools == {} and fake_trt.configs[1].pools == {"WORKSPACE": 1 << 28}
+    assert limited.source == "build" and limited.cache_path != plain.cache_path
+    assert limited.timing_cache_path == plain.timing_cache_path
+    limited.deactivate()
+    with pytest.raises(ConfigError, match="trt_workspace_bytes=-1"):
+        TensorRTEngine(spec, settings(tmp_path, trt_workspace_bytes=-1)).activate(rt, 4)
+    rt.stop()

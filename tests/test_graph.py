@@ -29,6 +29,11 @@ def passthrough_model(pre: Preprocess, name: str = "x", batch: int | str = "n", 
     elem = ELEM[pre.dtype]
     x = helper.make_tensor_value_info(name, elem, [batch, *pre.model_input_shape])
     shape = [batch, *pre.model_input_shape]
+    if pre.dtype == "uint8":  # as a uint8 model does: cast its input first (TensorRT takes nothing else)
+        same = helper.make_tensor_value_info("same", TensorProto.FLOAT, shape)
+        graph = helper.make_graph([helper.make_node("Cast", [name], ["same"], to=TensorProto.FLOAT)],
+                                  "passthrough", [x], [same])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
     outs = [helper.make_tensor_value_info("same", elem, shape)]
     nodes = [helper.make_node("Identity", [name], ["same"])]
     if pre.dtype != "uint8":
@@ -83,7 +88,7 @@ def test_identity_steps_are_left_out():
     assert ops[:1] == ["Cast"] and "Mul" not in ops and "Transpose" not in ops
     pre = Preprocess(width=4, height=4, layout="nchw", scale=0.5, mean=(1.0,), std=(2.0,), dtype="float16")
     ops = [n.op_type for n in preprocessing_only_model(pre).graph.node]
-    assert ops == ["Transpose", "Cast", "Mul", "Sub", "Div", "Cast"]
+    assert ops == ["Cast", "Transpose", "Mul", "Sub", "Div", "Cast"]
 
 
 def test_real_ops_downstream():
@@ -141,3 +146,79 @@ def test_mismatches_are_config_errors():
     wrapped = with_device_preprocessing(passthrough_model(pre), pre)
     with pytest.raises(ConfigError, match="already has a tensor named 'image_u8'"):
         with_device_preprocessing(wrapped, Preprocess(width=4, height=4, dtype="uint8", layout="nhwc"), INPUT_NAME)
+
+
+# --- TensorRT's rule: uint8 only as a graph input or output --------------------------------------
+
+def inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Every tensor's type after ONNX shape inference (strict: an op that cannot type its output fails)."""
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    g = inferred.graph
+    types = {v.name: v.type for v in [*g.input, *g.value_info, *g.output]}
+    types.update({t.name: onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)) for t in g.initializer})
+    untyped = [o for n in g.node for o in n.output if o not in types]
+    assert not untyped, f"shape inference left {untyped} untyped"
+    return types
+
+
+def shape_of(t: onnx.TypeProto) -> list:
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("batch", ["n", 3], ids=["dynamic-batch", "fixed-batch"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_wrapped_graph_has_no_uint8_tensor_but_the_input(case, batch):
+    pre = Preprocess(width=6, height=5, **case)
+    wrapped = with_device_preprocessing(passthrough_model(pre, batch=batch), pre)
+    types = inferred_types(wrapped)
+    uint8 = sorted(n for n, t in types.items() if t.tensor_type.elem_type == TensorProto.UINT8)
+    assert uint8 == [INPUT_NAME]
+    assert shape_of(types[INPUT_NAME]) == [batch, 5, 6, pre.channels]
+    # The model's outputs keep the model's own types and shapes: nothing downstream changed.
+    for out in wrapped.graph.output:
+        assert shape_of(types[out.name]) == [batch, *pre.model_input_shape]
+        want = TensorProto.FLOAT if pre.dtype == "uint8" else ELEM[pre.dtype]
+        assert types[out.name].tensor_type.elem_type == want
+    # The first node reads image_u8 and is a Cast (or, for uint8 NHWC, the model's own first node).
+    readers = [n.op_type for n in wrapped.graph.node if INPUT_NAME in n.input]
+    assert readers == ["Cast"]
+
+
+def test_uint8_nhwc_model_is_fed_directly():
+    pre = Preprocess(width=4, height=3, layout="nhwc", dtype="uint8")
+    model = passthrough_model(pre)
+    wrapped = with_device_preprocessing(model, pre)
+    assert [n.op_type for n in wrapped.graph.node] == ["Cast"]  # the model's own node, nothing added
+    batch = RNG.integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
+    assert np.array_equal(session(wrapped).run(None, {INPUT_NAME: batch})[0], batch.astype(np.float32))
+
+
+def test_uint8_nchw_model_with_other_readers_keeps_a_uint8_transpose():
+    """Not rewired (its first node is no Cast): ONNX Runtime runs it; the uint8 tensor is named here."""
+    pre = Preprocess(width=4, height=3, layout="nchw", dtype="uint8")
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, ["n", 3, 3, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, ["n", 3, 4, 3])
+    model = helper.make_model(helper.make_graph([helper.make_node("Transpose", ["x"], ["y"], perm=[0, 1, 3, 2])],
+                                                "t", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    wrapped = with_device_preprocessing(model, pre)
+    types = inferred_types(wrapped)
+    assert sorted(n for n, t in types.items() if t.tensor_type.elem_type == TensorProto.UINT8) == [INPUT_NAME, "x", "y"]
+    batch = RNG.integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
+    got = session(wrapped).run(None, {INPUT_NAME: batch})[0]
+    assert np.array_equal(got, batch.transpose(0, 3, 2, 1))
+
+
+def test_uint8_input_read_in_a_subgraph_is_renamed_there_too():
+    pre = Preprocess(width=2, height=2, layout="nhwc", dtype="uint8")
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, ["n", 2, 2, 3])
+    flag = helper.make_tensor_value_info("flag", TensorProto.BOOL, [])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 2, 3])
+    branch = helper.make_graph([helper.make_node("Cast", ["x"], ["b"], to=TensorProto.FLOAT)], "branch", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 2, 2, 3])])
+    node = helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=branch)
+    model = helper.make_model(helper.make_graph([node], "sub", [x, flag], [out]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    wrapped = with_device_preprocessing(model, pre, "x")
+    batch = RNG.integers(0, 256, (1, 2, 2, 3), dtype=np.uint8)
+    got = session(wrapped).run(None, {INPUT_NAME: batch, "flag": np.array(True)})[0]
+    assert np.array_equal(got, batch.astype(np.float32))

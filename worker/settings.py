@@ -95,6 +95,10 @@ class Settings:
     engine_cache_dir: str = _opt(
         "", "Where TensorRT engines built from ONNX files are cached. Empty: ~/.cache/gpu-worker/engines."
     )
+    trt_workspace_bytes: int = _opt(
+        0, "TensorRT builder workspace limit in bytes (IBuilderConfig.set_memory_pool_limit(WORKSPACE)): the "
+           "most scratch memory a layer's kernels may use, so larger allows faster tactics. Part of the engine "
+           "cache key. 0: TensorRT's default (the device's memory).")
     gil_switch_interval_ms: float = _opt(
         0.0, "Python's GIL switch interval (sys.setswitchinterval). The GPU thread drops the GIL in every "
              "CUDA and ONNX Runtime call and must win it back from the decode threads each time; a "

@@ -571,6 +571,8 @@ def test_tensorrt_engine_built_from_onnx_matches_the_reference_and_is_cached(tmp
     rng = np.random.default_rng(5)
     batches = [rng.integers(0, 256, size=(n, 64, 64, 3), dtype=np.uint8) for n in range(1, 9)]
 
+    timing_caches = []
+
     def gpu_work():
         runtime = create_runtime(settings)
         runtime.start()
@@ -580,6 +582,7 @@ def test_tensorrt_engine_built_from_onnx_matches_the_reference_and_is_cached(tmp
                 engine = create_engine(spec, settings)
                 engine.activate(runtime, 8)
                 sources.append(engine.source)
+                timing_caches.append(engine.timing_cache_path)
                 for batch in batches:
                     collect = engine.enqueue(batch)
                     runtime.synchronize()
@@ -592,6 +595,9 @@ def test_tensorrt_engine_built_from_onnx_matches_the_reference_and_is_cached(tmp
     sources, outs = on_own_thread(gpu_work)
     print(f"\ntensorrt {trt.__version__}: first start {sources[0]}, second start {sources[1]}")
     assert sources == ["build", "cache"]
+    # The build saved TensorRT's timing cache beside the engine (both under engine_cache_dir).
+    assert timing_caches[0] is not None and timing_caches[0].is_file()
+    assert timing_caches[0].parent == tmp_path / "engines"
     for batch, got in zip(batches * 2, outs, strict=True):
         np.testing.assert_allclose(got, channel_means_reference(batch.transpose(0, 3, 1, 2).astype(np.float32)),
                                    rtol=1e-5)

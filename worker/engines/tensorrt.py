@@ -15,7 +15,17 @@ Where the engine comes from:
   (so the engine itself takes uint8 NHWC and normalises on the device), built with one optimisation
   profile (1, opt, max_batch_size) on the batch dimension, and cached under ``engine_cache_dir`` keyed
   by the wrapped ONNX's hash, TensorRT version, GPU name, compute capability and the profile. The next
-  start loads the cached plan instead of building (minutes for large models).
+  start loads the cached plan instead of building (minutes for large models). A builder workspace
+  limit (``trt_workspace_bytes``) is part of that key. TensorRT's timing cache (the measured speed of
+  each kernel tactic) is kept beside the engines, keyed by TensorRT version, GPU name and compute
+  capability only: it is valid for every model on that GPU, so a second model or a rebuild skips the
+  measurements it shares with earlier builds.
+
+Precision: TensorRT 10 builds a weakly typed network and ``fp16: true`` (a pipeline key) sets
+``BuilderFlag.FP16``. TensorRT 11 only builds strongly typed networks: the ONNX model's own types are
+the precision, and ``BuilderFlag.FP16`` is gone. There ``fp16: true`` converts the ONNX model to
+float16 first (onnxconverter-common, the ``tensorrt-fp16`` extra; inputs and outputs stay float32),
+and refuses with a ConfigError where that package is missing.
 
 Per batch: copy the uint8 batch into our input buffer (async, our stream), ``set_input_shape`` when
 the batch size changed, ``execute_async_v3(stream)``, copy outputs into pinned host arrays (async). The
@@ -89,26 +99,75 @@ def default_cache_dir(settings: Any) -> Path:
     return Path(settings.engine_cache_dir or Path.home() / ".cache" / "gpu-worker" / "engines").expanduser()
 
 
-def _make_logger(trt: Any) -> Any:
-    """A TensorRT logger that also keeps the errors, so that start-up errors can quote them."""
+def timing_cache_key(trt_version: str, gpu_name: str, compute_capability: tuple[int, int]) -> str:
+    """What a timing cache depends on: TensorRT and the GPU model (not the network: it is shared)."""
+    return engine_cache_key(b"timing-cache", trt_version, gpu_name, compute_capability, (0, 0, 0))
+
+
+def trt_major(trt: Any) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+def _make_logger(trt: Any) -> tuple[Any, list[str]]:
+    """A TensorRT logger, and the list of the errors it logs (start-up errors quote them).
+
+    The list lives outside the logger: TensorRT's own ``trt.Logger`` (a pybind11 class) takes no new
+    attributes, so only a Python subclass of ``trt.ILogger`` could carry it.
+    """
+    errors: list[str] = []
     try:
         class _Logger(trt.ILogger):  # type: ignore[misc, name-defined]
             def __init__(self) -> None:
                 trt.ILogger.__init__(self)
-                self.errors: list[str] = []
 
             def log(self, severity: Any, msg: str) -> None:
                 if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                    self.errors.append(msg)
+                    errors.append(msg)
                     _log.error("tensorrt", message=msg)
                 elif severity == trt.ILogger.Severity.WARNING:
                     _log.warning("tensorrt", message=msg)
 
-        return _Logger()
+        return _Logger(), errors
     except Exception:  # noqa: BLE001 - a build whose ILogger cannot be subclassed still has Logger
-        logger = trt.Logger(trt.Logger.WARNING)
-        logger.errors = []
-        return logger
+        return trt.Logger(trt.Logger.WARNING), errors  # it prints; errors stays empty
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".writing-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic: a concurrent start never reads half a file
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _to_float16(model: Any, name: str) -> Any:
+    """The ONNX model in float16 with float32 inputs and outputs (TensorRT 11's way to fp16)."""
+    try:
+        from onnxconverter_common import float16  # type: ignore[import-not-found, import-untyped]
+    except ImportError:
+        raise ConfigError(
+            f"model {name}: fp16: true on TensorRT 11 means a float16 ONNX model (TensorRT 11 builds strongly "
+            f"typed networks only; BuilderFlag.FP16 is gone). Install the converter (pip install "
+            f"'gpu-kafka-worker[tensorrt-fp16]'), or convert the model yourself (ModelOpt AutoCast, "
+            f"onnxconverter-common) and drop fp16: true") from None
+    # The converter names the Casts it adds after the nodes they feed: unnamed nodes would give two
+    # Casts the same name, which ONNX Runtime and TensorRT refuse.
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = next(c for c in (f"{node.op_type}_{i}", *(f"{node.op_type}_{i}_{k}" for k in range(1, 999)))
+                             if c not in taken)
+            taken.add(node.name)
+    try:
+        return float16.convert_float_to_float16(model, keep_io_types=True)
+    except Exception as exc:  # noqa: BLE001 - the converter raises what its passes raise
+        raise ConfigError(f"model {name}: converting the ONNX model to float16 for TensorRT 11 failed: {exc}; "
+                          f"convert it yourself (ModelOpt AutoCast) and drop fp16: true") from exc
 
 
 class TensorRTEngine:
@@ -122,6 +181,8 @@ class TensorRTEngine:
         self._rt: Any = None
         self._trt: Any = None
         self._logger: Any = None
+        self._errors: list[str] = []  # what TensorRT's logger reported as errors
+        self.timing_cache_path: Path | None = None
         self._runtime: Any = None
         self._engine: Any = None
         self._context: Any = None
@@ -144,8 +205,9 @@ class TensorRTEngine:
 
         self._rt, self._max_batch = runtime, max_batch_size
         trt, has_builder = import_tensorrt()
-        self._trt, self._logger = trt, _make_logger(trt)
-        major = int(str(trt.__version__).split(".")[0])
+        self._logger, self._errors = _make_logger(trt)
+        self._trt = trt
+        major = trt_major(trt)
         if major < 10:
             raise ConfigError(f"TensorRT {trt.__version__} is too old: this worker uses the name-based API of "
                               f"TensorRT 10 or newer")
@@ -194,7 +256,7 @@ class TensorRTEngine:
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
-            said = "; ".join(self._logger.errors[-3:]) or "no message"
+            said = "; ".join(self._errors[-3:]) or "no message"
             raise EngineLoadError(
                 f"model {self.spec.name}: TensorRT {trt.__version__} cannot load {path.name} on {rt.device_name} "
                 f"(compute capability {'%d.%d' % tuple(rt.compute_capability)}). A plan only loads on the "
@@ -237,7 +299,7 @@ class TensorRTEngine:
                 f"[N, {', '.join(map(str, pre.model_input_shape))}]. Fix preprocess (size, color, layout, dtype)")
         ctx = self._engine.create_execution_context()
         if ctx is None:
-            said = "; ".join(self._logger.errors[-3:]) or "no message"
+            said = "; ".join(self._errors[-3:]) or "no message"
             raise DeviceError(f"model {self.spec.name}: TensorRT could not create an execution context on "
                               f"{rt.device_name} (usually out of device memory): {said}",
                               cuda_error="CUDA_ERROR_OUT_OF_MEMORY" if "memory" in said.lower() else "")
@@ -277,7 +339,7 @@ class TensorRTEngine:
     def _set_rows(self, rows: int) -> None:
         if rows != self._rows and not self._fixed:
             if not self._context.set_input_shape(self.input_name, (rows, *self._in_tail)):
-                said = "; ".join(self._logger.errors[-2:])
+                said = "; ".join(self._errors[-2:])
                 raise RuntimeError(f"model {self.spec.name}: TensorRT refused input shape "
                                    f"{[rows, *self._in_tail]}: {said}")
         self._rows = rows
@@ -292,53 +354,110 @@ class TensorRTEngine:
             model = onnx.load(str(onnx_path))
         except Exception as exc:  # onnx raises DecodeError, OSError, ... depending on what is wrong
             raise EngineLoadError(f"model {self.spec.name}: cannot read ONNX file {onnx_path}: {exc}") from exc
+        fp16 = bool(self.spec.extra.get("fp16"))
+        if fp16 and trt_major(trt) >= 11:
+            model = _to_float16(model, self.spec.name)
         wrapped = with_device_preprocessing(model, self.spec.preprocess, self.spec.input_name)
         onnx_bytes = wrapped.SerializeToString()
-        opt = int(self.spec.extra.get("opt_batch", max_batch))
-        profile = (1, min(max(opt, 1), max_batch), max_batch)
-        flags = ("fp16",) if self.spec.extra.get("fp16") else ()
+        first = wrapped.graph.input[0].type.tensor_type.shape.dim[0]
+        if first.HasField("dim_value") and first.dim_value > 0:  # a fixed batch: no profile to choose
+            fixed = first.dim_value
+            if max_batch > fixed:
+                raise ConfigError(f"model {self.spec.name}: the ONNX model takes batches of exactly {fixed}; "
+                                  f"set max_batch_size <= {fixed}")
+            profile = (fixed, fixed, fixed)
+        else:
+            opt = int(self.spec.extra.get("opt_batch", max_batch))
+            profile = (1, min(max(opt, 1), max_batch), max_batch)
+        workspace = int(getattr(self.settings, "trt_workspace_bytes", 0) or 0)
+        if workspace < 0:
+            raise ConfigError(f"trt_workspace_bytes={workspace}: give a size in bytes, or 0 for TensorRT's default")
+        flags = (("fp16",) if fp16 else ()) + ((f"workspace={workspace}",) if workspace else ())
         gpu = getattr(rt, "gpu_name", rt.device_name)
-        key = engine_cache_key(onnx_bytes, str(trt.__version__), gpu, tuple(rt.compute_capability), profile, flags)
+        cc = tuple(rt.compute_capability)
+        key = engine_cache_key(onnx_bytes, str(trt.__version__), gpu, cc, profile, flags)
         cache_dir = default_cache_dir(self.settings)
         self.cache_path = cache_dir / f"{self.spec.name}-{key}.engine"
+        self.timing_cache_path = cache_dir / f"timing-{timing_cache_key(str(trt.__version__), gpu, cc)}.cache"
         if self.cache_path.is_file():
             self.source = "cache"
             _log.info("tensorrt_engine_cache_hit", model=self.spec.name, path=str(self.cache_path))
             return self.cache_path.read_bytes()
         self.source = "build"
         started = time.monotonic()
-        plan = self._build(onnx_bytes, profile, flags)
+        plan = self._build(onnx_bytes, profile, fp16, workspace)
         seconds = time.monotonic() - started
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".building-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(plan)
-        os.replace(tmp, self.cache_path)  # atomic: a concurrent start never reads half a plan
+        _write_atomic(self.cache_path, plan)
         _log.info("tensorrt_engine_built", model=self.spec.name, seconds=round(seconds, 1), profile=profile,
                   tensorrt=str(trt.__version__), gpu=gpu, path=str(self.cache_path), bytes=len(plan))
         return plan
 
-    def _build(self, onnx_bytes: bytes, profile: tuple[int, int, int], flags: tuple[str, ...]) -> bytes:
+    def _parse_errors(self, parser: Any) -> str:
+        said = []
+        for i in range(parser.num_errors):
+            err = parser.get_error(i)
+            node = err.node()
+            where = f"node {node}: " if node >= 0 else ""
+            said.append(f"{where}{err.desc()} ({getattr(err.code(), 'name', err.code())})")
+        return "; ".join(said) or "; ".join(self._errors[-3:]) or "no message"
+
+    def _build(self, onnx_bytes: bytes, profile: tuple[int, int, int], fp16: bool, workspace: int) -> bytes:
         trt = self._trt
         builder = trt.Builder(self._logger)
-        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        # Flags 0: explicit batch, the only mode since TensorRT 10; weakly typed on 10 (so that
+        # BuilderFlag.FP16 may pick float16 kernels), strongly typed on 11 (its only mode).
+        network = builder.create_network(0)
         parser = trt.OnnxParser(network, self._logger)
         if not parser.parse(onnx_bytes):
-            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-            raise EngineLoadError(f"model {self.spec.name}: TensorRT's ONNX parser failed: {'; '.join(errors)}")
+            raise EngineLoadError(f"model {self.spec.name}: TensorRT's ONNX parser refused the model (wrapped with "
+                                  f"device pre-processing): {self._parse_errors(parser)}")
         config = builder.create_builder_config()
-        if "fp16" in flags:
+        if fp16 and trt_major(trt) < 11:
             config.set_flag(trt.BuilderFlag.FP16)
-        name = network.get_input(0).name
-        tail = dims(network.get_input(0).shape)[1:]
-        opt_profile = builder.create_optimization_profile()
-        opt_profile.set_shape(name, (profile[0], *tail), (profile[1], *tail), (profile[2], *tail))
-        config.add_optimization_profile(opt_profile)
+        if workspace:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+        self._use_timing_cache(config)
+        inp = network.get_input(0)
+        shape = dims(inp.shape)
+        if shape[0] < 0:  # a dynamic batch needs a profile; a fixed one must not be given another
+            tail = shape[1:]
+            opt_profile = builder.create_optimization_profile()
+            opt_profile.set_shape(inp.name, (profile[0], *tail), (profile[1], *tail), (profile[2], *tail))
+            config.add_optimization_profile(opt_profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            said = "; ".join(self._logger.errors[-3:]) or "no message"
+            said = "; ".join(self._errors[-3:]) or "no message"
             raise EngineLoadError(f"model {self.spec.name}: TensorRT could not build an engine: {said}")
+        self._save_timing_cache(config)
         return bytes(plan)
+
+    def _use_timing_cache(self, config: Any) -> None:
+        """Start the build from the timing cache on disk; a missing or unusable one starts empty."""
+        path, data = self.timing_cache_path, b""
+        if path is not None and path.is_file():
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                _log.warning("tensorrt_timing_cache_unreadable", path=str(path), error=exc.strerror)
+        cache = config.create_timing_cache(data) if data else None
+        if cache is None or not config.set_timing_cache(cache, False):
+            if data:
+                _log.warning("tensorrt_timing_cache_ignored", path=str(path),
+                             reason="; ".join(self._errors[-2:]) or "TensorRT refused it")
+            config.set_timing_cache(config.create_timing_cache(b""), False)
+        elif data:
+            _log.info("tensorrt_timing_cache_loaded", path=str(path), bytes=len(data))
+
+    def _save_timing_cache(self, config: Any) -> None:
+        if self.timing_cache_path is None:
+            return
+        cache = config.get_timing_cache()
+        if cache is None:
+            return
+        try:
+            _write_atomic(self.timing_cache_path, bytes(cache.serialize()))
+        except OSError as exc:  # only speed is lost: the engine itself is built
+            _log.warning("tensorrt_timing_cache_not_saved", path=str(self.timing_cache_path), error=exc.strerror)
 
     # --- inference -------------------------------------------------------------------------
     def enqueue(self, batch: np.ndarray) -> Collector:
@@ -370,7 +489,7 @@ class TensorRTEngine:
             self._pre.run(rows)
         self._set_rows(rows)
         if not self._context.execute_async_v3(rt.stream_handle):
-            said = "; ".join(self._logger.errors[-2:]) or "no message"
+            said = "; ".join(self._errors[-2:]) or "no message"
             exc = RuntimeError(f"execute_async_v3 returned false: {said}")
             from worker.engines.cuda import cuda_error_name
 

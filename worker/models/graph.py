@@ -3,14 +3,28 @@
 ``with_device_preprocessing`` returns a copy of a model whose only image input is ``image_u8``
 (uint8, [N, H, W, C]) followed by the nodes of worker.models.preprocess.normalize::
 
-    image_u8 -> Transpose (nchw only) -> Cast float32 -> Mul scale -> Sub mean -> Div std
+    image_u8 -> Cast float32 -> Transpose (nchw only) -> Mul scale -> Sub mean -> Div std
              -> Cast float16 (float16 models only) -> the model's original input
 
-Steps that would do nothing (scale 1, no mean, no std, nhwc layout) are left out. The Transpose comes
-first, on uint8, because it moves a quarter of the bytes it would move on float32; the element-wise
-steps are per-channel and do not care about the layout, so the numbers are the same. The constants are
-float32 and the steps are not folded into one multiply-add, so the result matches the NumPy reference
-to the bit (TensorRT fuses the element-wise chain into one kernel anyway).
+Steps that would do nothing (scale 1, no mean, no std, nhwc layout) are left out. The Cast comes first
+because TensorRT's ONNX parser takes uint8 only as a network input or output: a node that outputs a
+uint8 tensor anywhere else is refused ("TensorRT does not support UINT8 types for intermediate
+tensors"), so nothing may run on the uint8 image before it is cast. (The Transpose used to come first,
+on uint8, to move a quarter of the bytes; TensorRT folds it into the next layer's input format anyway.)
+The Transpose stays right after the Cast, where it was relative to the element-wise steps: moved to the
+end (after the float16 Cast, to move fewer bytes), ONNX Runtime's CPU results for one image alone and
+the same image in a batch differed in the last bit (tests/test_engine_onnxruntime.py), presumably
+because its optimiser rearranges the transposes around the model's first ops. The constants are float32 and the steps are not folded into one
+multiply-add, so the result matches the NumPy reference to the bit (TensorRT fuses the element-wise
+chain into one kernel anyway).
+
+Models that take uint8 themselves get no pre-processing nodes in front of their uint8 input at all:
+
+- nhwc: the model's input is renamed ``image_u8``;
+- nchw: each of the input's consumers must be a Cast (what a model does with uint8 first, in
+  practice); the Cast then reads ``image_u8`` (NHWC) and a Transpose after it restores NCHW. A uint8
+  NCHW model whose input feeds anything else gets a uint8 Transpose: ONNX Runtime runs it, TensorRT
+  refuses it (and would refuse such a model's own uint8 intermediates too).
 """
 
 from __future__ import annotations
@@ -42,12 +56,16 @@ def _unique(base: str, taken: set[str]) -> str:
 
 def _preprocess_nodes(pre: Preprocess, src: str, dst: str, taken: set[str]
                       ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes (and their constant initializers) from uint8 NHWC ``src`` to the model's tensor ``dst``."""
+    """Nodes (and their constant initializers) from uint8 NHWC ``src`` to the model's tensor ``dst``.
+
+    For float models the first node is the Cast, so that ``src`` is the only uint8 tensor.
+    """
     steps: list[tuple[str, dict, np.ndarray | None]] = []
-    if pre.layout == "nchw":
-        steps.append(("Transpose", {"perm": [0, 3, 1, 2]}, None))
+    transpose = ("Transpose", {"perm": [0, 3, 1, 2]}, None)
     if pre.dtype != "uint8":
         steps.append(("Cast", {"to": TensorProto.FLOAT}, None))
+        if pre.layout == "nchw":
+            steps.append(transpose)
         # After the Transpose the channel axis is 1: constants of shape [C, 1, 1] broadcast over H, W.
         const_shape = (-1, 1, 1) if pre.layout == "nchw" else (-1,)
         if pre.scale != 1.0:
@@ -58,7 +76,9 @@ def _preprocess_nodes(pre: Preprocess, src: str, dst: str, taken: set[str]
             steps.append(("Div", {}, np.asarray(pre.std, dtype=np.float32).reshape(const_shape)))
         if pre.dtype == "float16":
             steps.append(("Cast", {"to": TensorProto.FLOAT16}, None))
-    if not steps:  # uint8 NHWC model: only the name changes
+    elif pre.layout == "nchw":
+        steps.append(transpose)
+    if not steps:  # uint8 NHWC: only the name changes
         steps.append(("Identity", {}, None))
 
     nodes, inits = [], []
@@ -73,6 +93,58 @@ def _preprocess_nodes(pre: Preprocess, src: str, dst: str, taken: set[str]
         nodes.append(helper.make_node(op, inputs, [out], name=_unique(f"{INPUT_NAME}/{op}", taken), **attrs))
         current = out
     return nodes, inits
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend(attr.graphs)
+    return out
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Every node of the graph and of its subgraphs (If/Loop/Scan bodies can read outer tensors)."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for sub in _subgraphs(node):
+            nodes.extend(_all_nodes(sub))
+    return nodes
+
+
+def _feed_uint8_model(graph: onnx.GraphProto, name: str, pre: Preprocess, taken: set[str]) -> bool:
+    """Rewire a uint8 model so that ``image_u8`` feeds it with no uint8 node in between.
+
+    Returns False where that cannot be done (the caller then puts the plain nodes in front).
+    """
+    if name in {o.name for o in graph.output}:
+        return False  # a uint8 graph output is allowed: the plain Identity/Transpose is fine
+    readers = [n for n in _all_nodes(graph) if name in n.input]
+    if pre.layout == "nhwc":
+        for node in readers:
+            node.input[:] = [INPUT_NAME if i == name else i for i in node.input]
+        return True
+    top = [i for i, n in enumerate(graph.node) if name in n.input]
+    casts = [graph.node[i] for i in top]
+    if not top or len(top) != len(readers) or not all(
+            n.op_type == "Cast" and list(n.input) == [name]
+            and next((a.i for a in n.attribute if a.name == "to"), 0) != TensorProto.UINT8 for n in casts):
+        return False
+    nodes: list[onnx.NodeProto] = []
+    for i, node in enumerate(graph.node):
+        nodes.append(node)
+        if i in top:  # Cast(NCHW) == Transpose(Cast(NHWC)): cast first, then restore the layout
+            nhwc = _unique(f"{INPUT_NAME}/cast_nhwc", taken)
+            wanted = node.output[0]
+            node.input[0], node.output[0] = INPUT_NAME, nhwc
+            nodes.append(helper.make_node("Transpose", [nhwc], [wanted], perm=[0, 3, 1, 2],
+                                          name=_unique(f"{INPUT_NAME}/Transpose", taken)))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
 
 
 def _image_input(pre: Preprocess, batch_dim: int | str = "batch") -> onnx.ValueInfoProto:
@@ -143,16 +215,18 @@ def with_device_preprocessing(model: onnx.ModelProto, pre: Preprocess, input_nam
     if INPUT_NAME in taken:
         raise ConfigError(f"model {model.graph.name!r} already has a tensor named {INPUT_NAME!r}; "
                           f"was it wrapped with device pre-processing already? Pass the original model")
-    nodes, inits = _preprocess_nodes(pre, INPUT_NAME, target.name, taken)
+    rewired = pre.dtype == "uint8" and _feed_uint8_model(graph, target.name, pre, taken)
+    nodes, inits = ([], []) if rewired else _preprocess_nodes(pre, INPUT_NAME, target.name, taken)
     if opset is None:  # a model of custom-domain ops only: the added standard ops need an import
         out.opset_import.append(helper.make_opsetid("", OPSET))
 
-    # The old input becomes an inner tensor; keeping its type as value_info keeps shape information
-    # for ONNX Runtime's and TensorRT's shape inference.
+    # The old input becomes an inner tensor (unless it was rewired away); keeping its type as value_info
+    # keeps shape information for ONNX Runtime's and TensorRT's shape inference.
     kept = [i for i in graph.input if i.name != target.name]
     del graph.input[:]
     graph.input.extend([_image_input(pre, batch_dim), *kept])
-    graph.value_info.append(target)
+    if not rewired:
+        graph.value_info.append(target)
     graph.initializer.extend(inits)
     old_nodes = list(graph.node)
     del graph.node[:]
