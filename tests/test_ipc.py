@@ -1,0 +1,121 @@
+"""The shared-memory transport's pure parts and its segments, by plain calls."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from worker import errors
+from worker.flow.imageinfo import ImageInfo
+from worker.ipc import payload, shm, wire
+from worker.metrics import Metrics, merge_expositions
+
+
+def test_requests_round_trip_with_and_without_image_headers() -> None:
+    info = ImageInfo("jpeg", 640, 480, 3, 8, "rgb", 24)
+    sent = [wire.Request(wire.Kind.ENCODED, 3, 7, 76_000, 2, 1812, info),
+            wire.Request(wire.Kind.ROWS, -1, 4_000_000_000, 150_528, 0, 2**40, None),
+            wire.Request(wire.Kind.ENCODED, 0, 9, 10, 11, 12, ImageInfo("png", 1, 2, 4, 16, "rgba", 64))]
+    assert wire.unpack_requests(wire.pack_requests(sent)) == sent
+
+
+def test_replies_round_trip_slot_and_inline() -> None:
+    sent = [wire.Reply(1, 5, wire.Status.OK, 120, wire.Placement.SLOT),
+            wire.Reply(2, -1, wire.Status.POISON, 3, wire.Placement.INLINE, b"abc"),
+            wire.Reply(3, 0, wire.Status.FATAL, 0, wire.Placement.INLINE, b"")]
+    assert wire.unpack_replies(wire.pack_replies(sent)) == sent
+
+
+def test_a_reply_message_is_not_taken_for_requests() -> None:
+    with pytest.raises(ValueError, match="not a request message"):
+        wire.unpack_requests(wire.pack_replies([]))
+
+
+def test_results_are_json_with_nan_as_null() -> None:
+    data = payload.encode_result([{"logits": [{"index": 3, "score": float("nan")}]}], 0.001, 0.02, 7)
+    doc = payload.decode_result(data)
+    assert doc == {"p": [{"logits": [{"index": 3, "score": None}]}], "q": 0.001, "i": 0.02, "b": 7}
+    assert b"pickle" not in data and data.startswith(b"{")
+
+
+@pytest.mark.parametrize("exc, status, cls, reason", [
+    (errors.ModelRejectedInput("model m failed on this input alone"), wire.Status.POISON,
+     errors.ModelRejectedInput, "model_error"),
+    (errors.UndecodableImage("jpeg: bad"), wire.Status.POISON, errors.UndecodableImage, "undecodable_image"),
+    (errors.PoisonMessage("odd", reason="custom_reason"), wire.Status.POISON, errors.PoisonMessage, "custom_reason"),
+    (errors.DeviceError("device failure", cuda_error="CUDA_ERROR_ILLEGAL_ADDRESS"), wire.Status.RETRIABLE,
+     errors.DeviceError, None),
+    (errors.EngineFailure("engine broken"), wire.Status.FATAL, errors.EngineFailure, None),
+    (ValueError("a bug"), wire.Status.FATAL, errors.FatalError, None),
+])
+def test_errors_cross_as_the_same_verdict(exc, status, cls, reason) -> None:
+    got_status, data = payload.encode_error(exc)
+    assert got_status == status
+    back = payload.decode_error(got_status, data)
+    assert type(back) is cls and str(exc) in str(back)
+    if reason is not None:
+        assert back.reason == reason
+    if isinstance(exc, errors.DeviceError):
+        assert back.cuda_error == "CUDA_ERROR_ILLEGAL_ADDRESS"
+
+
+def test_merged_metrics_label_each_process_and_keep_one_family() -> None:
+    a, b = Metrics(), Metrics()
+    a.consumed.inc(3)
+    b.consumed.inc(4)
+    b.batch_size.observe(8)
+    text = merge_expositions({"intake-1": a.exposition(), "gpu": b.exposition()}).decode()
+    assert 'worker_messages_consumed_total{process="intake-1"} 3.0' in text
+    assert 'worker_messages_consumed_total{process="gpu"} 4.0' in text
+    assert text.count("# TYPE worker_messages_consumed_total counter") == 1
+    assert 'worker_batch_size_count{process="gpu"} 1.0' in text
+
+
+def test_segment_create_attach_share_bytes_and_unlink() -> None:
+    name = shm.segment_name("test-ring")
+    seg = shm.Segment.create(name, 4096)
+    try:
+        other = shm.Segment.attach(name)
+        seg.buf[10:13] = b"abc"
+        assert bytes(other.buf[10:13]) == b"abc" and other.size == 4096
+        other.close()
+        assert name in shm.owned_by(shm.creator_token())
+    finally:
+        seg.close()
+        seg.unlink()
+    assert not (shm.SHM_DIR / name).exists()
+
+
+def test_clean_stale_removes_segments_of_dead_creators_only(tmp_path) -> None:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(child.stdout)
+    stale = shm.segment_name("ring1", f"{dead}.12345")
+    reused = shm.segment_name("ring1", f"{os.getpid()}.1")  # our pid, another start time: a restart's leftover
+    live = shm.segment_name("ring1")
+    for name in (stale, reused, live):
+        (shm.SHM_DIR / name).write_bytes(b"x")
+    try:
+        removed = shm.clean_stale()
+        assert stale in removed and reused in removed and live not in removed
+        assert (shm.SHM_DIR / live).exists()
+    finally:
+        for name in (stale, reused, live):
+            shm.unlink(name)
+
+
+def test_rows_written_by_the_client_are_read_back_as_views(tmp_path) -> None:
+    """The intake writes a request's model rows back to back into its slot; the GPU side carves views of
+    the models' shapes out of the same bytes."""
+    from worker.ipc.client import _write
+
+    rows = [np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3), np.full((4, 4, 1), 7, np.uint8)]
+    buf = memoryview(bytearray(100))
+    _write(buf, 10, [memoryview(r).cast("B") for r in rows])
+    first = np.frombuffer(buf, np.uint8, rows[0].size, 10).reshape(rows[0].shape)
+    second = np.frombuffer(buf, np.uint8, rows[1].size, 10 + rows[0].size).reshape(rows[1].shape)
+    np.testing.assert_array_equal(first, rows[0])
+    np.testing.assert_array_equal(second, rows[1])
