@@ -39,7 +39,7 @@ if [ "$what" != tests ]; then
     # PROFILE=name: that variant under py-spy (only samples holding the GIL, per thread, raw collapsed stacks)
     prof=()
     if [ "${PROFILE:-}" = "$name" ] && [ -x /tmp/site/bin/py-spy ]; then
-      prof=(/tmp/site/bin/py-spy record --gil --threads -r 250 -f raw -o "$out/prof-$name.txt" --)
+      prof=(/tmp/site/bin/py-spy record --gil --threads --subprocesses -r 250 -f raw -o "$out/prof-$name.txt" --)
     fi
     # shellcheck disable=SC2086 # the extra flags are meant to split
     timeout "${BENCH_TIMEOUT:-240}" "${prof[@]}" python3 -m worker bench --pipeline resnet50 --device cuda --count 8000 --max-batch-size 128 \
