@@ -8,9 +8,13 @@
 - ``good_images(n, seed)``: valid images of varied sizes, formats and modes; ``good_image_specs`` adds what
   ``sniff`` must read from each.
 - ``decode_like_worker``: the decode path as ``worker.flow.decode`` documents it (size, header, limits,
-  depth and colour, OpenCV, decoded dtype and size), so the corpus is checked before and besides it.
+  depth and colour, coded data against the header, OpenCV, 16-bit samples to their high byte, decoded
+  dtype and size), so the corpus is checked before and besides it.
+- ``handmade_jpeg``: a flat JPEG built marker by marker (any precision, size, components and scans), and
+  ``jpeg_with_scans``: a real progressive JPEG with extra scans that each cost the decoder a pass.
 
-Case names are ``group/detail``; groups: empty, oversized, unknown, truncated, huge, unsupported, corrupt.
+Case names are ``group/detail``; groups: empty, oversized, unknown, truncated, huge, unsupported, corrupt,
+bomb.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import numpy as np
 from PIL import Image
 
 from worker.errors import PoisonMessage, UndecodableImage, UnsupportedImage
-from worker.flow.imageinfo import check_limits, check_size, check_supported, sniff
+from worker.flow.imageinfo import check_coded_data, check_limits, check_size, check_supported, sniff
 
 MAX_BYTES = 1 << 20  # what the corpus assumes unless told otherwise (the worker's default is 20 MB)
 MAX_PIXELS = 40_000_000  # the worker's default
 EMPTY, TOO_LARGE = "empty_value", "too_large"
 UNSUPPORTED, UNDECODABLE = "unsupported_image", "undecodable_image"
+TRUNCATED, BOMB = "truncated_image", "decode_bomb"
 Case = tuple[str, bytes, str]
 
 
@@ -42,12 +47,15 @@ def decode_like_worker(data: bytes, max_bytes: int = MAX_BYTES, max_pixels: int 
     info = sniff(data)
     check_limits(info, max_pixels)
     check_supported(info)
+    check_coded_data(data, info)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
         raise UndecodableImage(f"OpenCV failed: {exc}") from None
     if image is None:
         raise UndecodableImage(f"{info.format} {info.width}x{info.height}: image data could not be decoded")
+    if image.dtype == np.uint16 and info.bit_depth == 16:
+        image = (image // 256).astype(np.uint8)  # the high byte of each sample
     if image.dtype != np.uint8:
         raise UnsupportedImage(f"{info.format} decoded to {image.dtype}")
     if image.shape[:2] != (info.height, info.width):
@@ -291,13 +299,7 @@ def _huge(collect: Callable[[str, bytes, str | None], None], max_pixels: int) ->
 
 
 def _unsupported(collect: Callable[[str, bytes, str | None], None]) -> None:
-    rgb = _pixels(24, 40, 5)
-    collect("unsupported/png-16bit-rgb", _cv(".png", rgb.astype(np.uint16) * 257), UNSUPPORTED)
-    collect("unsupported/png-16bit-gray", _cv(".png", rgb[..., 0].astype(np.uint16) * 257), UNSUPPORTED)
-    collect("unsupported/png-16bit-rgba", _cv(".png", np.dstack([rgb, rgb[..., :1]]).astype(np.uint16) * 257),
-            UNSUPPORTED)
-    collect("unsupported/tiff-16bit-rgb", _cv(".tiff", rgb.astype(np.uint16) * 257), UNSUPPORTED)
-    collect("unsupported/tiff-16bit-be", tiff_bytes(rgb[..., 0].astype(np.uint16) * 257, ">"), UNSUPPORTED)
+    rgb = _pixels(24, 40, 5)  # 16-bit PNG and TIFF are decoded (MODES), 12- and 16-bit JPEG are not
     collect("unsupported/tiff-float32", _cv(".tiff", rgb.astype(np.float32)), UNSUPPORTED)
     collect("unsupported/tiff-int32", _pil(rgb[..., 0], "I", "TIFF"), UNSUPPORTED)
     collect("unsupported/tiff-signed-8bit", tiff_bytes(rgb, extra={339: (3, [2, 2, 2])}), UNSUPPORTED)
@@ -314,6 +316,7 @@ def _unsupported(collect: Callable[[str, bytes, str | None], None]) -> None:
     sof = _jpeg_sof(jpg)
     collect("unsupported/jpeg-12bit", _put(jpg, sof + 4, b"\x0c"), UNSUPPORTED)
     collect("unsupported/jpeg-16bit-lossless", _put(_put(jpg, sof + 1, b"\xc3"), sof + 4, b"\x10"), UNSUPPORTED)
+    collect("unsupported/jpeg-12bit-handmade", handmade_jpeg(16, 8, precision=12, sof=0xC1), UNSUPPORTED)
     for marker in (0xC5, 0xCB, 0xCF):
         collect(f"unsupported/jpeg-hierarchical-sof{marker:02x}", _put(jpg, sof + 1, bytes([marker])),
                 UNSUPPORTED)
@@ -488,6 +491,83 @@ def _corrupt(collect: Callable[[str, bytes, str | None], None], max_pixels: int)
     collect("corrupt/tiff-palette-without-colormap", tiff_bytes(rgb[..., 0], photometric=3), None)
 
 
+def _bombs(collect: Callable[[str, bytes, str | None], None]) -> None:
+    """Values small and within max_pixels that would cost the decoder far more than their size says, and
+    values far shorter than what their header declares: refused from the coded data, before decoding."""
+    for n in (101, 2000):
+        collect(f"bomb/jpeg-progressive-{n}-scans", jpeg_with_scans(48, 32, n - 10), BOMB)
+    collect("bomb/jpeg-progressive-6000x6000-2000-scans", jpeg_with_scans(48, 32, 1990, declare=(6000, 6000)),
+            BOMB)
+    # A fake EOI in a comment after the first scan must not end the count early.
+    collect("bomb/jpeg-progressive-comment-with-fake-eoi", jpeg_with_scans(48, 32, 150, comment=b"\xff\xd9"),
+            BOMB)
+    collect("bomb/jpeg-sequential-one-scan-per-component-x50",
+            handmade_jpeg(64, 64, components=3, scans=[[c] for c in (1, 2, 3)] * 50), BOMB)
+    jpg, prog = _bases()["jpeg-baseline"], _bases()["jpeg-progressive"]
+    collect("truncated/jpeg-declares-6000x6000", _put(jpg, _jpeg_sof(jpg) + 5, struct.pack(">HH", 6000, 6000)),
+            TRUNCATED)
+    collect("truncated/jpeg-progressive-declares-6000x6000",
+            _put(prog, _jpeg_sof(prog) + 5, struct.pack(">HH", 6000, 6000)), TRUNCATED)
+    collect("truncated/jpeg-handmade-6000x6000-no-blocks", handmade_jpeg(6000, 6000, blocks=1), TRUNCATED)
+    collect("truncated/png-declares-6000x6000", _png_ihdr(_bases()["png-rgb"], 6000, 6000), TRUNCATED)
+
+
+# --- hand-built JPEGs -----------------------------------------------------------------------------------------
+def _segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body
+
+
+def _bits_to_bytes(bits: str) -> bytes:
+    bits += "1" * (-len(bits) % 8)  # pad with ones, as encoders do
+    return int(bits, 2).to_bytes(len(bits) // 8, "big").replace(b"\xff", b"\xff\x00") if bits else b""
+
+
+def handmade_jpeg(width: int, height: int, components: int = 1, precision: int = 8, sof: int = 0xC0,
+                  scans: list[list[int]] | None = None, blocks: int | None = None) -> bytes:
+    """A flat mid-gray JPEG built marker by marker: one-bit Huffman codes for a zero DC difference and for
+    end-of-block, so each 8x8 block costs two bits (what a flat image costs with optimised tables).
+    ``scans``: the component ids (1-based) of each scan; default one scan of all of them. ``blocks``: code
+    only this many blocks per scan (fewer than the image has: a truncated image)."""
+    one_code = bytes([1] + [0] * 15) + b"\x00"  # one symbol (0: zero DC difference / end of block), code "0"
+    out = b"\xff\xd8" + _segment(0xDB, b"\x00" + bytes([1] * 64))
+    comps = b"".join(bytes([c, 0x11, 0]) for c in range(1, components + 1))
+    out += _segment(sof, struct.pack(">BHHB", precision, height, width, components) + comps)
+    out += _segment(0xC4, b"\x00" + one_code) + _segment(0xC4, b"\x10" + one_code)
+    all_blocks = -(-width // 8) * -(-height // 8)
+    for scan in scans or [list(range(1, components + 1))]:
+        head = bytes([len(scan)]) + b"".join(bytes([c, 0]) for c in scan) + b"\x00\x3f\x00"
+        out += _segment(0xDA, head) + _bits_to_bytes("00" * len(scan) * (all_blocks if blocks is None else blocks))
+    return out + b"\xff\xd9"
+
+
+def _jpeg_scan_segments(jpg: bytes) -> tuple[int, int]:
+    """(offset of the first SOS, offset of the EOI) of an encoder's JPEG."""
+    return _jpeg_segments(jpg)[-1][1], jpg.rindex(b"\xff\xd9")
+
+
+def jpeg_with_scans(width: int, height: int, extra: int, declare: tuple[int, int] | None = None,
+                    comment: bytes = b"") -> bytes:
+    """A progressive JPEG (Pillow) with ``extra`` more scans before its EOI: each an AC refinement of the
+    luma whose data is a few end-of-band runs, so a few bytes make libjpeg visit every block again (100
+    such scans add 2.2 s to the decode of a 6000x6000 image, 82 bytes each). ``declare``:
+    patch the frame header to this size; ``comment``: a COM segment with these bytes after the first scan."""
+    jpg = _pil(_pixels(height, width, 21), "RGB", "JPEG", progressive=True)
+    if declare is not None:
+        jpg = _put(jpg, _jpeg_sof(jpg) + 5, struct.pack(">HH", declare[1], declare[0]))
+        width, height = declare
+    blocks = -(-width // 8) * -(-height // 8)
+    runs = -(-blocks // 32767)  # EOB14 with 14 more bits: a run of up to 32767 blocks
+    eob14 = bytes([1] + [0] * 15) + b"\xe0"  # AC table 3: symbol 0xE0 (EOB14) coded "0"
+    scan = (_segment(0xC4, b"\x13" + eob14) + _segment(0xDA, b"\x01\x01\x03\x01\x3f\x10")
+            + _bits_to_bytes(("0" + "1" * 14) * runs))
+    first, eoi = _jpeg_scan_segments(jpg)
+    if comment:
+        second = jpg.index(b"\xff\xc4", first)  # the table before the second scan
+        jpg = jpg[:second] + _segment(0xFE, comment) + jpg[second:]
+        eoi = jpg.rindex(b"\xff\xd9")
+    return jpg[:eoi] + scan * extra + jpg[eoi:]
+
+
 @functools.cache
 def _build(max_bytes: int, max_pixels: int) -> tuple[tuple[Case, ...], tuple[tuple[str, bytes], ...]]:
     cases: list[Case] = []
@@ -513,6 +593,7 @@ def _build(max_bytes: int, max_pixels: int) -> tuple[tuple[Case, ...], tuple[tup
     _unsupported(collect)
     _unknown(collect)
     _corrupt(collect, max_pixels)
+    _bombs(collect)
     names = [c[0] for c in cases] + [d[0] for d in decodable]
     assert len(names) == len(set(names)), "corpus case names must be unique"
     return tuple(cases), tuple(decodable)
@@ -568,7 +649,30 @@ MODES: dict[str, tuple[_Encoder, str, str, int]] = {
     "tiff-1bit": (lambda c, a: _pil(c, "1", "TIFF"), "tiff", "gray", 1),
     "tiff-ycbcr-jpeg": (lambda c, a: _pil(c, "RGB", "TIFF", compression="jpeg"), "tiff", "rgb", 3),
     "tiff-bigtiff": (lambda c, a: _pil(c, "RGB", "TIFF", big_tiff=True), "tiff", "rgb", 3),
+    # 16 bits per sample: decoded to the high byte, which is c here (the low byte differs from it)
+    "png-gray-16bit": (lambda c, a: _cv(".png", wide16(c[..., 0])), "png", "gray", 1),
+    "png-rgb-16bit": (lambda c, a: _cv(".png", wide16(c)), "png", "rgb", 3),
+    "png-rgba-16bit": (lambda c, a: _cv(".png", wide16(np.dstack([c, a]))), "png", "rgba", 4),
+    "png-gray-alpha-16bit": (lambda c, a: _pil16_gray_alpha(c[..., 0], a), "png", "gray_alpha", 2),
+    "tiff-gray-16bit": (lambda c, a: _cv(".tiff", wide16(c[..., 0])), "tiff", "gray", 1),
+    "tiff-rgb-16bit": (lambda c, a: _cv(".tiff", wide16(c)), "tiff", "rgb", 3),
+    "tiff-rgb-16bit-big-endian": (lambda c, a: tiff_bytes(wide16(c), ">"), "tiff", "rgb", 3),
 }
+
+
+def wide16(arr: np.ndarray) -> np.ndarray:
+    """8-bit values as the high byte of 16-bit samples, with a low byte that differs (255 - v): the high
+    byte and a rounded v * 255 / 65535 then disagree wherever v < 255 and the low byte is >= 128."""
+    return (arr.astype(np.uint16) << 8) | (255 - arr).astype(np.uint16)
+
+
+def _pil16_gray_alpha(gray: np.ndarray, alpha: np.ndarray) -> bytes:
+    """16-bit gray + alpha PNG (colour type 4), which neither OpenCV nor Pillow writes: built by hand."""
+    h, w = gray.shape
+    pixels = np.dstack([wide16(gray), wide16(alpha.reshape(h, w))]).astype(">u2")
+    raw = b"".join(b"\0" + row.tobytes() for row in pixels)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0)) \
+        + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b"")
 
 
 def _png_interlaced(bgr: np.ndarray) -> bytes:
@@ -590,7 +694,7 @@ def _make(mode: str, w: int, h: int, seed: int) -> tuple[str, bytes, dict]:
     alpha = _pixels(h, w, seed + 1, 1) // 2 + 20  # never all opaque, or encoders drop the alpha channel
     data = encode(_pixels(h, w, seed), alpha)
     return f"{mode}-{w}x{h}", data, {"format": fmt, "width": w, "height": h, "color": color,
-                                     "channels": channels, "bit_depth": 8}
+                                     "channels": channels, "bit_depth": 16 if "16bit" in mode else 8}
 
 
 def good_image_specs(n: int = 40, seed: int = 0) -> list[tuple[str, bytes, dict]]:

@@ -1,16 +1,21 @@
-"""The decode stage: envelopes, EXIF orientation, DCT-domain reduced decoding, per-model outputs."""
+"""The decode stage: envelopes, EXIF orientation, DCT-domain reduced decoding, per-model outputs, 16-bit
+samples."""
 
 from __future__ import annotations
 
 import base64
 import json
+import struct
+import zlib
 
+import cv2
 import numpy as np
 import pytest
 
 from tests.helpers import exif_rotated_jpeg
 from worker.errors import MalformedEnvelope, TooLarge
-from worker.flow.decode import decode_image, decode_message, reduction_factor, unwrap_envelope
+from worker.flow.decode import (decode_encoded, decode_image, decode_message, gpu_decodable, inspect_message,
+                                reduction_factor, unwrap_envelope)
 from worker.flow.imageinfo import sniff
 from worker.models.spec import ModelSpec, PipelineSpec, Preprocess
 from worker.samples import encode, synth_image
@@ -69,3 +74,75 @@ def test_one_input_per_model_and_limits():
         decode_message(png, None, pipeline(Preprocess(width=8, height=8)), 10**7, 4999)
     with pytest.raises(TooLarge):
         decode_message(png, None, pipeline(Preprocess(width=8, height=8)), 100, 10**7)
+
+
+# --- 16 bits per sample ----------------------------------------------------------------------------------
+# Known values over the whole range; for some (255, 511, 4095) a rounded v * 255 / 65535 is one higher than
+# the high byte.
+LEVELS = np.array([0, 1, 128, 255, 256, 383, 511, 4095, 32767, 32768, 32895, 65279, 65280, 65535], np.uint16)
+
+
+def _sixteen(channels: int) -> np.ndarray:
+    gray = np.stack([np.roll(LEVELS, k) for k in range(6)])  # 6 x 14
+    if channels == 1:
+        return gray
+    return np.dstack([gray, gray[::-1], np.roll(gray, 3, axis=1)])  # B, G, R planes differ
+
+
+def _write(ext: str, arr: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(ext, arr)
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize("ext", [".png", ".tiff"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16bit_rows_are_the_high_byte_of_each_sample(ext, channels):
+    arr = _sixteen(channels)
+    data = _write(ext, arr)
+    info = sniff(data)
+    assert info.bit_depth == 16 and (info.width, info.height) == (14, 6)
+    high = (arr // 256).astype(np.uint8)  # expected 8-bit values (BGR order, as written)
+    rgb = high[..., ::-1] if channels == 3 else np.dstack([high] * 3)
+    pre = [Preprocess(width=14, height=6), Preprocess(width=14, height=6, color="bgr")]
+    if channels == 1:
+        pre.append(Preprocess(width=14, height=6, color="gray"))
+    pipe = pipeline(*pre)
+    for reduced in (False, True):  # decoder=cpu and cpu-reduced
+        out = decode_message(data, None, pipe, 10**6, 10**6, reduced=reduced)
+        assert (out.width, out.height, out.format) == (14, 6, ext[1:])
+        assert np.array_equal(out.inputs[0], rgb)
+        assert np.array_equal(out.inputs[1], rgb[..., ::-1])
+        if channels == 1:
+            assert np.array_equal(out.inputs[2][..., 0], high)
+    # the check path of decoder=nvimgcodec: checked on the event loop, decoded by OpenCV in the pool
+    encoded = inspect_message(data, None, 10**6, 10**6)
+    assert not gpu_decodable(encoded)
+    assert np.array_equal(decode_encoded(encoded, pipe, 10**6, 10**6)[0], rgb)
+
+
+def test_16bit_png_matches_opencvs_own_8bit_reading_but_tiff_rgb_does_not():
+    """Why the worker converts itself: for PNG, OpenCV's 8-bit reading (libpng's strip_16) keeps the high
+    byte as we do; for an RGB TIFF it rounds v * 255 / 65535 instead (libtiff's RGBA reader), so the same
+    samples would give different pixels by format. Ours give the high byte for both."""
+    arr = _sixteen(3)
+    png, tiff = _write(".png", arr), _write(".tiff", arr)
+    high = (arr // 256).astype(np.uint8)
+    assert np.array_equal(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR), high)
+    assert not np.array_equal(cv2.imdecode(np.frombuffer(tiff, np.uint8), cv2.IMREAD_COLOR), high)
+    assert np.array_equal(decode_image(png, 10**6, 10**6), high)
+    assert np.array_equal(decode_image(tiff, 10**6, 10**6), high)
+
+
+def test_16bit_alpha_is_dropped_and_exif_orientation_applied():
+    arr = _sixteen(3)
+    rgba = np.dstack([arr, np.full(arr.shape[:2], 40000, np.uint16)])
+    assert np.array_equal(decode_image(_write(".png", rgba), 10**6, 10**6), (arr // 256).astype(np.uint8))
+    # eXIf chunk with orientation 6 (rotate 90 degrees clockwise): IMREAD_UNCHANGED would ignore it
+    png = _write(".png", arr)
+    exif = b"MM\0*\0\0\0\x08" + struct.pack(">HHHII", 1, 0x0112, 3, 1, 6 << 16) + bytes(4)
+    at = png.index(b"IDAT") - 4
+    rotated = png[:at] + struct.pack(">I", len(exif)) + b"eXIf" + exif \
+        + struct.pack(">I", zlib.crc32(b"eXIf" + exif)) + png[at:]
+    upright = np.rot90((arr // 256).astype(np.uint8), k=-1)
+    assert np.array_equal(decode_image(rotated, 10**6, 10**6), upright)

@@ -12,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.corpus import (MAX_BYTES, MAX_PIXELS, MODES, _pil, _pixels, bmp_bytes, damaged_but_decodable,
-                          decode_like_worker, good_image_specs, malformed_corpus, tiff_bytes, tiny_valid_images)
-from worker.errors import EmptyValue, PoisonMessage, TooLarge, UndecodableImage, UnsupportedImage
+                          decode_like_worker, good_image_specs, handmade_jpeg, malformed_corpus, tiff_bytes,
+                          tiny_valid_images)
+from worker.errors import (DecodeBomb, EmptyValue, PoisonMessage, TooLarge, TruncatedImage, UndecodableImage,
+                           UnsupportedImage)
 from worker.flow.imageinfo import COLORS, FORMATS, ImageInfo, check_limits, check_size, check_supported, sniff
 
 try:
@@ -25,7 +27,7 @@ else:
     DECODE_MISSING = ""
 
 ERROR_OF = {"empty_value": EmptyValue, "too_large": TooLarge, "unsupported_image": UnsupportedImage,
-            "undecodable_image": UndecodableImage}
+            "undecodable_image": UndecodableImage, "truncated_image": TruncatedImage, "decode_bomb": DecodeBomb}
 CORPUS = malformed_corpus()
 GOOD = good_image_specs(len(MODES) + 30, seed=0)
 needs_decode = pytest.mark.skipif(decode_image is None, reason=DECODE_MISSING)
@@ -41,7 +43,7 @@ def test_sniff_reads_every_format_and_mode(name, data, expected):
     info = sniff(data)
     assert {k: getattr(info, k) for k in expected} == expected
     image = _decoded(data)
-    assert image is not None and image.dtype == np.uint8
+    assert image is not None and image.dtype == (np.uint16 if expected["bit_depth"] == 16 else np.uint8)
     assert image.shape[:2] == (info.height, info.width)
 
 
@@ -100,16 +102,30 @@ def test_bigtiff_is_read():
 
 def test_depths_and_colour_models_that_decode_refuses():
     rgb = _pixels(8, 12, 7)
-    assert sniff(cv2.imencode(".png", rgb.astype(np.uint16))[1].tobytes()).bit_depth == 16
-    assert sniff(cv2.imencode(".tiff", rgb[..., 0].astype(np.uint16))[1].tobytes()).bit_depth == 16
-    assert sniff(tiff_bytes(rgb.astype(np.uint16), ">")).bit_depth == 16
+    sixteen = [cv2.imencode(".png", rgb.astype(np.uint16))[1].tobytes(),
+               cv2.imencode(".tiff", rgb[..., 0].astype(np.uint16))[1].tobytes(),
+               tiff_bytes(rgb.astype(np.uint16), ">")]
+    for data in sixteen:
+        assert sniff(data).bit_depth == 16
+        check_supported(sniff(data))  # 16-bit PNG and TIFF decode to their high byte
     cmyk = sniff(_pil(rgb, "CMYK", "JPEG"))
     assert (cmyk.color, cmyk.channels) == ("cmyk", 4)
     assert sniff(_pil(rgb, "CMYK", "TIFF")).color == "cmyk"
-    for info in (sniff(cv2.imencode(".png", rgb.astype(np.uint16))[1].tobytes()), cmyk):
+    twelve = sniff(handmade_jpeg(16, 8, precision=12, sof=0xC1))
+    assert (twelve.bit_depth, twelve.format) == (12, "jpeg")
+    for info in (cmyk, twelve, ImageInfo("jpeg", 8, 8, 1, 16, "gray", 16), ImageInfo("tiff", 8, 8, 1, 32, "gray", 32)):
         with pytest.raises(UnsupportedImage):
             check_supported(info)
     check_supported(sniff(_pil(rgb, "1", "TIFF")))  # 1-bit unpacks to 8: fine
+
+
+def test_a_real_12bit_jpeg_is_one_opencv_cannot_decode():
+    """Why 12-bit JPEG stays unsupported_image: OpenCV reads 8-bit JPEG samples only and gives nothing for
+    a valid 12-bit file, in any mode (the same file at 8 bits decodes to its flat gray)."""
+    for flag in (cv2.IMREAD_COLOR, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH, cv2.IMREAD_UNCHANGED):
+        assert cv2.imdecode(np.frombuffer(handmade_jpeg(16, 8, precision=12, sof=0xC1), np.uint8), flag) is None
+        eight = cv2.imdecode(np.frombuffer(handmade_jpeg(16, 8, precision=8, sof=0xC1), np.uint8), flag)
+        assert eight.dtype == np.uint8 and eight.shape[:2] == (8, 16) and set(np.unique(eight)) == {128}
 
 
 @pytest.mark.parametrize("name,data", tiny_valid_images(), ids=[t[0] for t in tiny_valid_images()])
@@ -158,7 +174,7 @@ def test_corpus_composition():
     assert malformed_corpus() == CORPUS  # deterministic
 
 
-_UNSUPPORTED_HINTS = {"png-16bit": "16-bit", "tiff-16bit": "16-bit", "tiff-float32": "floating point",
+_UNSUPPORTED_HINTS = {"tiff-float32": "floating point",
                       "tiff-int32": "signed", "tiff-signed": "signed", "tiff-mixed": "(8, 8, 16)",
                       "tiff-cmyk": "CMYK", "jpeg-cmyk": "CMYK", "jpeg-ycck": "YCCK", "jpeg-12bit": "12-bit",
                       "jpeg-16bit": "16-bit", "jpeg-hierarchical": "hierarchical", "bmp-embedded-jpeg": "JPEG",
@@ -181,6 +197,8 @@ def _useful_number(name: str, data: bytes) -> str | None:
         return f"image {w}x{h} exceeds max_pixels={MAX_PIXELS}"
     if group == "truncated" and header_level:
         return str(len(data))
+    if group == "bomb":
+        return "max_jpeg_scans=100"
     if group == "unsupported":
         return next(hint for prefix, hint in _UNSUPPORTED_HINTS.items() if detail.startswith(prefix))
     if group == "corrupt" and header_level:

@@ -50,6 +50,20 @@ class UndecodableImage(PoisonMessage):
     reason = "undecodable_image"
 
 
+class TruncatedImage(UndecodableImage):
+    """The coded data is far shorter than any encoder makes for the pixels its header declares (a 785-byte
+    JPEG that says 6000x6000): decoding would give a gray fill, not the picture. Found before decoding."""
+
+    reason = "truncated_image"
+
+
+class DecodeBomb(TooLarge):
+    """Small and within the pixel limit, but built to make the decoder work out of all proportion (a
+    progressive JPEG of thousands of scans, each one a pass over every block of the image)."""
+
+    reason = "decode_bomb"
+
+
 class MalformedEnvelope(PoisonMessage):
     reason = "malformed_envelope"
 

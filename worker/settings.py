@@ -120,6 +120,10 @@ class Settings:
     max_pixels: int = _opt(
         40_000_000, "Largest accepted width*height, read from the header before decoding (bomb guard)."
     )
+    max_jpeg_scans: int = _opt(
+        100, "Most scans a JPEG may have, counted before decoding; more go to the DLQ (decode_bomb). Each scan "
+             "can cost the decoder a pass over the whole image; encoders write 1 to 3 (baseline) or about 10 "
+             "(progressive).")
     ipc_slots: int = _opt(
         256, "Slots of each intake's shared-memory ring: images handed to the GPU process and not yet "
              "answered. A full ring makes the intake wait (backpressure), it never grows.")
@@ -142,7 +146,7 @@ class Settings:
     def __post_init__(self) -> None:
         problems = []
         for name in ("max_batch_size", "max_in_flight", "commit_interval_ms", "producer_max_pending", "ipc_slots",
-                     "ipc_slot_bytes"):
+                     "ipc_slot_bytes", "max_jpeg_scans"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "gil_switch_interval_ms", "drain_timeout_s", "rebalance_timeout_s", "decode_workers",

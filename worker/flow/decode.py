@@ -5,8 +5,16 @@ pickling cost of processes. Everything here is synchronous and raises ``PoisonMe
 bad input, each with a specific reason code and a message that says what was wrong.
 
 Order of checks, cheapest first, so a decompression bomb is refused before any pixel is allocated:
-size of the value → envelope → header (format, dimensions, depth, colour model) → full decode →
-decoded dimensions equal the header's.
+size of the value → envelope → header (format, dimensions, depth, colour model) → coded data against the
+header (JPEG scan count and end marker, bytes enough for the pixels) → full decode → decoded dimensions
+equal the header's.
+
+16-bit PNG and TIFF are decoded as uint16 and keep the high byte of each sample (``v >> 8``): what libpng's
+``png_set_strip_16`` and so OpenCV's own 8-bit reading of a 16-bit PNG give, and the same for every format
+and channel count (OpenCV's 8-bit reading of a 16-bit RGB TIFF rounds ``v * 255 / 65535`` instead, one
+higher or lower for a quarter of all values). Each 8-bit value gets 256 consecutive 16-bit ones, and data
+widened from 8 bits (``v * 257``) comes back exactly; 12-bit data stored in 16-bit samples comes out dark
+(0-15): there is no per-model choice of scaling yet.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ import numpy as np  # noqa: E402
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 from worker.errors import MalformedEnvelope, UndecodableImage, UnsupportedImage  # noqa: E402
-from worker.flow.imageinfo import ImageInfo, check_limits, check_size, check_supported, sniff  # noqa: E402
+from worker.flow.imageinfo import (DEFAULT_MAX_JPEG_SCANS, ImageInfo, check_coded_data, check_limits,  # noqa: E402
+                                   check_size, check_supported, sniff)
 from worker.models.preprocess import prepare  # noqa: E402
 from worker.models.spec import PipelineSpec  # noqa: E402
 
@@ -130,12 +139,15 @@ def reduction_factor(info: ImageInfo, targets: Sequence[tuple[int, int]]) -> int
     return 1
 
 
-def inspect(data: bytes, max_bytes: int, max_pixels: int) -> ImageInfo:
-    """Header-only checks: size, format, dimensions against max_pixels, sample depth, colour model."""
+def inspect(data: bytes, max_bytes: int, max_pixels: int,
+            max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> ImageInfo:
+    """Checks short of decoding: size, format, dimensions against max_pixels, sample depth, colour model,
+    then the coded data against the header (scans, end marker, enough bytes for the pixels)."""
     check_size(len(data), max_bytes)
     info = sniff(data)
     check_limits(info, max_pixels)
     check_supported(info)
+    check_coded_data(data, info, max_jpeg_scans)
     return info
 
 
@@ -152,6 +164,10 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, reduce: int = 1,
     """Bytes → uint8 array, BGR (H, W, 3), or gray (H, W) if ``gray``. Raises PoisonMessage."""
     info = info or inspect(data, max_bytes, max_pixels)
     flag = (_GRAY_FLAGS if gray else _COLOR_FLAGS)[reduce]
+    if info.bit_depth == 16:
+        # ANYDEPTH keeps uint16 (converted below, the same way for every format); unlike IMREAD_UNCHANGED
+        # it still applies the EXIF orientation and gives gray or BGR.
+        flag |= cv2.IMREAD_ANYDEPTH
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error as exc:
@@ -160,8 +176,10 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, reduce: int = 1,
     if image is None:
         raise UndecodableImage(f"{info.format} {info.width}x{info.height} header is valid but the image data "
                                "could not be decoded (truncated or corrupt)")
+    if image.dtype == np.uint16 and info.bit_depth == 16:
+        image = np.right_shift(image, 8, out=image).astype(np.uint8)  # in place: one 8-bit copy, no temporary
     if image.dtype != np.uint8:
-        raise UnsupportedImage(f"{info.format} decoded to {image.dtype}; only 8-bit images are supported")
+        raise UnsupportedImage(f"{info.format} decoded to {image.dtype}; only 8- and 16-bit images are supported")
     h, w = image.shape[:2]
     mismatch = size_mismatch(info, h, w) if reduce == 1 else ""
     if mismatch:
@@ -181,14 +199,15 @@ def is_envelope(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None
 
 
 def inspect_message(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None, max_bytes: int,
-                    max_pixels: int) -> Encoded:
-    """Every check short of decoding: value size, envelope, image header against the limits. A raw
-    image costs ~8 us here (header parsing only), cheap enough for the event loop."""
+                    max_pixels: int, max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> Encoded:
+    """Every check short of decoding: value size, envelope, image header against the limits, coded data
+    against the header. A raw image costs ~10 us here (a 76 KB baseline JPEG; a progressive one of 10
+    scans ~20 us), cheap enough for the event loop."""
     started = time.perf_counter()
     value = value or b""
     check_size(len(value), max_bytes)  # before the envelope: base64 inflates nothing we must read
     data, correlation = unwrap_envelope(value, headers)
-    info = inspect(data, max_bytes, max_pixels)
+    info = inspect(data, max_bytes, max_pixels, max_jpeg_scans)
     return Encoded(data, info, correlation, time.perf_counter() - started)
 
 
@@ -196,9 +215,12 @@ def gpu_decodable(encoded: Encoded) -> bool:
     """Whether decoder=nvimgcodec sends this image to the GPU: a JPEG (what nvJPEG accelerates) that is
     complete, i.e. has an end-of-image marker after its last start-of-scan. nvJPEG decodes a truncated
     JPEG without complaint (the missing rows come out gray) where OpenCV refuses it; sending those to
-    OpenCV keeps the verdicts, and so the DLQ, the same for both decoders. Everything else (PNG, BMP,
-    TIFF, WebP) is decoded by OpenCV in the pool, as with decoder=cpu: nvImageCodec decodes those
-    formats on the CPU anyway, more leniently than OpenCV (tests/gpu/test_gpu_decode.py)."""
+    OpenCV keeps the verdicts, and so the DLQ, the same for both decoders (``inspect`` refuses only the
+    grossly short ones, ``truncated_image``, and more scans than max_jpeg_scans, below nvImageCodec's own
+    limit of 256). 12- and 16-bit JPEGs never get here: ``check_supported`` refuses them. Everything else
+    (PNG, BMP, TIFF, WebP, 16-bit included) is decoded by OpenCV in the pool, as with decoder=cpu:
+    nvImageCodec decodes those formats on the CPU anyway, more leniently than OpenCV
+    (tests/gpu/test_gpu_decode.py)."""
     if encoded.info.format != "jpeg":
         return False
     data = encoded.data
@@ -219,10 +241,11 @@ def decode_encoded(encoded: Encoded, pipeline: PipelineSpec, max_bytes: int, max
 
 
 def decode_message(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None, pipeline: PipelineSpec,
-                   max_bytes: int, max_pixels: int, reduced: bool = False) -> Decoded:
+                   max_bytes: int, max_pixels: int, reduced: bool = False,
+                   max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> Decoded:
     """The whole decode stage for one message (runs in the decode pool)."""
     started = time.perf_counter()
-    encoded = inspect_message(value, headers, max_bytes, max_pixels)
+    encoded = inspect_message(value, headers, max_bytes, max_pixels, max_jpeg_scans)
     inputs = decode_encoded(encoded, pipeline, max_bytes, max_pixels, reduced)
     return Decoded(inputs, encoded.width, encoded.height, encoded.format, encoded.correlation_id,
                    time.perf_counter() - started)

@@ -6,6 +6,11 @@ JPEG markers up to the first scan, the PNG IHDR chunk, the WebP RIFF header and 
 header, the first TIFF IFD. A header the decoder would reject or that contradicts itself raises
 ``UndecodableImage``; a format or sample layout the worker does not take raises ``UnsupportedImage``.
 Whatever the bytes, the only exceptions that leave ``sniff`` are ``PoisonMessage`` subclasses.
+
+``check_coded_data`` then looks past the header without decoding: it walks a JPEG's markers from the first
+scan to the end-of-image marker (counting scans: a scan of 80 bytes can cost the decoder a pass over every
+block, ``DecodeBomb``) and refuses coded data too short for the declared pixels (``TruncatedImage``), which
+OpenCV would otherwise decode into a gray fill.
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from __future__ import annotations
 import re
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from worker.errors import EmptyValue, TooLarge, UndecodableImage, UnsupportedImage
+from worker.errors import DecodeBomb, EmptyValue, TooLarge, TruncatedImage, UndecodableImage, UnsupportedImage
 
 FORMATS = ("jpeg", "png", "webp", "bmp", "tiff")
 COLORS = ("gray", "gray_alpha", "rgb", "rgba", "palette", "cmyk", "ycck", "other")
@@ -36,6 +41,9 @@ class ImageInfo:
     bit_depth: int  # bits per sample of the decoded image: palette and 1/2/4-bit data unpack to 8
     color: str  # one of COLORS
     bits_per_pixel: int  # as stored: 1 for bilevel, 4 for a 16-colour palette, 24 for 8-bit RGB, ...
+    # Where the header walk stopped, for check_coded_data (JPEG: the first SOS marker and the frame type).
+    data_at: int = field(default=0, compare=False)
+    jpeg_sof: int = field(default=0, compare=False)
 
     @property
     def pixels(self) -> int:
@@ -56,10 +64,13 @@ def check_limits(info: ImageInfo, max_pixels: int) -> None:
 
 
 def check_supported(info: ImageInfo) -> None:
-    """Refuse what would not decode to 8-bit gray, BGR or BGRA (OpenCV gives uint16 or floats otherwise)."""
-    if info.bit_depth != 8:
+    """Refuse what would not decode to 8-bit gray, BGR or BGRA. 16-bit PNG and TIFF are taken: the decoder
+    reads them as uint16 and keeps the high byte. 12- and 16-bit JPEG are not: OpenCV's JPEG reader gives
+    nothing for a valid 12-bit file (tests/test_imageinfo.py), nvJPEG is not asked."""
+    if info.bit_depth != 8 and not (info.bit_depth == 16 and info.format in ("png", "tiff")):
         raise UnsupportedImage(f"{info.format} image {info.width}x{info.height} has {info.bit_depth}-bit "
-                               "samples; only 8-bit images are supported: convert to 8 bits per channel")
+                               "samples; supported: 8 bits per channel, and 16 for PNG and TIFF: convert to 8 "
+                               "bits per channel")
     if info.color in ("cmyk", "ycck"):
         raise UnsupportedImage(f"{info.format} image {info.width}x{info.height} is {info.color.upper()}; "
                                "only gray, RGB and RGBA are supported: convert to RGB before sending")
@@ -139,6 +150,7 @@ def _jpeg(d: bytes) -> ImageInfo:
         if marker == 0xDA:
             if sof is None:
                 raise _bad("JPEG", f"scan (SOS) at byte {pos - 2} before any frame header (SOF)")
+            scan_at = pos - 2
             break
         if marker in _SOF_DECODABLE or marker in _SOF_HIERARCHICAL:
             if sof is not None:
@@ -166,12 +178,99 @@ def _jpeg(d: bytes) -> ImageInfo:
         pos = end
     else:
         raise _bad("JPEG", f"no scan (SOS) within the first {_JPEG_MAX_STEPS} markers")
-    _, precision, height, width, ncomp = sof
+    sof_marker, precision, height, width, ncomp = sof
     if ncomp == 4:
         color = "ycck" if adobe_transform == 2 else "cmyk"
     else:
         color = {1: "gray", 3: "rgb"}.get(ncomp, "other")
-    return ImageInfo("jpeg", width, height, ncomp, max(precision, 8), color, precision * ncomp)
+    return ImageInfo("jpeg", width, height, ncomp, max(precision, 8), color, precision * ncomp,
+                     data_at=scan_at, jpeg_sof=sof_marker)
+
+
+# --- past the header -------------------------------------------------------------------------------------
+DEFAULT_MAX_JPEG_SCANS = 100  # the max_jpeg_scans setting's default (why 100: docs/guarantees.md)
+# Past a scan, 0xFF followed by anything but 00 (stuffing), D0-D7 (RSTn, inside a scan) or FF (fill): in
+# entropy-coded data each match is a real marker, since an encoder stuffs every 0xFF it codes. Segments
+# between scans (tables, comments) are skipped by their length, not searched.
+_NEXT_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xCA})
+_HUFFMAN_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3})
+# A complete Huffman-coded JPEG spends at least one bit on every 8x8 block of its full-resolution component
+# (the DC code of a progressive first scan; two bits in a sequential scan): pixels / 512 bytes. A flat gray
+# 6000x6000 at quality 1 takes 141 101 bytes progressive, 140 785 baseline (255 pixels per byte); refused
+# below a quarter of the floor. Arithmetic coding (SOF9/SOF10) has no such floor and is not checked.
+_JPEG_MAX_PIXELS_PER_BYTE = 2048
+# Deflate codes at most 258 bytes with 2 bits (a one-bit length code and a one-bit distance code).
+_DEFLATE_MAX_RATIO = 1032
+
+
+def check_coded_data(data: bytes, info: ImageInfo, max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS) -> None:
+    """The coded data behind a header, checked without decoding it. JPEG: at most ``max_jpeg_scans``
+    scans (``DecodeBomb``), and Huffman-coded data of at least 1 byte per 2048 pixels (``TruncatedImage``:
+    OpenCV would fill the missing blocks with gray). PNG: at least 1 byte per 1032 bytes of pixel rows,
+    deflate's ceiling. Data cut short of its end marker is left to the decoder, which refuses it (OpenCV
+    5 refuses a JPEG without EOI and a PNG without its last IDAT bytes: ``undecodable_image``).
+
+    Runs on the event loop. A sequential JPEG whose first scan holds every component has one scan (libjpeg
+    refuses a second): ending in EOI is all there is to check, in constant time. Other JPEGs (progressive,
+    or one scan per component) are walked marker by marker from the first scan: a regex search through
+    each scan's entropy-coded data (~0.4 ns a byte), segments skipped by their length, a few steps per scan
+    and at most 2000 + 3 x max_jpeg_scans of them, so a value full of markers costs no more than that."""
+    if info.format == "jpeg" and info.data_at:
+        d = data if isinstance(data, bytes) else bytes(data)
+        n, first = len(d), info.data_at
+        every_component = first + 4 < n and d[first + 4] == info.channels  # Ns of the first SOS
+        if info.jpeg_sof not in _PROGRESSIVE_SOF and every_component and d.endswith(b"\xff\xd9"):
+            end = n - 2
+        else:
+            end = _jpeg_scans_end(d, info, max_jpeg_scans)
+        coded = end - first
+        if info.jpeg_sof in _HUFFMAN_SOF and coded * _JPEG_MAX_PIXELS_PER_BYTE < info.pixels:
+            raise TruncatedImage(f"JPEG {info.width}x{info.height} has {coded} bytes of scan data for "
+                                 f"{info.pixels} pixels; a complete image needs at least {info.pixels // 512} "
+                                 "(a bit per 8x8 block): the image data was cut short, or the header "
+                                 "declares a size the data does not hold")
+    elif info.format == "png":
+        raw = info.pixels * info.bits_per_pixel // 8
+        if len(data) * _DEFLATE_MAX_RATIO < raw:
+            raise TruncatedImage(f"PNG {info.width}x{info.height} is {len(data)} bytes; its {raw} bytes of "
+                                 f"pixels need at least {raw // _DEFLATE_MAX_RATIO} (deflate compresses at most "
+                                 "1032:1): the value was cut short or the header's size is wrong")
+
+
+def _jpeg_scans_end(d: bytes, info: ImageInfo, max_scans: int) -> int:
+    """Walk the markers from the first scan on: the offset of the EOI marker that ends the last scan, or
+    the end of the data when it has none."""
+    n = len(d)
+    where = f"JPEG {info.width}x{info.height}"
+    pos, scans = info.data_at, 0
+    for _ in range(_JPEG_MAX_STEPS + 3 * max_scans):  # real files: a table or two per scan
+        found = _NEXT_MARKER.search(d, pos)
+        if found is None:
+            return n  # no EOI: cut short. OpenCV refuses that (undecodable_image), after fewer scans than this
+        at = found.start()
+        marker, pos = d[at + 1], at + 2
+        if marker == 0xD9:
+            return at
+        if marker == 0x01:
+            continue  # TEM: no length
+        if marker == 0xD8:
+            raise _bad("JPEG", f"second start of image (SOI) at byte {at}, after scan {scans}")
+        if pos + 2 > n or pos + ((d[pos] << 8) | d[pos + 1]) > n:
+            return n  # cut short inside a segment: OpenCV's verdict too
+        length = (d[pos] << 8) | d[pos + 1]
+        if length < 2:
+            raise _bad("JPEG", f"marker 0x{marker:02X} at byte {at} has length {length}")
+        if marker == 0xDA:
+            scans += 1
+            if scans > max_scans:
+                raise DecodeBomb(f"{where} has more than max_jpeg_scans={max_scans} scans (the next at byte "
+                                 f"{at}); each one costs the decoder a pass over the whole image: re-encode "
+                                 "it (baseline, or progressive with the encoder's default scans), or raise "
+                                 "WORKER_MAX_JPEG_SCANS")
+        pos += length
+    raise DecodeBomb(f"{where} has more than {_JPEG_MAX_STEPS + 3 * max_scans} markers after its first scan; "
+                     "no encoder writes that many: re-encode it")
 
 
 # --- PNG -----------------------------------------------------------------------------------------------
