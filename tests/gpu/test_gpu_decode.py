@@ -6,6 +6,8 @@ differ by (IDCT and chroma upsampling, float vs. fixed-point weights), not tuned
 
 from __future__ import annotations
 
+import gc
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -67,6 +69,7 @@ def _with_device(fn):
         try:
             return fn(runtime)
         finally:
+            gc.collect()  # decoder objects in reference cycles free their device memory while the context lives
             runtime.stop()
 
     return on_own_thread(work)

@@ -168,6 +168,11 @@ class CudaRuntime:
         self.compute_capability: tuple[int, int] = (0, 0)
         self.stream_handle = 0
         self.stream: Any = None
+        # A second stream of the same context for JPEG decoding (nvJPEG's hardware engine): the next
+        # batch decodes there while this batch's kernels run on ``stream``; an event orders the resize
+        # of each batch after its decode (``decode_done``). Same thread, same context: still one owner.
+        self.decode_stream_handle = 0
+        self.decode_stream: Any = None
         self._cuda: Any = None
         self._context: Any = None
         self._thread: int | None = None
@@ -191,10 +196,13 @@ class CudaRuntime:
             self._thread = threading.get_ident()
             try:
                 self.stream = cuda.Stream()
+                self.decode_stream = cuda.Stream()
             except Exception:
+                self.stream = self.decode_stream = None
                 self._release_context()
                 raise
         self.stream_handle = int(self.stream.handle)
+        self.decode_stream_handle = int(self.decode_stream.handle)
         self.compute_capability = tuple(device.compute_capability())  # type: ignore[assignment]
         self.gpu_name = device.name()
         self.device_name = f"{self.gpu_name} (cuda:{self.device_index}, sm_{''.join(map(str, self.compute_capability))})"
@@ -210,6 +218,7 @@ class CudaRuntime:
         self._check_thread()
         try:
             with cuda_errors("synchronising the stream at stop", self.device_name):
+                self.decode_stream.synchronize()
                 self.stream.synchronize()
         except DeviceError as exc:
             _log.error("cuda_stop_sync_failed", error=str(exc), cuda_error=exc.cuda_error)
@@ -223,8 +232,8 @@ class CudaRuntime:
                 arr.base.free()
         self._host_buffers.clear()
         self._staging.clear()
-        self.stream = None  # cuStreamDestroy runs now, while the context is still current
-        self.stream_handle = 0
+        self.stream = self.decode_stream = None  # cuStreamDestroy runs now, while the context is current
+        self.stream_handle = self.decode_stream_handle = 0
         self._release_context()
         _log.info("cuda_runtime_stopped", device=self.device_name)
 
@@ -241,6 +250,21 @@ class CudaRuntime:
         self._check_thread()
         with cuda_errors("running the batch (stream synchronize)", self.device_name):
             self.stream.synchronize()
+
+    def decode_done(self) -> Any:
+        """An event recorded on the decode stream now: what was queued there so far (a batch's JPEG
+        decode) must finish before the work ``wait_for`` orders after it."""
+        self._check_thread()
+        with cuda_errors("recording the decode event", self.device_name):
+            event = self._cuda.Event(self._cuda.event_flags.DISABLE_TIMING)
+            event.record(self.decode_stream)
+        return event
+
+    def wait_for(self, event: Any) -> None:
+        """Work queued on the main stream from now on waits for ``event`` (no host wait)."""
+        self._check_thread()
+        with cuda_errors("ordering the batch after its decode", self.device_name):
+            self.stream.wait_for_event(event)
 
     def device_buffer(self, nbytes: int, label: str = "") -> DeviceBuffer:
         """Allocate ``nbytes`` of device memory, tracked so that ``stop`` frees what engines forgot."""

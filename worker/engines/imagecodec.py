@@ -78,6 +78,7 @@ class Staged:
     images: list[Any] = field(default_factory=list)  # nvImageCodec images, alive until ``release``
     fallbacks: int = 0  # JPEGs nvImageCodec could not decode, decoded by OpenCV instead
     host_s: float = 0.0
+    decoded: Any = None  # event on the decode stream after this batch's decode (None: one stream)
 
 
 class NvImageCodecDecoder:
@@ -170,10 +171,11 @@ class NvImageCodecDecoder:
             except Exception:  # noqa: BLE001 - nvImageCodec cannot parse it; OpenCV decides below
                 pass
         images: list[Any] = [None] * len(items)
+        staged = Staged()
         if streams:
             for i, image in zip(positions, self._decode_streams(streams)):
                 images[i] = image
-        staged = Staged()
+            staged.decoded = self._decode_done()
         for i, (item, image) in enumerate(zip(items, images)):
             if not isinstance(item, Encoded):
                 staged.host_rows.append((len(staged.kept), item))
@@ -207,6 +209,8 @@ class NvImageCodecDecoder:
         model's input rows, in item order. Returns (indices of the items in rows 0..k-1; rejected)."""
         host_rows = {row for row, _ in staged.host_rows}
         gpu_rows = [row for row in range(len(staged.kept)) if row not in host_rows]
+        if staged.decoded is not None:  # the resize reads what the decode stream wrote
+            self.runtime.wait_for(staged.decoded)
         for e, engine in enumerate(self.engines):
             pre = engine.spec.preprocess
             if staged.sources:
@@ -235,13 +239,22 @@ class NvImageCodecDecoder:
         for attempt in (reuse, None) if reuse is not None else (None,):
             try:
                 return list(self._decoder.decode(streams, images=attempt, params=self._params,
-                                                 cuda_stream=self.runtime.stream_handle))
+                                                 cuda_stream=self._decode_stream()))
             except Exception as exc:  # a CUDA failure is fatal, anything else falls back
                 if cuda_error_name(str(exc)):
                     raise device_error(exc, "decoding a batch with nvImageCodec", self.runtime.device_name) from exc
                 _log.warning("nvimgcodec_batch_failed", error=str(exc), images=len(streams),
                              reused_buffers=attempt is not None)
         return [None] * len(streams)
+
+    def _decode_stream(self) -> int:
+        """The runtime's decode stream where it has one (CUDA), else its only stream."""
+        return getattr(self.runtime, "decode_stream_handle", 0) or self.runtime.stream_handle
+
+    def _decode_done(self) -> Any:
+        if not getattr(self.runtime, "decode_stream_handle", 0):
+            return None  # one stream: decode and resize are in order already
+        return self.runtime.decode_done()
 
     def _copy_host_row(self, model: int, row: int, array: np.ndarray, engine: Any) -> None:
         """An image decoded on the CPU (the pool, or OpenCV after nvImageCodec failed) into its device row."""

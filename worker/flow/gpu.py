@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import queue
 import threading
 import time
@@ -139,6 +140,9 @@ class GpuThread:
         self._batcher: MicroBatcher[InferenceRequest] = MicroBatcher(max_batch_size, max_wait_ms / 1000.0)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="gpu", daemon=True)
+        self._post_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._post_thread = threading.Thread(target=self._post_main, name="gpu-post", daemon=True)
+        self._post_error: BaseException | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self.fatal_error: BaseException | None = None
@@ -213,11 +217,14 @@ class GpuThread:
                        models=[e.spec.name for e in self.engines], max_batch_size=self.max_batch_size,
                        decodes_on_device=self.decodes_on_device)
         self._ready.set()
+        self._post_thread.start()
         try:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - a dead GPU thread must take the process down
             self._fail(exc)
         finally:
+            self._post_queue.put(_STOP)  # what the device finished is resolved before stop() returns
+            self._post_thread.join()
             self._teardown(activated, started)
 
     def _start_decoder(self) -> None:
@@ -249,6 +256,8 @@ class GpuThread:
 
     def _loop(self) -> None:
         while True:
+            if self._post_error is not None:
+                raise self._post_error
             self.heartbeat = self._clock()
             if self.metrics is not None:
                 self.metrics.gpu_queue_depth.set(self.queue_depth())
@@ -383,20 +392,11 @@ class GpuThread:
         if not n:
             return
         elapsed = self._clock() - started
-        # Copy once per output (collectors may return views of buffers reused by the next batch); each
-        # result holds rows of that copy. NumPy drops the GIL for copies of over 500 elements and the
-        # self-pipe write of call_soon_threadsafe drops it too: per image, each is one more wait for the
-        # GIL behind the decode threads and the event loop; per batch, one.
+        # Copy once per output (collectors may return views of buffers reused by the next batch), then
+        # hand the batch to the post thread: top-k, one result per image and the resolutions run there
+        # while this thread stages and runs the next batch (it waits in CUDA calls with the GIL released).
         copies = [{name: np.array(arr) for name, arr in out.items()} for out in outputs]
-        post = self._postprocess(copies)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, InferenceResult]]] = {}
-        for j, req in enumerate(requests):
-            per_model = [{name: arr[j] for name, arr in out.items()} for out in copies]
-            result = InferenceResult(per_model, queue_s=started - req.enqueued_at, inference_s=elapsed,
-                                     batch_size=n, postprocessed=[p[j] for p in post] if post else None)
-            by_loop.setdefault(req.loop, []).append((req.future, result))
-        for loop, resolved in by_loop.items():
-            loop.call_soon_threadsafe(_resolve_all, resolved)
+        self._post_queue.put((requests, copies, started, elapsed))
         # Book-keeping last: whatever it raises, no request of this batch is left waiting.
         self.batches += 1
         self.images += n
@@ -407,6 +407,36 @@ class GpuThread:
         oldest_wait = max(started - r.enqueued_at for r in requests)
         self._log.debug("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
                         inference_ms=round(elapsed * 1000, 3))
+
+    # --- the post thread: results of a batch the device has finished ---------------------------
+    def _post_main(self) -> None:
+        while True:
+            item = self._post_queue.get()
+            if item is _STOP:
+                return
+            requests, copies, started, elapsed = item
+            try:
+                self._resolve_batch(requests, copies, started, elapsed)
+            except BaseException as exc:  # noqa: BLE001 - a bug: fatal, and nothing of the batch hangs
+                error = FatalError(f"post-processing a batch failed: {type(exc).__name__}: {exc}")
+                for req in requests:
+                    req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+                self._post_error = error  # the GPU thread raises it at its next turn
+
+    def _resolve_batch(self, requests: list[InferenceRequest], copies: list[Outputs], started: float,
+                       elapsed: float) -> None:
+        """Post-process the batch and resolve each request, one callback per event loop (the
+        self-pipe write of call_soon_threadsafe drops the GIL: per image, one more wait for it)."""
+        n = len(requests)
+        post = self._postprocess(copies)
+        by_loop: dict[Any, list[tuple[Any, InferenceResult]]] = {}
+        for j, req in enumerate(requests):
+            per_model = [{name: arr[j] for name, arr in out.items()} for out in copies]
+            result = InferenceResult(per_model, queue_s=started - req.enqueued_at, inference_s=elapsed,
+                                     batch_size=n, postprocessed=[p[j] for p in post] if post else None)
+            by_loop.setdefault(req.loop, []).append((req.future, result))
+        for loop, resolved in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, resolved)
 
     def _postprocess(self, outputs: list[Outputs]) -> list[list[dict[str, Any]]] | None:
         """Per model, every image's JSON-ready outputs, vectorised over the batch (top-k and softmax of a
@@ -558,6 +588,10 @@ class GpuThread:
                 engine.deactivate()
             except BaseException as exc:  # noqa: BLE001
                 self._log.error("engine deactivate failed", model=engine.spec.name, error=str(exc))
+        # Cyclic garbage holding device memory (nvImageCodec images referenced from a traceback, say)
+        # must go now, with the context current on this thread: collected later on another thread, after
+        # the context is gone, its free crashes the process (seen in a GPU test as a segfault in gc).
+        gc.collect()
         if started:
             try:
                 self.runtime.stop()
