@@ -67,3 +67,39 @@ def test_scope_filter():
     t.start(P1, 0)
     t.finish(P1, 0)
     assert t.to_commit({P1}) == {P1: 1}
+
+
+def test_span_counts_finished_entries_behind_a_stuck_offset():
+    t = OffsetTracker()
+    for off in range(10):
+        t.start(P0, off)
+    t.start(P1, 0)
+    for off in range(10):
+        if off != 2:
+            t.finish(P0, off)
+    # 0 and 1 are the committable prefix (not held); 3..9 wait behind 2
+    assert t.span(P0) == 7 and t.span() == 7 and t.committable(P0) == 2
+    t.finish(P1, 0)
+    assert t.span(P1) == 0 and t.span() == 7
+    t.start(P0, 10)
+    t.finish(P0, 10)
+    assert t.span() == 8  # grows with everything finished after the stuck one
+    t.finish(P0, 2)
+    assert t.span() == 0 and t.to_commit() == {P0: 11, P1: 1}
+    t.forget(P0)
+    assert t.span(P0) == 0
+
+
+def test_oldest_unfinished_message_by_start_time():
+    t = OffsetTracker()
+    assert t.oldest() is None
+    t.start(P0, 5, now=10.0)
+    t.start(P1, 1, now=4.0)
+    t.start(P0, 6, now=12.0)
+    assert t.oldest() == (P1, 1, 4.0)
+    t.finish(P1, 1)
+    oldest = t.oldest()
+    assert (oldest.partition, oldest.offset, oldest.started_at) == (P0, 5, 10.0)
+    t.finish(P0, 5)
+    t.finish(P0, 6)
+    assert t.oldest() is None

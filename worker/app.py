@@ -1,9 +1,12 @@
 """Wires the stages: consume → decode pool → GPU thread → publish → offsets → commit.
 
 One asyncio task per in-flight message carries it through every stage; the number of such tasks is
-bounded by ``max_in_flight`` (backpressure pauses the partitions), so every queue between stages is
-bounded too. A message is finished only when the broker acknowledged its result or its DLQ record;
-only finished offsets are committed.
+bounded by ``max_in_flight``, their value bytes by ``max_in_flight_bytes``, and the finished entries the
+offset tracker keeps behind an unfinished offset by ``max_uncommitted_span`` (backpressure pauses the
+partitions at any of them), so every queue between stages is bounded too. A message unfinished past
+``message_deadline_s`` (of progress time: not while the broker is away) is a fatal error. A message is
+finished only when the broker acknowledged its result or its DLQ record; only finished offsets are
+committed.
 
 The stages of one message live in worker.flow.handle; commits (and their order) and the broker probe
 in worker.flow.committer. This module is the life cycle around them.
@@ -14,7 +17,8 @@ partitions): no new records for them (aiokafka returns none during a rebalance) 
 next owner) → flush the producer, so that no record of ours for them lands after we let go → commit →
 forget them (their generation ends: a late ``finish`` cannot touch a later ownership).
 
-Shutdown (SIGTERM/SIGINT, or the end of a replay): stop fetching → wait up to ``drain_timeout_s`` for
+Shutdown (SIGTERM/SIGINT, or the end of a replay; a stop while still connecting ends the attempt at
+once and only closes the clients): stop fetching → wait up to ``drain_timeout_s`` for
 in-flight messages → cancel the rest (logged as cut, left uncommitted) → flush the producer → commit →
 leave the group → stop the GPU thread. A second signal exits at once, committing nothing more. A fatal
 error (dead GPU thread, crashed stage task) takes the same path without the wait and exits non-zero.
@@ -31,6 +35,8 @@ import asyncio
 import time
 import os
 import signal
+from collections import deque
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,7 +45,8 @@ from aiokafka.errors import KafkaError
 
 from worker import codecs, log
 from worker.flow.committer import BROKER_TIMEOUT_S, Committer
-from worker.flow.consume import Backpressure, LivePlan, Plan, RebalanceHooks
+from worker.errors import FatalError
+from worker.flow.consume import Backpressure, LivePlan, Load, Plan, ProgressClock, RebalanceHooks
 from worker.flow.gpu import GpuThread
 from worker.flow.handle import MessageHandler
 from worker.flow.offsets import OffsetTracker
@@ -49,6 +56,7 @@ from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings
 
+HEARTBEAT_S = 1.0  # the loop's beat for /healthz, and how often message_deadline_s is checked
 
 
 class Worker:
@@ -63,7 +71,14 @@ class Worker:
         self._throttle = getattr(self.plan, "throttle", None)  # optional Plan hook: replay --rate
         self.health = health or HealthState()
         self.tracker = OffsetTracker()
-        self.backpressure = Backpressure(settings.max_in_flight, settings.resume_threshold)
+        self.backpressure = Backpressure(settings.max_in_flight, settings.resume_threshold,
+                                         settings.max_in_flight_bytes, settings.uncommitted_span_bound)
+        self._held: deque[tuple[TopicPartition, Any]] = deque()  # fetched, waiting for byte room (FIFO)
+        self._held_bytes = 0
+        self.in_flight_bytes = 0  # value bytes of live message tasks
+        self.peak_in_flight_bytes = 0
+        self._clock = ProgressClock(time.monotonic())  # what message_deadline_s counts
+        self._connected = False
         self.exit_code = 0
         self.counts = {"consumed": 0, "published": 0, "dead_lettered": 0, "failed": 0}
         self._tasks: set[asyncio.Task] = set()
@@ -85,6 +100,7 @@ class Worker:
         stages: list[asyncio.Task] = []
         try:
             if await self._connect():
+                self._connected = True
                 self.handler = MessageHandler(self.settings, self.pipeline, self.gpu, self.publisher,
                                               self.tracker, self.metrics, self.counts, self._decode_pool,
                                               self.fail)
@@ -128,12 +144,8 @@ class Worker:
         delay = backoff[0]
         while True:
             try:
-                await asyncio.wait_for(self.publisher.start(), timeout=30)
-                await asyncio.wait_for(self.consumer.start(), timeout=30)
-                check = getattr(self.publisher, "check_topics", None)  # test doubles may have none
-                if check is not None:
-                    await check([self.settings.output_topic, self.settings.dlq_topic])
-                self.publisher.on_stalled = self.health.publish_stalled
+                if not await self._unless_stopped(self._start_clients()):
+                    return False  # a signal while connecting: nothing was consumed, nothing to drain
             except FatalError as exc:  # UnwritableTopic: no retry helps
                 self.fail(exc)
                 return False
@@ -154,12 +166,58 @@ class Worker:
             delay = min(delay * 2, backoff[1])
             self._new_clients()  # aiokafka clients are not restartable after a failed start
 
+    async def _start_clients(self) -> None:
+        await asyncio.wait_for(self.publisher.start(), timeout=30)
+        await asyncio.wait_for(self.consumer.start(), timeout=30)
+        check = getattr(self.publisher, "check_topics", None)  # test doubles may have none
+        if check is not None:
+            await check([self.settings.output_topic, self.settings.dlq_topic])
+        self.publisher.on_stalled = self.health.publish_stalled
+
+    async def _unless_stopped(self, coro: Awaitable[Any]) -> bool:
+        """Await ``coro`` unless a stop comes first (a connection attempt to a broker that stalls can take
+        30 s, a SIGTERM must not wait for it): then cancel it and return False. Its errors propagate."""
+        attempt = asyncio.ensure_future(coro)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({attempt, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if attempt.done():
+            attempt.result()
+            return True
+        attempt.cancel()
+        await asyncio.wait({attempt}, timeout=5)
+        if attempt.done() and not attempt.cancelled() and attempt.exception() is not None:
+            self._log.info("connection attempt ended by the stop", error=repr(attempt.exception()))
+        return False
+
+    async def _bounded(self, what: str, coro: Awaitable[Any], timeout: float) -> bool:
+        """Await ``coro`` for at most ``timeout`` s on a path that must go on (shutdown, closing clients):
+        a failure or a timeout is logged, not raised. So is a CancelledError that comes out of the
+        awaited code while this task is not being cancelled: aiokafka 0.14's ``consumer.stop()`` during
+        a broker outage re-raises the one of its own fetch task (cancelled while sleeping its retry
+        backoff), which used to end a SIGTERM in a traceback and exit 1."""
+        try:
+            await asyncio.wait_for(coro, timeout=timeout)
+            return True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled: not ours to swallow
+            self._log.warning(f"{what} failed",
+                              error="the client re-raised the cancellation of one of its own tasks")
+        except Exception as exc:  # noqa: BLE001 - the path must go on
+            self._log.warning(f"{what} failed", error=f"{type(exc).__name__}: {exc}")
+        return False
+
     async def _close_clients(self) -> None:
-        for closer in (self.consumer.stop, self.publisher.stop):
-            try:
-                await asyncio.wait_for(closer(), timeout=10)
-            except Exception as exc:  # noqa: BLE001 - closing must go on
-                self._log.warning("close failed", error=f"{type(exc).__name__}: {exc}")
+        if not await self._bounded("consumer close", self.consumer.stop(), 10):
+            # It stopped half way (before closing its connections): close them, bounded too.
+            client = getattr(self.consumer, "_client", None)
+            if client is not None:
+                await self._bounded("consumer connections close", client.close(), 5)
+        await self._bounded("producer close", self.publisher.stop(), 10)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -206,9 +264,21 @@ class Worker:
                 pass
 
     async def _shutdown(self, stages: list[asyncio.Task]) -> None:
+        """The bounded waits, in order (docs/deploy.md adds them up for the pod's grace period): drain
+        ``drain_timeout_s`` (0.5 s after a fatal error), cancelled tasks 5 s, producer flush 10 s, commit
+        5 s, consumer close 10 s (+ 5 s when it stops half way), producer close 10 s."""
         for task in stages:
             if task.get_name() == "consume":
                 task.cancel()
+        if not self._connected:  # stopped (or failed) while connecting: nothing consumed, nothing to commit
+            await self._close_clients()
+            await self._finish_shutdown()
+            return
+        if self._held:
+            self._log.info("fetched messages not started; left uncommitted", count=len(self._held),
+                           bytes=self._held_bytes)
+            self._held.clear()
+            self._held_bytes = 0
         timeout = 0.5 if self._fatal is not None else self.settings.drain_timeout_s
         pending = set(self._tasks)
         done: set[asyncio.Task] = set()
@@ -221,15 +291,15 @@ class Worker:
             await asyncio.wait(pending, timeout=5)
         self._log.info("drained", finished=len(done), cut=len(pending), cut_offsets=cut or None,
                        drain_timeout_s=timeout)
-        try:
-            await asyncio.wait_for(self.publisher.flush(), timeout=10)
-        except (KafkaError, asyncio.TimeoutError) as exc:
-            self._log.warning("producer flush failed", error=f"{type(exc).__name__}: {exc}")
-        await self.commit()
+        await self._bounded("producer flush", self.publisher.flush(), 10)
+        await self._bounded("final commit", self.commit(), BROKER_TIMEOUT_S + 1)
         for task in stages:
             task.cancel()
         await asyncio.gather(*stages, return_exceptions=True)
         await self._close_clients()
+        await self._finish_shutdown()
+
+    async def _finish_shutdown(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._loop.remove_signal_handler(sig)
@@ -249,15 +319,23 @@ class Worker:
 
     # --- consume -------------------------------------------------------------------------
     async def _consume_loop(self) -> None:
+        """Poll, start what fits, pause at any bound (``Backpressure``), keep polling while paused.
+
+        A poll returns up to the message room, whatever their bytes: a fetched message whose bytes do not
+        fit under ``max_in_flight_bytes`` waits in ``_held`` (first in, first out, so each partition's
+        offsets still start in order) and counts towards the pause, which stops more fetching; it starts
+        as room comes, or alone when nothing else is in flight."""
         while True:
-            in_flight = self.tracker.in_flight()
-            flip = self.backpressure.update(in_flight)
+            self._start_held()
+            load = self._load()
+            flip = self.backpressure.update(load)
             if flip is not None:
                 self._apply_pause()
-                self._log.info("backpressure", action=flip, in_flight=in_flight)
-            room = self.backpressure.room(in_flight)
+                self._log.info("backpressure", action=flip, bound=self.backpressure.reason or None,
+                               in_flight=load.messages, in_flight_bytes=load.bytes, uncommitted_span=load.span)
+            room = self.backpressure.room(load.messages) if not self._held else 0
             polled_at = time.monotonic()
-            batches = await self.consumer.getmany(timeout_ms=100, max_records=max(1, room))
+            batches = await self.consumer.getmany(timeout_ms=20 if self._held else 100, max_records=max(1, room))
             self.metrics.poll_wait_seconds.inc(time.monotonic() - polled_at)
             self.metrics.poll_records.observe(sum(len(m) for m in batches.values()))
             for tp, messages in batches.items():
@@ -266,23 +344,67 @@ class Worker:
                         continue
                     if self._throttle is not None:
                         await self._throttle(1)
-                    self._start_message(tp, msg)
-            self.metrics.in_flight.set(self.tracker.in_flight())
+                    self._offer(tp, msg)
+            self._set_gauges()
             if self.plan.complete(self._positions()):
                 self._log.info("plan complete")
                 self.request_stop()
                 return
+
+    def _load(self) -> Load:
+        return Load(self.tracker.in_flight(), self.in_flight_bytes + self._held_bytes, self.tracker.span())
+
+    def _started(self) -> Load:
+        return Load(self.tracker.in_flight(), self.in_flight_bytes)
+
+    def _offer(self, tp: TopicPartition, msg: Any) -> None:
+        """Start a fetched message now if it fits (and none waits before it), else hold it."""
+        size = _size(msg)
+        if not self._held and self.backpressure.admits(self._started(), size):
+            self._start_message(tp, msg)
+            return
+        self._held.append((tp, msg))
+        self._held_bytes += size
+
+    def _start_held(self) -> None:
+        while self._held:
+            tp, msg = self._held[0]
+            size = _size(msg)
+            if not self.backpressure.admits(self._started(), size):
+                return
+            self._held.popleft()
+            self._held_bytes -= size
+            self._start_message(tp, msg)
+
+    def _drop_held(self, partitions: set[TopicPartition]) -> None:
+        """Forget held messages of partitions we let go (revoke) or own anew (assign: the broker
+        delivers again from the committed position). Never of a partition that stays ours: the
+        consumer's position is past them, nobody would deliver them again."""
+        if not any(tp in partitions for tp, _ in self._held):
+            return
+        kept = deque((tp, m) for tp, m in self._held if tp not in partitions)
+        self._held = kept
+        self._held_bytes = sum(_size(m) for _, m in kept)
+
+    def _set_gauges(self) -> None:
+        self.metrics.in_flight.set(self.tracker.in_flight())
+        self.metrics.in_flight_bytes.set(self.in_flight_bytes)
+        self.metrics.waiting_bytes.set(self._held_bytes)
+        self.metrics.uncommitted_span.set(self.tracker.span())
 
     def _start_message(self, tp: TopicPartition, msg: Any) -> asyncio.Task | None:
         """Start one message's task, unless its partition is no longer ours (a revoke ran while the
         loop awaited) or the tracker says the offset is already in flight or committed."""
         if tp in self._revoking or tp not in self.consumer.assignment():
             return None
-        generation = self.tracker.start(tp, msg.offset)
+        generation = self.tracker.start(tp, msg.offset, self._progress())
         if generation is None:
             return None
         self.counts["consumed"] += 1
         self.metrics.consumed.inc()
+        size = _size(msg)
+        self.in_flight_bytes += size
+        self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, self.in_flight_bytes)
         task = asyncio.create_task(self.handler.handle(tp, msg, generation))
         task.offset = msg.offset  # type: ignore[attr-defined] - for the log of what a drain or revoke cut
         self._tasks.add(task)
@@ -290,6 +412,8 @@ class Worker:
         owned.add(task)
 
         def _done(t: asyncio.Task) -> None:
+            # The message's bytes go with its task, however it ended (finished, failed, cut).
+            self.in_flight_bytes -= size
             self._tasks.discard(t)
             owned.discard(t)
         task.add_done_callback(_done)
@@ -311,10 +435,37 @@ class Worker:
         return await self.committer.commit(partitions)
 
     async def _heartbeat_loop(self) -> None:
-        """Proof of a responsive event loop for /healthz, independent of broker round trips."""
+        """Proof of a responsive event loop for /healthz, independent of broker round trips; and the
+        check of ``message_deadline_s``."""
         while True:
             self.health.loop_beat()
-            await asyncio.sleep(1.0)
+            self._check_deadline()
+            await asyncio.sleep(HEARTBEAT_S)
+
+    def _progress(self) -> float:
+        """The progress clock: stands still while the broker is away or publishing is stalled, which the
+        worker waits out by design (retries with backoff), so an outage does not trip the deadline."""
+        return self._clock.read(time.monotonic(), self.health.broker_ok and self.health.publishing)
+
+    def _check_deadline(self) -> None:
+        """A message unfinished for ``message_deadline_s`` of progress time is a fatal error: nothing at
+        or past its offset can be committed, and the span bound has paused its partitions by now."""
+        oldest = self.tracker.oldest()
+        age = self._progress() - oldest.started_at if oldest is not None else 0.0
+        self.metrics.oldest_in_flight.set(age)
+        self.metrics.uncommitted_span.set(self.tracker.span())
+        limit = self.settings.message_deadline_s
+        if oldest is None or not limit or age <= limit or self._fatal is not None:
+            return
+        tp = oldest.partition
+        where = f"topic={getattr(tp, 'topic', tp)} partition={getattr(tp, 'partition', '?')} offset={oldest.offset}"
+        self._log.error("message past its deadline", topic=getattr(tp, "topic", None),
+                        partition=getattr(tp, "partition", None), offset=oldest.offset, age_s=round(age, 1),
+                        message_deadline_s=limit, uncommitted_span=self.tracker.span(tp))
+        self.fail(FatalError(
+            f"message unfinished for {age:.0f}s, past message_deadline_s={limit:g} ({where}); nothing at or "
+            f"past this offset can be committed, so the worker stops and the restart redoes it (a lost GPU "
+            f"reply or a hung stage; raise message_deadline_s if such messages are legitimately slow)"))
 
     def _broker_trouble(self, trouble: bool) -> None:
         self.health.broker_ok = not trouble
@@ -330,6 +481,7 @@ class Worker:
                 for task in leftover:
                     task.cancel()
                 self.tracker.forget(tp)
+            self._drop_held(assigned)
             self.health.joined = True
             if self.backpressure.paused and assigned:
                 self.consumer.pause(*assigned)  # aiokafka forgets pauses on reassignment
@@ -341,6 +493,7 @@ class Worker:
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         try:
+            self._drop_held(revoked)  # fetched, never started: the next owner reads them again
             await self._release(revoked)
         except Exception as exc:  # noqa: BLE001 - aiokafka would log it and rejoin half-released
             self._log.exception("partition revoke hook failed")
@@ -383,3 +536,9 @@ class Worker:
             self._tasks_by_tp.pop(tp, None)
         self._log.info("partitions revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
                        unfinished_left_uncommitted=sum(len(v) for v in cut.values()), cut_offsets=cut or None)
+
+
+def _size(msg: Any) -> int:
+    """The bytes a message holds while in flight: its value (keys and headers are small)."""
+    value = getattr(msg, "value", None)
+    return len(value) if value else 0

@@ -47,6 +47,15 @@ class Metrics:
         self.gpu_decode_fallbacks = Counter("worker_gpu_decode_fallbacks", "JPEGs nvImageCodec could not decode, "
                                             "decoded by OpenCV on the GPU thread instead.", registry=r)
         self.in_flight = Gauge("worker_in_flight_messages", "Consumed and not yet finished.", registry=r)
+        # The bounds of docs/guarantees.md "Bounds and deadlines", per intake process.
+        self.in_flight_bytes = Gauge("worker_in_flight_bytes", "Value bytes of started, unfinished messages "
+                                     "(at most max_in_flight_bytes, or one larger message alone).", registry=r)
+        self.waiting_bytes = Gauge("worker_fetched_waiting_bytes", "Value bytes of fetched messages waiting "
+                                   "for room under max_in_flight_bytes (at most one fetch's worth).", registry=r)
+        self.uncommitted_span = Gauge("worker_uncommitted_span_messages", "Finished messages held behind an "
+                                      "unfinished lower offset of their partition.", registry=r)
+        self.oldest_in_flight = Gauge("worker_oldest_in_flight_seconds", "Age of the oldest unfinished message "
+                                      "(time the broker was away or publishing stalled not counted).", registry=r)
         self.gpu_queue_depth = Gauge("worker_gpu_queue_depth", "Requests waiting for the GPU thread.",
                                      registry=r)
         self.decode_queue_depth = Gauge("worker_decode_queue_depth", "Messages waiting for or in decode.",

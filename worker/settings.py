@@ -134,6 +134,21 @@ class Settings:
     # --- Flow control and commits ---------------------------------------------------------
     max_in_flight: int = _opt(1024, "Most messages consumed but not yet finished; past it partitions pause.")
     resume_in_flight: int = _opt(0, "Resume paused partitions below this many in flight. 0: half of max_in_flight.")
+    max_in_flight_bytes: int = _opt(
+        536870912, "Most value bytes of messages consumed but not yet finished, per intake process; past it "
+                   "partitions pause, and they resume at half. A fetched message that does not fit waits "
+                   "(at most one fetch's worth: fetch_max_bytes); one larger than the whole bound starts "
+                   "alone. 0: no byte bound (max_in_flight x max_bytes then bounds it). The chart derives "
+                   "it from the memory limit.")
+    max_uncommitted_span: int = _opt(
+        0, "Most finished messages kept behind an unfinished lower offset of their partition (they cannot be "
+           "committed before it); past it partitions pause, so a message that never finishes cannot grow "
+           "the offset tracker without bound. 0: 10 x max_in_flight.")
+    message_deadline_s: float = _opt(
+        300.0, "A message unfinished this long (not counting time the broker is unreachable or publishing "
+               "is stalled) is a fatal error naming its topic, partition and offset: exit 1, and the "
+               "restart redoes it. Keep it above the longest a healthy message can take (decode, GPU "
+               "queue behind max_in_flight, batch, publish retries: docs/guarantees.md). 0: off.")
     commit_interval_ms: int = _opt(1000, "How often finished offsets are committed.")
     drain_timeout_s: float = _opt(20.0, "On SIGTERM, how long in-flight work may take to finish.")
     rebalance_timeout_s: float = _opt(10.0, "On partition revoke, how long in-flight work may take.")
@@ -151,7 +166,8 @@ class Settings:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "gil_switch_interval_ms", "drain_timeout_s", "rebalance_timeout_s", "decode_workers",
                      "max_bytes", "max_pixels", "resume_in_flight", "http_port", "socket_read_bytes",
-                     "intake_processes"):
+                     "intake_processes", "max_in_flight_bytes", "max_uncommitted_span",
+                     "message_deadline_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.resume_in_flight > self.max_in_flight:
@@ -169,6 +185,10 @@ class Settings:
     @property
     def resume_threshold(self) -> int:
         return self.resume_in_flight or max(1, self.max_in_flight // 2)
+
+    @property
+    def uncommitted_span_bound(self) -> int:
+        return self.max_uncommitted_span or 10 * self.max_in_flight
 
     @property
     def intakes(self) -> int:

@@ -11,6 +11,12 @@ returns it, ``finish`` must present it, and ``forget`` (on revoke) ends it. A ta
 ownership that finishes late can then neither mark an offset of the new ownership done nor move its
 committable position.
 
+Two quantities bound what a stuck message costs (worker.app turns them into backpressure and a fatal
+error): the *uncommitted span* (``span``), the finished entries kept behind a partition's lowest unfinished
+offset (they wait in the heap until it finishes: without a bound, a message that never finishes lets it
+grow by every message consumed after it), and the *oldest* unfinished message (``oldest``), stamped by
+``start`` with the caller's clock.
+
 Pure logic: no asyncio, no Kafka. ``Partition`` is any hashable key (aiokafka's TopicPartition).
 """
 
@@ -19,14 +25,23 @@ from __future__ import annotations
 import heapq
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 Partition = Hashable
 
 
+class InFlight(NamedTuple):
+    """One unfinished message: where it is and when ``start`` saw it (the caller's clock)."""
+
+    partition: Partition
+    offset: int
+    started_at: float
+
+
 @dataclass
 class _PartitionState:
-    pending: set[int] = field(default_factory=set)
-    heap: list[int] = field(default_factory=list)  # pending offsets, lazily pruned
+    pending: dict[int, float] = field(default_factory=dict)  # unfinished offset -> started_at
+    heap: list[int] = field(default_factory=list)  # started offsets, finished ones pruned from the top only
     next_offset: int | None = None  # one past the highest offset started
     committed: int | None = None  # last position handed to the broker
     base: int | None = None  # first offset started: the position we began at, nothing to commit
@@ -39,10 +54,11 @@ class OffsetTracker:
         self._generations = 0
 
     # --- message life cycle --------------------------------------------------------------
-    def start(self, tp: Partition, offset: int) -> int | None:
-        """A message was consumed and is now in flight. Returns the partition's generation, to hand back
-        to ``finish``; or None when the offset must not be processed again (it is in flight already, or
-        below the position committed by this ownership: a re-delivery of finished work)."""
+    def start(self, tp: Partition, offset: int, now: float = 0.0) -> int | None:
+        """A message was consumed and is now in flight (since ``now``, any clock the caller also gives
+        ``oldest``'s reader). Returns the partition's generation, to hand back to ``finish``; or None
+        when the offset must not be processed again (it is in flight already, or below the position
+        committed by this ownership: a re-delivery of finished work)."""
         st = self._parts.get(tp)
         if st is None:
             self._generations += 1
@@ -53,7 +69,7 @@ class OffsetTracker:
             return None
         if st.base is None:
             st.base = offset
-        st.pending.add(offset)
+        st.pending[offset] = now
         heapq.heappush(st.heap, offset)
         if st.next_offset is None or offset + 1 > st.next_offset:
             st.next_offset = offset + 1
@@ -65,7 +81,7 @@ class OffsetTracker:
         st = self._parts.get(tp)
         if st is None or (generation is not None and generation != st.generation) or offset not in st.pending:
             return False
-        st.pending.discard(offset)
+        del st.pending[offset]
         return True
 
     def generation(self, tp: Partition) -> int | None:
@@ -79,13 +95,37 @@ class OffsetTracker:
             return len(st.pending) if st else 0
         return sum(len(st.pending) for st in self._parts.values())
 
+    def span(self, tp: Partition | None = None) -> int:
+        """The uncommitted span: finished messages whose entries wait behind an unfinished lower offset
+        of the same partition (of ``tp``, or of all partitions). 0 when every partition's finished work
+        is a contiguous prefix."""
+        parts = self._parts.values() if tp is None else [st for st in (self._parts.get(tp),) if st]
+        total = 0
+        for st in parts:
+            self._prune(st)
+            total += len(st.heap) - len(st.pending)
+        return total
+
+    def oldest(self) -> InFlight | None:
+        """The unfinished message started longest ago (by ``start``'s ``now``), or None."""
+        found: InFlight | None = None
+        for tp, st in self._parts.items():
+            for offset, started_at in st.pending.items():
+                if found is None or started_at < found.started_at:
+                    found = InFlight(tp, offset, started_at)
+        return found
+
+    @staticmethod
+    def _prune(st: _PartitionState) -> None:
+        while st.heap and st.heap[0] not in st.pending:
+            heapq.heappop(st.heap)
+
     def committable(self, tp: Partition) -> int | None:
         """The offset to commit for ``tp`` (next message to read), or None if nothing finished."""
         st = self._parts.get(tp)
         if st is None or st.next_offset is None:
             return None
-        while st.heap and st.heap[0] not in st.pending:
-            heapq.heappop(st.heap)
+        self._prune(st)
         return st.heap[0] if st.heap else st.next_offset
 
     def to_commit(self, partitions: object = None) -> dict[Partition, int]:

@@ -92,17 +92,68 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := include "gpu-worker.terminationGracePeriodSeconds" . }}
 {{- end }}
 
-{{/* The grace period: the drain timeout rounded up plus a margin, or the user's value if above it. */}}
+{{/* The grace period: every bounded wait of a graceful stop, or the user's value if it covers the drain and
+the waits before the final commit. The waits of `worker run` (worker/app.py Worker._shutdown,
+worker/supervisor.py Supervisor._stop_all), in order:
+  each intake (at once, in parallel): drain drainTimeoutSeconds
+    + cut tasks 5 s + producer flush 10 s + final commit 5 s        (the final commit is done by here: +20 s)
+    + consumer close 10 s (+5 s when it stops half way) + producer close 10 s + GPU link 5 s
+    = drain + 50 s, but the supervisor kills an intake at drain + rebalance_timeout_s (10 s) + 30 s and
+    waits 5 s more for it: at most drain + 45 s;
+  then the GPU process: 30 s to stop, 5 s more after a kill: 35 s.
+Sum: drain + 80 s; plus terminationGraceMarginSeconds for the processes' exit. */}}
 {{- define "gpu-worker.terminationGracePeriodSeconds" -}}
 {{- $drain := float64 .Values.worker.drainTimeoutSeconds }}
 {{- $grace := .Values.terminationGracePeriodSeconds }}
 {{- if kindIs "invalid" $grace }}
-{{- add (int (ceil $drain)) (int .Values.terminationGraceMarginSeconds) }}
+{{- add (int (ceil $drain)) 80 (int .Values.terminationGraceMarginSeconds) }}
 {{- else }}
-{{- if le (float64 $grace) $drain }}
-{{- fail (printf "terminationGracePeriodSeconds=%v must be above worker.drainTimeoutSeconds=%v: Kubernetes kills the pod when the grace period ends, cutting the drain and its final offset commit (already-processed messages would be redone). Leave it empty to get drainTimeoutSeconds + %v." $grace $drain .Values.terminationGraceMarginSeconds) }}
+{{- if le (float64 $grace) (addf $drain 20) }}
+{{- fail (printf "terminationGracePeriodSeconds=%v must be above worker.drainTimeoutSeconds=%v plus the 20 s of bounded waits before the final offset commit (cut tasks 5 s, producer flush 10 s, commit 5 s): Kubernetes kills the pod when the grace period ends, cutting the drain and its final offset commit (already-processed messages would be redone). Leave it empty to get drainTimeoutSeconds + 80 + %v, which covers every bounded wait of the shutdown." $grace $drain .Values.terminationGraceMarginSeconds) }}
 {{- end }}
 {{- int $grace }}
+{{- end }}
+{{- end }}
+
+{{/* resources.limits.memory in bytes ("" when there is none): Kubernetes quantities such as 16Gi, 512Mi,
+16G, 17179869184. */}}
+{{- define "gpu-worker.memoryLimitBytes" -}}
+{{- $q := toString (dig "limits" "memory" "" (default dict .Values.resources)) }}
+{{- if $q }}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
+{{- $unit := trimPrefix $num $q }}
+{{- $units := dict "" 1 "m" 0.001 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 "E" 1000000000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 "Ei" 1152921504606846976 }}
+{{- if or (not $num) (not (hasKey $units $unit)) }}
+{{- fail (printf "resources.limits.memory=%q: not a memory quantity the chart can read (a number with one of the suffixes m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei), or set worker.maxInFlightBytes" $q) }}
+{{- end }}
+{{- int64 (mulf (float64 $num) (float64 (get $units $unit))) }}
+{{- end }}
+{{- end }}
+
+{{/* WORKER_MAX_IN_FLIGHT_BYTES: worker.maxInFlightBytes, or derived from the memory limit ("" without one:
+the worker's default). The pod must fit with every intake at its bound:
+  limit >= GPU process 4 GiB (CUDA context, engines, pinned staging, host copies of the models)
+         + intakes x (1 GiB: interpreter and libraries, its shared-memory ring, decode threads with their
+                      decoded rows, result records, two fetches of fetch_max_bytes (2 x 50 MB), one
+                      message larger than the bound, alone (max_bytes 20 MB)
+                      + max_in_flight_bytes)
+with intakes = 8, the most `worker run` derives by itself (worker/policy/cpus.py). So
+  max_in_flight_bytes = (limit - 4 GiB) / 8 - 1 GiB      (16Gi: 512 MiB; 24Gi: 1.5 GiB)
+and a limit that leaves less than 64 MiB is refused. */}}
+{{- define "gpu-worker.maxInFlightBytes" -}}
+{{- $set := .Values.worker.maxInFlightBytes }}
+{{- if not (kindIs "invalid" $set) }}
+{{- int64 $set }}
+{{- else }}
+{{- $limit := include "gpu-worker.memoryLimitBytes" . }}
+{{- if $limit }}
+{{- $gib := int64 1073741824 }}
+{{- $bytes := sub (div (sub (int64 $limit) (mul 4 $gib)) 8) $gib }}
+{{- if lt (int64 $bytes) (int64 67108864) }}
+{{- fail (printf "resources.limits.memory=%v leaves %d bytes per intake for messages in flight (under 64 MiB): raise the limit, or set worker.maxInFlightBytes (and WORKER_INTAKE_PROCESSES) yourself" .Values.resources.limits.memory $bytes) }}
+{{- end }}
+{{- $bytes }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -178,6 +229,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   value: {{ int .decodeWorkers | quote }}
 - name: WORKER_MAX_IN_FLIGHT
   value: {{ int .maxInFlight | quote }}
+{{- with (include "gpu-worker.maxInFlightBytes" $) }}
+- name: WORKER_MAX_IN_FLIGHT_BYTES
+  value: {{ . | quote }}
+{{- end }}
 - name: WORKER_DRAIN_TIMEOUT_S
   value: {{ toString .drainTimeoutSeconds | quote }}
 - name: WORKER_HTTP_PORT
