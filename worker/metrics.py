@@ -46,6 +46,10 @@ class Metrics:
                                   "started); 0 when decoding on the CPU, by choice or by fallback.", registry=r)
         self.gpu_decode_fallbacks = Counter("worker_gpu_decode_fallbacks", "JPEGs nvImageCodec could not decode, "
                                             "decoded by OpenCV on the GPU thread instead.", registry=r)
+        self.gpu_phase_seconds = Counter("worker_gpu_phase_seconds", "GPU thread time per batch phase with device "
+                                         "decoding: decode (host part, not prefetched), enqueue, prefetch (next "
+                                         "batch's decode under this one's inference), wait (for the device).",
+                                         ["phase"], registry=r)
         self.in_flight = Gauge("worker_in_flight_messages", "Consumed and not yet finished.", registry=r)
         # The bounds of docs/guarantees.md "Bounds and deadlines", per intake process.
         self.in_flight_bytes = Gauge("worker_in_flight_bytes", "Value bytes of started, unfinished messages "

@@ -211,7 +211,10 @@ async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs:
         await _metrics_caught_up(metrics, len(warm) + count)
         busy = (metrics.registry.get_sample_value("worker_inference_seconds_sum") or 0.0) - busy0
         batches = gpu.batches - batches0
+        phases = {ph: metrics.registry.get_sample_value("worker_gpu_phase_seconds_total", {"phase": ph})
+                  for ph in ("decode", "enqueue", "prefetch", "wait")}
         return {"count": count, "images_per_s": count / wall, "wall_s": wall, "batches": batches,
+                "gpu_phases_s": {k: round(v, 3) for k, v in phases.items() if v is not None},
                 "mean_batch_size": (gpu.images - images0) / max(1, batches),
                 "busy_fraction": busy / wall, "decodes_on_device": gpu.decodes_on_device}
     finally:

@@ -65,7 +65,8 @@ def _samples(exposition: bytes) -> dict[str, float]:
     for fam in text_string_to_metric_families(exposition.decode("utf-8", "replace")):
         for sample in fam.samples:
             if "le" not in sample.labels:
-                out[sample.name] = out.get(sample.name, 0.0) + sample.value
+                name = f"{sample.name}:{sample.labels['phase']}" if "phase" in sample.labels else sample.name
+                out[name] = out.get(name, 0.0) + sample.value
     return out
 
 
@@ -182,6 +183,8 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "batches": int(batches),
         "mean_batch_size": batch_images / batches if batches else 0.0,
         "gpu_thread_busy_fraction": inference_s / wall,
+        "gpu_phases_s": {k.split(":", 1)[1]: round(total(k), 3) for k in sorted(set().union(*samples))
+                         if k.startswith("worker_gpu_phase_seconds_total:")},
         "cpu_s": cpu,
         # intake: records per poll, share of the wall time the consume loops (all intakes) waited in poll
         "intake": {"polls": int(poll[0]), "records_per_poll": poll[1] / max(1.0, poll[0]),

@@ -224,6 +224,10 @@ def summary_lines(result: dict) -> list[str]:
     for key, text in (result.get("ceiling") or {}).get("definitions", {}).items():
         lines.append(f"ceiling definition [{key}]: {text}")
     w = result.get("worker") or {}
+    for label, run in (("GPU thread alone", result.get("gpu_thread") or {}), ("worker run", w)):
+        if run.get("gpu_phases_s"):
+            lines.append(f"{label}, GPU thread seconds by phase: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in run["gpu_phases_s"].items()))
     if w.get("cpu_busy_fraction"):
         busy = ", ".join(f"{k} {v:.0%}" for k, v in sorted(w["cpu_busy_fraction"].items(), key=lambda kv: -kv[1]))
         per = ", ".join(f"{k} {v:.3f}" for k, v in sorted(w["cpu_ms_per_message"].items(), key=lambda kv: -kv[1]))

@@ -325,8 +325,11 @@ class GpuThread:
         decoder = self.device_decoder
         if decoder is None:
             return requests, self._infer(self._assemble(requests))
+        t0 = self._clock()
         if staged is None:
             staged = decoder.stage(_decoder_items(requests))
+        t1 = self._clock()
+        self._phase("decode", t1 - t0)
         try:
             kept, rejected = decoder.write(staged)
             fallbacks = getattr(staged, "fallbacks", 0)
@@ -342,9 +345,14 @@ class GpuThread:
                 self.runtime.synchronize()
                 return ran, []
             collectors = [engine.enqueue_resident(len(ran)) for engine in self.engines]
+            t2 = self._clock()
+            self._phase("enqueue", t2 - t1)
             if prefetch:
                 self._prefetch()
+            t3 = self._clock()
+            self._phase("prefetch", t3 - t2)
             self.runtime.synchronize()  # decode, resize and every model: one synchronisation
+            self._phase("wait", self._clock() - t3)
             return ran, [collect() for collect in collectors]
         except BaseException:
             with contextlib.suppress(BaseException):  # kernels may still read the images: wait first
@@ -352,6 +360,12 @@ class GpuThread:
             raise
         finally:
             decoder.release(staged)
+
+    def _phase(self, name: str, seconds: float) -> None:
+        """Where a batch's time goes on this thread (host decode, enqueue, prefetch, waiting for the
+        device): the bench reads the totals to tell host-bound from device-bound."""
+        if self.metrics is not None:
+            self.metrics.gpu_phase_seconds.labels(name).inc(seconds)
 
     def _prefetch(self) -> None:
         """If a full batch is already waiting, take it and decode it now (it runs next, at once)."""
@@ -366,7 +380,9 @@ class GpuThread:
                 self._stopping = True
                 continue
             self._batcher.add(item, item.enqueued_at)
-        if len(self._batcher) < self.max_batch_size:
+        # A full batch, or one whose oldest request has waited max_wait_ms already: it runs next either way,
+        # so decoding it now only moves its decode under this batch's inference.
+        if not self._batcher.ready(self._clock()):
             return
         requests = [req for req, _ in self._batcher.take()]
         try:
