@@ -156,9 +156,6 @@ class DeviceBuffer:
     allocation: Any = None
 
 
-CU_STREAM_NON_BLOCKING = 0x1  # CUstream_flags
-
-
 class CudaRuntime:
     """One GPU for one thread: primary context pushed once, one non-default stream, tracked buffers."""
 
@@ -198,12 +195,7 @@ class CudaRuntime:
             self._context.push()
             self._thread = threading.get_ident()
             try:
-                # Non-blocking: work that libraries queue on the legacy default stream (nvImageCodec's
-                # helper copies, say) must not wait for, nor hold up, this stream's inference. A blocking
-                # stream synchronises with the default stream both ways, which put every batch's JPEG
-                # decode and its inference in series. The decode stream stays blocking, as nvImageCodec
-                # expects of the stream it is given.
-                self.stream = cuda.Stream(CU_STREAM_NON_BLOCKING)
+                self.stream = cuda.Stream()
                 self.decode_stream = cuda.Stream()
             except Exception:
                 self.stream = self.decode_stream = None

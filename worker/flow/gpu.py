@@ -380,9 +380,7 @@ class GpuThread:
                 self._stopping = True
                 continue
             self._batcher.add(item, item.enqueued_at)
-        # A full batch, or one whose oldest request has waited max_wait_ms already: it runs next either way,
-        # so decoding it now only moves its decode under this batch's inference.
-        if not self._batcher.ready(self._clock()):
+        if len(self._batcher) < self.max_batch_size:
             return
         requests = [req for req, _ in self._batcher.take()]
         try:
