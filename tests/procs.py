@@ -303,14 +303,27 @@ class FailingEngine:
         self._inner.deactivate()
 
 
-def _main_with_failing_engine() -> int:
-    import worker.service as service
-    from worker import cli
+class FailingEngineFactory:
+    """Picklable: the supervisor hands it to the GPU process, which makes its engines with it."""
 
-    marker = int(os.environ["FAKE_DEVICE_ERROR_MARKER"])
-    real = service.create_engine
-    service.create_engine = lambda spec, settings: FailingEngine(real(spec, settings), marker)
-    return cli.main(["run"])
+    def __init__(self, marker: int) -> None:
+        self.marker = marker
+
+    def __call__(self, spec: Any, settings: Any) -> FailingEngine:
+        from worker.engines import create_engine
+
+        return FailingEngine(create_engine(spec, settings), self.marker)
+
+
+def _main_with_failing_engine() -> int:
+    """`worker run` (the supervisor and its processes) with the GPU process's engines wrapped."""
+    from worker import log, settings as settings_mod
+    from worker.supervisor import supervise
+
+    s = settings_mod.load()
+    log.configure(s.log_format, s.log_level)
+    factory = FailingEngineFactory(int(os.environ["FAKE_DEVICE_ERROR_MARKER"]))
+    return asyncio.run(supervise(s, engine_factory=factory)).exit_code
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def test_defaults_deployment_key_fields(chart):
     assert not any(k.startswith(("WORKER_SASL", "WORKER_SSL")) for k in env)
 
     # Grace period: drain timeout + margin.
-    assert pod["terminationGracePeriodSeconds"] == 20 + 15
+    assert pod["terminationGracePeriodSeconds"] == 20 + 80 + 5  # drain + the other bounded waits + margin
 
     # Non-root, read-only root, writable /tmp and engine cache.
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -287,7 +287,7 @@ def test_everything_on_deployment(chart):
     assert env["WORKER_MAX_WAIT_MS"] == "2.5"
     assert env["WORKER_DECODE_WORKERS"] == "6"
     assert env["WORKER_DRAIN_TIMEOUT_S"] == "45.5"
-    assert pod["terminationGracePeriodSeconds"] == 46 + 15
+    assert pod["terminationGracePeriodSeconds"] == 46 + 80 + 5
     assert pod["terminationGracePeriodSeconds"] > 45.5
 
     # Pipeline ConfigMap mounted, WORKER_PIPELINE points into it, the labels file beside it.

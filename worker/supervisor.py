@@ -107,8 +107,10 @@ class MergedMetrics:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, plan: Any = None, intakes: int | None = None, hooks: Any = None) -> None:
+    def __init__(self, settings: Settings, plan: Any = None, intakes: int | None = None, hooks: Any = None,
+                 engine_factory: Any = None) -> None:
         self.settings = settings
+        self.engine_factory = engine_factory
         self.plan = plan
         self.hooks = hooks
         self.k = intakes or settings.intakes
@@ -181,7 +183,7 @@ class Supervisor:
         self.gpu = self.ctx.Process(
             target=gpu_process.main, name="gpu",
             args=(s, [(gpu_end, seg.name) for (_, gpu_end), seg in zip(self.links, self.segments)], gpu_control,
-                  self.board, self.run_dir, os.getpid(), s.ipc_slot_bytes))
+                  self.board, self.run_dir, os.getpid(), s.ipc_slot_bytes, self.engine_factory))
         self.gpu.start()
         gpu_control.close()  # only the child holds its ends: their closing is how each side sees a death
         for _, gpu_end in self.links:
@@ -338,5 +340,6 @@ class Supervisor:
         self.stop_requested.set()
 
 
-async def supervise(settings: Settings, plan: Any = None, intakes: int | None = None, hooks: Any = None) -> Outcome:
-    return await Supervisor(settings, plan, intakes, hooks).run()
+async def supervise(settings: Settings, plan: Any = None, intakes: int | None = None, hooks: Any = None,
+                    engine_factory: Any = None) -> Outcome:
+    return await Supervisor(settings, plan, intakes, hooks, engine_factory).run()

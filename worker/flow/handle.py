@@ -69,7 +69,7 @@ class MessageHandler:
                         request = InferenceRequest(inputs, future, loop, where)
                 else:
                     decoded = await self.in_pool(decode_message, msg.value, msg.headers, self.pipeline,
-                                                 s.max_bytes, s.max_pixels, self._reduced)
+                                                 s.max_bytes, s.max_pixels, self._reduced, s.max_jpeg_scans)
                     request = InferenceRequest(decoded.inputs, future, loop, where)
                 self.metrics.decode_seconds.observe(decoded.decode_s)
                 await self.gpu.put(request)
@@ -121,8 +121,9 @@ class MessageHandler:
         goes to the pool."""
         s = self.settings
         if is_envelope(msg.value, msg.headers):
-            return await self.in_pool(inspect_message, msg.value, msg.headers, s.max_bytes, s.max_pixels)
-        return inspect_message(msg.value, msg.headers, s.max_bytes, s.max_pixels)
+            return await self.in_pool(inspect_message, msg.value, msg.headers, s.max_bytes, s.max_pixels,
+                                      s.max_jpeg_scans)
+        return inspect_message(msg.value, msg.headers, s.max_bytes, s.max_pixels, s.max_jpeg_scans)
 
     async def dead_letter(self, source: Source, msg: Any, exc: PoisonMessage, where: dict) -> None:
         """Publish the DLQ record; if the original value makes it too large to send, send it without."""

@@ -35,17 +35,17 @@ SNAPSHOT_EVERY_S = 2.0
 
 
 def main(settings: Settings, links: list[tuple[Any, str]], control: Any, board: Any, run_dir: str,
-         parent_pid: int, slot_bytes: int) -> None:
+         parent_pid: int, slot_bytes: int, engine_factory: Any = None) -> None:
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.configure(settings.log_format, settings.log_level)
     log.bind_process("gpu")
-    sys.exit(_run(settings, links, control, Row(board, 0), run_dir, slot_bytes))
+    sys.exit(_run(settings, links, control, Row(board, 0), run_dir, slot_bytes, engine_factory))
 
 
 def _run(settings: Settings, links: list[tuple[Any, str]], control: Any, row: Row, run_dir: str,
-         slot_bytes: int) -> int:
+         slot_bytes: int, engine_factory: Any = None) -> int:
     from worker.engines import create_engine, create_runtime
     from worker.engines.imagecodec import decoder_factory
     from worker.flow.gpu import GpuThread
@@ -65,7 +65,8 @@ def _run(settings: Settings, links: list[tuple[Any, str]], control: Any, row: Ro
     try:
         pipeline = pipeline_for(settings)
         runtime = create_runtime(settings)
-        engines = [create_engine(spec, settings) for spec in pipeline.models]
+        make = engine_factory or create_engine  # a picklable factory: tests wrap engines to inject faults
+        engines = [make(spec, settings) for spec in pipeline.models]
         gpu = GpuThread(runtime, engines, settings.max_batch_size, settings.max_wait_ms, metrics=metrics,
                         on_fatal=on_fatal, device_decoder=decoder_factory(settings, pipeline))
         gpu.start_blocking()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from typing import Any, Protocol
 
@@ -40,16 +41,21 @@ def main(index: int, settings: Settings, plan: Any, conn: Any, link_name: str, s
          decodes_on_device: bool, board: Any, run_dir: str, parent_pid: int, hooks: IntakeHooks | None = None
          ) -> None:
     die_with_parent(parent_pid)
+    # A SIGTERM before the worker installs its handlers (the supervisor stopping during our first
+    # second) must still mean "drain and exit 0", not death by signal: noted here, honoured at start.
+    early: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
     log.configure(settings.log_format, settings.log_level)
     log.bind_process(f"intake-{index}")
     code = asyncio.run(_run(index, settings, plan, conn, link_name, slots, slot_bytes, decodes_on_device,
-                            board, run_dir, hooks))
+                            board, run_dir, hooks, early))
     sys.exit(code)
 
 
 async def _run(index: int, settings: Settings, plan: Any, conn: Any, link_name: str, slots: int,
                slot_bytes: int, decodes_on_device: bool, board: Any, run_dir: str,
-               hooks: IntakeHooks | None) -> int:
+               hooks: IntakeHooks | None, early_signals: list[int]) -> int:
     from worker.app import Worker
     from worker.health import HealthState
     from worker.ipc.client import GpuClient
@@ -79,6 +85,8 @@ async def _run(index: int, settings: Settings, plan: Any, conn: Any, link_name: 
             await asyncio.sleep(REPORT_EVERY_S)
 
     reporter = asyncio.create_task(report())
+    if early_signals:  # stopped before the worker's own handlers existed: it stops at once, cleanly
+        worker.request_stop()
     extra = asyncio.create_task(hooks.during(worker)) if hooks is not None else None
     code = 1
     try:
