@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from worker.broker import free_port
@@ -43,6 +44,23 @@ def worker_env(bootstrap: str, topics: dict[str, str], **settings: object) -> di
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_workers(monkeypatch):
+    """Whatever a test leaves running (it failed half-way) is killed at teardown. Autouse where imported."""
+    started: list[WorkerProc] = []
+    real_start = WorkerProc.start
+
+    def start(self):
+        started.append(self)
+        return real_start(self)
+
+    monkeypatch.setattr(WorkerProc, "start", start)
+    yield
+    for proc in started:
+        if proc.alive():
+            proc.kill()
 
 
 class WorkerProc:

@@ -22,8 +22,8 @@ import pytest
 
 from tests.corpus import good_image_specs, malformed_corpus, tiny_valid_images
 from tests.helpers import check_demo_result
-from tests.procs import (PacedProducer, TopicReader, WorkerProc, committed_offsets, duplicates, source_coords,
-                         worker_env)
+from tests.procs import (PacedProducer, TopicReader, WorkerProc, committed_offsets, duplicates,  # noqa: F401
+                         no_leftover_workers, source_coords, worker_env)
 from worker.broker import LocalBroker, create_topics, free_port
 from worker.samples import encode, synth_image
 
@@ -54,23 +54,6 @@ def doc(record) -> dict:
 
 def iso_ms(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() * 1000.0
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_workers(monkeypatch):
-    """Whatever a test leaves running (it failed half-way) is killed at teardown."""
-    started: list[WorkerProc] = []
-    real_start = WorkerProc.start
-
-    def start(self):
-        started.append(self)
-        return real_start(self)
-
-    monkeypatch.setattr(WorkerProc, "start", start)
-    yield
-    for proc in started:
-        if proc.alive():
-            proc.kill()
 
 
 def events(proc: WorkerProc, name: str) -> list[dict]:

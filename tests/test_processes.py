@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import check_demo_result
-from tests.procs import PacedProducer, TopicReader, WorkerProc, duplicates, source_coords, worker_env
+from tests.procs import (PacedProducer, TopicReader, WorkerProc, duplicates, no_leftover_workers,  # noqa: F401
+                         source_coords, worker_env)
 from worker.broker import create_topics
 from worker.ipc import shm
 from worker.samples import encode, synth_image
@@ -61,22 +62,6 @@ async def setup(broker, topics, partitions: int = 4) -> None:
                                            (topics["dlq"], 1)])
 
 
-@pytest.fixture(autouse=True)
-def _no_leftovers(monkeypatch):
-    started: list[WorkerProc] = []
-    real_start = WorkerProc.start
-
-    def start(self):
-        started.append(self)
-        return real_start(self)
-
-    monkeypatch.setattr(WorkerProc, "start", start)
-    yield
-    for proc in started:
-        if proc.alive():
-            proc.kill()
-
-
 @pytest.mark.timeout(180)
 async def test_two_intakes_every_result_exact_one_view_and_nothing_left_in_shm(broker, topics, tmp_path):
     n = 600
@@ -116,40 +101,50 @@ def _scrape(port: int) -> str:
         return r.read().decode()
 
 
-async def _kill_mid_stream(broker, topics, tmp_path, victim: str) -> None:
-    """kill -9 one child (the GPU process or intake 1) mid-stream: the worker exits 1 with nothing of the
-    dead one's unfinished work committed; a restart finishes everything: 0 lost, duplicates bounded."""
-    n, max_in_flight, commit_ms = 1500, 64, 200
+async def _interrupt_and_restart(broker, topics, tmp_path, n: int, rate: float, interrupt, **settings):
+    """Stream ``n`` images; once a fraction has results, ``interrupt(first worker)`` (it checks how the
+    worker went); then a second worker finishes the stream. Returns (input coordinates, every result)."""
     await setup(broker, topics)
-    values, pixels = pngs(n)
-    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_in_flight=max_in_flight,
-                     commit_interval_ms=commit_ms, max_batch_size=16)
-    producer = PacedProducer(broker.bootstrap, topics["input"], values, 4, rate=n / 12.0)
+    values, _ = pngs(n)
+    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_batch_size=16, **settings)
+    producer = PacedProducer(broker.bootstrap, topics["input"], values, 4, rate=rate)
     async with TopicReader(broker.bootstrap, topics["output"]) as out:
         first = WorkerProc(env, tmp_path / "w1.log", name="first").start()
         await first.wait_ready(90)
         feed = asyncio.create_task(producer.run())
         try:
             await out.until(lambda r: len(r) >= n // 4, timeout_s=60, alive=first.alive)
-            pid = (child_pid(first, "gpu process started; loading models") if victim == "gpu"
-                   else child_pid(first, "intakes started", "pids")[0])
-            intakes = child_pid(first, "intakes started", "pids")
-            os.kill(pid, signal.SIGKILL)
-            code = first.wait(60)
-            assert code == 1, f"exit {code} after the {victim} was killed:\n{first.log_tail()}"
-            assert not any(alive(p) for p in intakes), "no orphaned intake"
+            interrupt(first)
             assert segments_of(first) == []
-            text = first.log_path.read_text()
-            assert ("gpu process exited" if victim == "gpu" else "intake exited; stopping the worker") in text
             second = WorkerProc(env, tmp_path / "w2.log", name="second").start()
             coords = await asyncio.wait_for(feed, 90)
             want = set(coords)
             records = await out.until(lambda r: want <= {source_coords(x) for x in r}, timeout_s=120,
-                                      settle_s=1.0, alive=second.alive)
+                                      settle_s=2.0, alive=second.alive)
         finally:
             feed.cancel()
         assert second.stop(60) == 0, second.log_tail()
     assert {source_coords(r) for r in records} == want  # 0 lost
+    return coords, records
+
+
+async def _kill_mid_stream(broker, topics, tmp_path, victim: str) -> None:
+    """kill -9 one child (the GPU process or intake 1) mid-stream: the worker exits 1 with nothing of the
+    dead one's unfinished work committed; a restart finishes everything: 0 lost, duplicates bounded."""
+    n, max_in_flight, commit_ms = 1500, 64, 200
+
+    def kill(first: WorkerProc) -> None:
+        intakes = child_pid(first, "intakes started", "pids")
+        pid = child_pid(first, "gpu process started; loading models") if victim == "gpu" else intakes[0]
+        os.kill(pid, signal.SIGKILL)
+        code = first.wait(60)
+        assert code == 1, f"exit {code} after the {victim} was killed:\n{first.log_tail()}"
+        assert not any(alive(p) for p in intakes), "no orphaned intake"
+        text = first.log_path.read_text()
+        assert ("gpu process exited" if victim == "gpu" else "intake exited; stopping the worker") in text
+
+    coords, records = await _interrupt_and_restart(broker, topics, tmp_path, n, n / 12.0, kill,
+                                                   max_in_flight=max_in_flight, commit_interval_ms=commit_ms)
     stamps = sorted(r.timestamp for r in records)
     peak = max(np.searchsorted(stamps, t + commit_ms + 500, side="right") - i for i, t in enumerate(stamps))
     bound = K * max_in_flight + peak
@@ -157,7 +152,7 @@ async def _kill_mid_stream(broker, topics, tmp_path, victim: str) -> None:
     print(f"\nkill -9 {victim}: {len(records)} results for {n} inputs, duplicates={dup} (bound {bound})")
     assert dup <= bound
     by_coord = {source_coords(r): r for r in records}
-    for coord, image in zip(coords, pixels):
+    for coord, image in zip(coords, pngs(n)[1]):
         check_demo_result(json.loads(by_coord[coord].value), image)
 
 
@@ -173,28 +168,10 @@ async def test_kill_9_of_one_intake_mid_stream(broker, topics, tmp_path):
 
 @pytest.mark.timeout(240)
 async def test_sigterm_drains_every_intake_then_restart_has_no_duplicates(broker, topics, tmp_path):
-    n = 1200
-    await setup(broker, topics)
-    values, _ = pngs(n)
-    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_batch_size=16)
-    producer = PacedProducer(broker.bootstrap, topics["input"], values, 4, rate=n / 8.0)
-    async with TopicReader(broker.bootstrap, topics["output"]) as out:
-        first = WorkerProc(env, tmp_path / "w1.log", name="first").start()
-        await first.wait_ready(90)
-        feed = asyncio.create_task(producer.run())
-        try:
-            await out.until(lambda r: len(r) >= n // 3, timeout_s=60, alive=first.alive)
-            assert first.stop(60) == 0, first.log_tail()
-            assert segments_of(first) == []
-            second = WorkerProc(env, tmp_path / "w2.log", name="second").start()
-            coords = await asyncio.wait_for(feed, 90)
-            want = set(coords)
-            records = await out.until(lambda r: want <= {source_coords(x) for x in r}, timeout_s=120,
-                                      settle_s=2.0, alive=second.alive)
-        finally:
-            feed.cancel()
-        assert second.stop(60) == 0
-    assert {source_coords(r) for r in records} == want
+    def stop(first: WorkerProc) -> None:
+        assert first.stop(60) == 0, first.log_tail()
+
+    _, records = await _interrupt_and_restart(broker, topics, tmp_path, 1200, 1200 / 8.0, stop)
     assert duplicates(records) == 0
 
 
