@@ -25,7 +25,7 @@ kv = pytest.importorskip("kubernetes_validate.utils",
 CHART_DIR = Path(__file__).resolve().parents[1] / "helm" / "gpu-worker"
 # The oldest Kubernetes the chart declares (Chart.yaml kubeVersion) and the newest with schemas.
 K8S_VERSIONS = ("1.26.0", kv.latest_version())
-CUSTOM_KINDS = {"PodMonitor", "ScaledObject"}
+CUSTOM_KINDS = {"PodMonitor", "ScaledObject", "TriggerAuthentication", "PrometheusRule"}
 RELEASE, NAMESPACE = "vision", "inference"
 FULLNAME = f"{RELEASE}-gpu-worker"
 
@@ -457,9 +457,10 @@ def test_tls_only_without_client_certificate(chart):
     ({"terminationGracePeriodSeconds": 30, "worker": {"drainTimeoutSeconds": 60}},
      "must be above worker.drainTimeoutSeconds=60"),
     ({"replay": {"enabled": True, "groupId": "gpu-worker"}}, "is the live consumer group"),
-    ({"keda": {"enabled": True},
-      "kafka": {"security": {"protocol": "SSL", "tls": {"secretName": "kafka-ca"}}}},
-     "keda.authenticationRef is empty"),
+    ({"kafka": {"security": {"protocol": "SSL", "tls": {"certKey": "tls.crt", "keyKey": "tls.key"}}}},
+     "(mutual TLS) need kafka.security.tls.secretName"),
+    ({"progressDeadlineSeconds": 1200}, "progressDeadlineSeconds=1200 is not above the startup probe's window"),
+    ({"resources": {"limits": {"memory": "12Gi"}}}, "(8 intakes) for messages in flight (under 64 MiB)"),
     ({"kafka": {"security": {"protocol": "SASL_SSL", "sasl": {"username": "u"},
                              "tls": {"secretName": "kafka-ca"}}}},
      "needs kafka.security.sasl.passwordSecret.name"),
@@ -497,7 +498,13 @@ def test_templates_fail_with_a_clear_message(chart, values, message):
     ({"kafka": {"security": {"protocol": "SASL"}}}, "/kafka/security/protocol"),
     ({"kafka": {"security": {"protocol": "SASL_SSL", "tls": {"secretName": "ca"},
                              "sasl": {"passwordSecret": {"name": "pw"}}}}}, "/kafka/security/sasl/username"),
-    ({"kafka": {"security": {"protocol": "SSL"}}}, "/kafka/security/tls/secretName"),
+    ({"gpu": {"count": 2}}, "/gpu/count"),  # one GPU process per pod: a second GPU would idle
+    ({"kafka": {"security": {"protocol": "SASL_SSL", "sasl": {"mechanism": "GSSAPI"}}}},
+     "/kafka/security/sasl/mechanism"),
+    ({"kafka": {"security": {"protocol": "SASL_SSL", "sasl": {"mechanism": "OAUTHBEARER"}}}},
+     "/kafka/security/sasl/mechanism"),
+    ({"worker": {"intakeProcesses": -1}}, "/worker/intakeProcesses"),
+    ({"sharedMemory": {"overflowPerIntake": "lots"}}, "/sharedMemory/overflowPerIntake"),
     ({"keda": {"maxReplicas": 0}}, "/keda/maxReplicas"),
     ({"probes": {"startup": {"path": "healthz"}}}, "/probes/startup/path"),
     ({"terminationGracePeriodSeconds": "60"}, "/terminationGracePeriodSeconds"),
@@ -526,4 +533,198 @@ def test_pdb_min_available_replaces_max_unavailable(chart):
     r = render(chart, BASE, {"podDisruptionBudget": {"minAvailable": "50%"}})
     validate_all(r)
     assert r.one("PodDisruptionBudget")["spec"] == {
-        "minAvailable": "50%", "selector": r.one("PodDisruptionBudget")["spec"]["selector"]}
+        "minAvailable": "50%", "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        "selector": r.one("PodDisruptionBudget")["spec"]["selector"]}
+
+
+# --- the process model: /dev/shm, intakes, memory -----------------------------------------------------
+
+MiB, GiB = 1 << 20, 1 << 30
+
+
+def worker_pod(r: Rendered) -> tuple[dict[str, Any], dict[str, Any]]:
+    pod = r.one("Deployment")["spec"]["template"]["spec"]
+    return pod, container(pod, "worker")
+
+
+def test_dev_shm_is_a_memory_emptydir_sized_for_every_intake(chart):
+    pod, worker = worker_pod(render(chart, BASE))
+    shm = mounts_by_path(worker)["/dev/shm"]
+    vol = volumes_by_name(pod)[shm["name"]]
+    # No CPU limit: the worker may derive up to 8 intakes; each 256 slots x 256 KiB + 128 MiB of large images.
+    assert vol["emptyDir"] == {"medium": "Memory", "sizeLimit": f"{8 * (64 + 128)}Mi"}
+    env = env_of(worker)
+    assert env["WORKER_INTAKE_PROCESSES"] == "0"  # derived by the worker from the cgroup quota
+    assert env["WORKER_IPC_SLOTS"] == "256" and env["WORKER_IPC_SLOT_BYTES"] == "262144"
+    # 16Gi: (16 GiB - 4 GiB GPU process) / 8 - 1 GiB baseline - 128 MiB large images = 384 MiB per intake.
+    assert env["WORKER_MAX_IN_FLIGHT_BYTES"] == str(384 * MiB)
+
+
+def test_intake_processes_set_explicitly(chart):
+    pod, worker = worker_pod(render(chart, BASE, {"worker": {"intakeProcesses": 2, "ipcSlots": 128},
+                                                  "sharedMemory": {"overflowPerIntake": "64Mi"}}))
+    env = env_of(worker)
+    assert env["WORKER_INTAKE_PROCESSES"] == "2"
+    assert env["WORKER_IPC_SLOTS"] == "128"
+    vol = volumes_by_name(pod)[mounts_by_path(worker)["/dev/shm"]["name"]]
+    assert vol["emptyDir"]["sizeLimit"] == f"{2 * (32 + 64)}Mi"
+    # (16 GiB - 4 GiB) / 2 - 1 GiB - 64 MiB
+    assert env["WORKER_MAX_IN_FLIGHT_BYTES"] == str(5 * GiB - 64 * MiB)
+
+
+@pytest.mark.parametrize("cpu, cpus", [("1", 1), ("2", 2), ("2500m", 3), ("4", 4), (7, 7), ("16", 16), ("64", 64)])
+def test_dev_shm_follows_the_intakes_the_worker_derives_from_a_cpu_limit(chart, cpu, cpus):
+    from worker.policy.cpus import intake_processes_for  # the worker's own rule: the chart must agree
+
+    intakes = intake_processes_for(cpus)
+    pod, worker = worker_pod(render(chart, BASE, {"resources": {"limits": {"cpu": cpu, "memory": "32Gi"}}}))
+    vol = volumes_by_name(pod)[mounts_by_path(worker)["/dev/shm"]["name"]]
+    assert vol["emptyDir"]["sizeLimit"] == f"{intakes * 192}Mi"
+    assert env_of(worker)["WORKER_MAX_IN_FLIGHT_BYTES"] == str((28 * GiB) // intakes - GiB - 128 * MiB)
+
+
+def test_ephemeral_storage_requested_for_the_disk_emptydirs(chart):
+    _, worker = worker_pod(render(chart, BASE))
+    # /tmp 2Gi + engine cache 10Gi + model cache 2Gi (/dev/shm is memory)
+    assert worker["resources"]["requests"]["ephemeral-storage"] == f"{14 * 1024}Mi"
+    pod, worker = worker_pod(render(chart, BASE, {
+        "engineCache": {"existingClaim": "trt"}, "modelCache": {"sizeLimit": "1Gi"},
+        "models": {"source": "url", "url": {"files": [{"url": "https://x/m.onnx", "filename": "m.onnx"}]}}}))
+    assert worker["resources"]["requests"]["ephemeral-storage"] == f"{(2 + 1 + 20) * 1024}Mi"
+    vols = volumes_by_name(pod)
+    assert vols[mounts_by_path(worker)["/var/cache/gpu-worker/models"]["name"]]["emptyDir"]["sizeLimit"] == "1Gi"
+    _, worker = worker_pod(render(chart, BASE, {"resources": {"requests": {"ephemeral-storage": "50Gi"}}}))
+    assert worker["resources"]["requests"]["ephemeral-storage"] == "50Gi"
+
+
+# --- rollout, disruption, placement -------------------------------------------------------------------
+
+
+def test_progress_deadline_covers_the_startup_probe(chart):
+    dep = render(chart, BASE).one("Deployment")
+    assert dep["spec"]["progressDeadlineSeconds"] == 1200 + 600
+    dep = render(chart, BASE, {"probes": {"startup": {"failureThreshold": 360}}}).one("Deployment")
+    assert dep["spec"]["progressDeadlineSeconds"] == 3600 + 600
+    dep = render(chart, BASE, {"progressDeadlineSeconds": 1500}).one("Deployment")
+    assert dep["spec"]["progressDeadlineSeconds"] == 1500
+
+
+def test_pdb_lets_unhealthy_pods_be_evicted(chart):
+    r = render(chart, BASE)
+    validate_all(r)
+    assert r.one("PodDisruptionBudget")["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_soft_spread_across_nodes(chart):
+    dep = render(chart, BASE).one("Deployment")
+    [spread] = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    dep = render(chart, BASE, {"spreadAcrossNodes": False}).one("Deployment")
+    assert "topologySpreadConstraints" not in dep["spec"]["template"]["spec"]
+
+
+# --- KEDA: threshold, scale-down, authentication ------------------------------------------------------
+
+
+def scaled_object(r: Rendered) -> tuple[dict[str, Any], dict[str, Any]]:
+    so = r.one("ScaledObject")
+    [trigger] = so["spec"]["triggers"]
+    return so, trigger
+
+
+def test_keda_lag_threshold_is_what_one_pod_carries_while_keeping_up(chart):
+    _, trigger = scaled_object(render(chart, BASE, {"keda": {"enabled": True}}))
+    # 2000/s x 1 s commit interval + 8 intakes x 1024 in flight
+    assert trigger["metadata"]["lagThreshold"] == "10192"
+    _, trigger = scaled_object(render(chart, BASE, {
+        "keda": {"enabled": True, "replicaRate": 1500},
+        "worker": {"intakeProcesses": 2, "maxInFlight": 256, "commitIntervalMs": 2000}}))
+    assert trigger["metadata"]["lagThreshold"] == str(3000 + 512)
+    _, trigger = scaled_object(render(chart, BASE, {"keda": {"enabled": True, "lagThreshold": 700}}))
+    assert trigger["metadata"]["lagThreshold"] == "700"
+
+
+def test_keda_scale_down_behaviour(chart):
+    so, _ = scaled_object(render(chart, BASE, {"keda": {"enabled": True}}))
+    down = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert down == {"stabilizationWindowSeconds": 600, "selectPolicy": "Min",
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 300}]}
+    own = {"stabilizationWindowSeconds": 60}
+    so, _ = scaled_object(render(chart, BASE, {"keda": {"enabled": True, "advanced": {
+        "restoreToOriginalReplicaCount": True,
+        "horizontalPodAutoscalerConfig": {"behavior": {"scaleDown": own}}}}}))
+    assert so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"] == own
+    assert so["spec"]["advanced"]["restoreToOriginalReplicaCount"] is True
+
+
+def test_tls_with_the_system_cas_needs_no_secret(chart):
+    r = render(chart, BASE, {"kafka": {"security": {"protocol": "SSL"}}, "keda": {"enabled": True}})
+    validate_all(r)
+    pod, worker = worker_pod(r)
+    env = env_of(worker)
+    assert env["WORKER_SECURITY_PROTOCOL"] == "SSL"
+    assert not any(k.startswith("WORKER_SSL") for k in env)
+    assert "/etc/gpu-worker/kafka-tls" not in mounts_by_path(worker)
+    assert not any("secret" in v for v in pod["volumes"])
+    _, trigger = scaled_object(r)
+    assert trigger["metadata"]["tls"] == "enable"
+    assert "authenticationRef" not in trigger and "TriggerAuthentication" not in r.kinds
+
+
+def test_keda_authentication_generated_from_the_workers_secrets(chart):
+    r = render(chart, BASE, {"keda": {"enabled": True}, "kafka": {"security": {
+        "protocol": "SASL_SSL",
+        "sasl": {"mechanism": "SCRAM-SHA-256", "username": "labeller",
+                 "passwordSecret": {"name": "kafka-user", "key": "pw"}},
+        "tls": {"secretName": "kafka-tls", "caKey": "ca.pem", "certKey": "tls.crt", "keyKey": "tls.key",
+                "keyPasswordSecret": {"name": "kafka-keypass", "key": "pass"}}}}})
+    validate_all(r)
+    auth = r.one("TriggerAuthentication")
+    assert auth["apiVersion"] == "keda.sh/v1alpha1"
+    refs = {x["parameter"]: (x["name"], x["key"]) for x in auth["spec"]["secretTargetRef"]}
+    assert refs == {"password": ("kafka-user", "pw"), "ca": ("kafka-tls", "ca.pem"),
+                    "cert": ("kafka-tls", "tls.crt"), "key": ("kafka-tls", "tls.key"),
+                    "keyPassword": ("kafka-keypass", "pass")}
+    assert auth["spec"]["env"] == [{"parameter": "username", "name": "WORKER_SASL_USERNAME", "containerName": "worker"}]
+    _, worker = worker_pod(r)
+    assert env_of(worker)["WORKER_SASL_USERNAME"] == "labeller"
+    _, trigger = scaled_object(r)
+    assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+    assert trigger["metadata"]["sasl"] == "scram_sha256" and trigger["metadata"]["tls"] == "enable"
+
+
+def test_keda_authentication_sasl_plain_without_tls(chart):
+    r = render(chart, BASE, {"keda": {"enabled": True}, "kafka": {"security": {
+        "protocol": "SASL_PLAINTEXT",
+        "sasl": {"mechanism": "PLAIN", "username": "u", "passwordSecret": {"name": "kafka-user"}},
+        "tls": {"secretName": "ignored-without-tls"}}}})
+    auth = r.one("TriggerAuthentication")
+    assert [x["parameter"] for x in auth["spec"]["secretTargetRef"]] == ["password"]
+    _, trigger = scaled_object(r)
+    assert trigger["metadata"]["sasl"] == "plaintext" and "tls" not in trigger["metadata"]
+
+
+def test_keda_authentication_ref_of_your_own_wins(chart):
+    r = render(chart, EVERYTHING)
+    assert "TriggerAuthentication" not in r.kinds
+    _, trigger = scaled_object(r)
+    assert trigger["authenticationRef"] == {"name": "kafka-keda-auth"}
+
+
+def test_sasl_mechanisms_are_the_ones_the_worker_supports(chart):
+    """The chart offers exactly what the worker accepts; OAUTHBEARER and GSSAPI fail at load, not at start."""
+    import json
+
+    from worker.errors import ConfigError
+    from worker.settings import load
+
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    offered = schema["properties"]["kafka"]["properties"]["security"]["properties"]["sasl"]["properties"]
+    assert offered["mechanism"]["enum"] == ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+    for mechanism in offered["mechanism"]["enum"]:
+        assert load(environ={"WORKER_SASL_MECHANISM": mechanism}).sasl_mechanism == mechanism
+    for mechanism in ("OAUTHBEARER", "GSSAPI"):
+        with pytest.raises(ConfigError, match=f"sasl_mechanism='{mechanism}' is not one of"):
+            load(environ={"WORKER_SASL_MECHANISM": mechanism})

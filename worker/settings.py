@@ -40,7 +40,8 @@ class Settings:
         "PLAINTEXT", "Kafka security protocol.", ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
     )
     sasl_mechanism: str = _opt(
-        "PLAIN", "SASL mechanism.", ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI")
+        "PLAIN", "SASL mechanism (OAUTHBEARER and GSSAPI need token/Kerberos support the worker does not have yet).",
+        ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
     )
     sasl_username: str = _opt("", "SASL user name.")
     sasl_password: str = _opt("", "SASL password (masked in logs).")

@@ -61,6 +61,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if hasPrefix "SASL" .Values.kafka.security.protocol }}true{{ end }}
 {{- end }}
 
+{{/* The chart writes KEDA's TriggerAuthentication unless keda.authenticationRef names one: when there is
+a credential to pass (SASL, or a TLS Secret). TLS with the system CAs needs only the trigger's tls: enable. */}}
+{{- define "gpu-worker.kedaAuthGenerated" -}}
+{{- if and (not .Values.keda.authenticationRef) (or (include "gpu-worker.saslEnabled" .) (and (include "gpu-worker.tlsEnabled" .) .Values.kafka.security.tls.secretName)) }}true{{ end }}
+{{- end }}
+
 {{/* Checks that values.schema.json cannot express (they compare two values) ---------------- */}}
 
 {{- define "gpu-worker.validate" -}}
@@ -74,22 +80,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not .Values.keda.enabled) (gt (int .Values.replicaCount) $partitions) }}
 {{- fail (printf "replicaCount=%d exceeds kafka.partitions=%d: a consumer beyond the partition count of topic %q gets no partition and holds a GPU idle." (int .Values.replicaCount) $partitions .Values.kafka.inputTopic) }}
 {{- end }}
-{{- if and .Values.keda.enabled (ne .Values.kafka.security.protocol "PLAINTEXT") (not .Values.keda.authenticationRef) }}
-{{- fail (printf "keda.authenticationRef is empty but kafka.security.protocol=%s: KEDA's Kafka scaler cannot read consumer lag without SASL/TLS credentials. Create a TriggerAuthentication (see docs/deploy.md) and name it in keda.authenticationRef." .Values.kafka.security.protocol) }}
-{{- end }}
-{{- if and (include "gpu-worker.saslEnabled" .) (not .Values.kafka.security.sasl.passwordSecret.name) (ne .Values.kafka.security.sasl.mechanism "GSSAPI") }}
+{{- if and (include "gpu-worker.saslEnabled" .) (not .Values.kafka.security.sasl.passwordSecret.name) }}
 {{- fail (printf "kafka.security.protocol=%s needs kafka.security.sasl.passwordSecret.name (an existing Secret with the SASL password)" .Values.kafka.security.protocol) }}
-{{- end }}
-{{- if and (include "gpu-worker.tlsEnabled" .) (not .Values.kafka.security.tls.secretName) }}
-{{- fail (printf "kafka.security.protocol=%s needs kafka.security.tls.secretName (an existing Secret with the CA bundle under key %q)" .Values.kafka.security.protocol .Values.kafka.security.tls.caKey) }}
 {{- end }}
 {{- if ne (empty .Values.kafka.security.tls.certKey) (empty .Values.kafka.security.tls.keyKey) }}
 {{- fail "kafka.security.tls.certKey and kafka.security.tls.keyKey go together (mutual TLS needs both the client certificate and its key)" }}
+{{- end }}
+{{- if and .Values.kafka.security.tls.certKey (not .Values.kafka.security.tls.secretName) }}
+{{- fail "kafka.security.tls.certKey/keyKey (mutual TLS) need kafka.security.tls.secretName: the Secret holding the client certificate and key" }}
 {{- end }}
 {{- if and .Values.replay.enabled (eq (include "gpu-worker.replayGroupId" .) .Values.kafka.groupId) }}
 {{- fail (printf "replay.groupId=%q is the live consumer group: a replay must use its own group so that it never moves the live group's offsets" .Values.kafka.groupId) }}
 {{- end }}
 {{- $_ := include "gpu-worker.terminationGracePeriodSeconds" . }}
+{{- $_ := include "gpu-worker.progressDeadlineSeconds" . }}
 {{- end }}
 
 {{/* The grace period: every bounded wait of a graceful stop, or the user's value if it covers the drain and
@@ -115,19 +119,66 @@ Sum: drain + 80 s; plus terminationGraceMarginSeconds for the processes' exit. *
 {{- end }}
 {{- end }}
 
-{{/* resources.limits.memory in bytes ("" when there is none): Kubernetes quantities such as 16Gi, 512Mi,
-16G, 17179869184. */}}
-{{- define "gpu-worker.memoryLimitBytes" -}}
-{{- $q := toString (dig "limits" "memory" "" (default dict .Values.resources)) }}
-{{- if $q }}
+{{/* A Kubernetes quantity in bytes: (dict "q" <quantity> "what" <value name>). 16Gi, 512Mi, 16G, 17179869184. */}}
+{{- define "gpu-worker.bytes" -}}
+{{- $q := toString .q }}
 {{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $q }}
 {{- $unit := trimPrefix $num $q }}
 {{- $units := dict "" 1 "m" 0.001 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 "E" 1000000000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 "Ei" 1152921504606846976 }}
 {{- if or (not $num) (not (hasKey $units $unit)) }}
-{{- fail (printf "resources.limits.memory=%q: not a memory quantity the chart can read (a number with one of the suffixes m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei), or set worker.maxInFlightBytes" $q) }}
+{{- fail (printf "%s=%q: not a quantity the chart can read (a number with one of the suffixes m, k, M, G, T, P, E, Ki, Mi, Gi, Ti, Pi, Ei)" .what $q) }}
 {{- end }}
 {{- int64 (mulf (float64 $num) (float64 (get $units $unit))) }}
 {{- end }}
+
+{{/* Bytes as a quantity in Mi, rounded up (readable sizeLimits and requests). */}}
+{{- define "gpu-worker.mebibytes" -}}
+{{- $mi := int64 1048576 }}
+{{- printf "%dMi" (div (add (int64 .) (sub $mi 1)) $mi) }}
+{{- end }}
+
+{{/* resources.limits.memory in bytes ("" when there is none). */}}
+{{- define "gpu-worker.memoryLimitBytes" -}}
+{{- $q := toString (dig "limits" "memory" "" (default dict .Values.resources)) }}
+{{- if $q }}
+{{- include "gpu-worker.bytes" (dict "q" $q "what" "resources.limits.memory") }}
+{{- end }}
+{{- end }}
+
+{{/* Intake processes the worker will run: worker.intakeProcesses, or what `worker run` derives by itself
+from the CPUs it may use (worker/policy/cpus.py intake_processes_for): with a CPU limit (the cgroup quota
+the worker reads), ceil(limit) CPUs -> 1 up to 2 CPUs, else (cpus - 1) / 2, at most 8; without a CPU limit
+the worker sees the node's cores, so the chart assumes the most, 8. */}}
+{{- define "gpu-worker.intakes" -}}
+{{- $set := int .Values.worker.intakeProcesses }}
+{{- if gt $set 0 }}
+{{- $set }}
+{{- else }}
+{{- $cpu := toString (dig "limits" "cpu" "" (default dict .Values.resources)) }}
+{{- if $cpu }}
+{{- $cpus := 0 }}
+{{- if hasSuffix "m" $cpu }}
+{{- $cpus = int (ceil (divf (float64 (trimSuffix "m" $cpu)) 1000)) }}
+{{- else }}
+{{- $cpus = int (ceil (float64 $cpu)) }}
+{{- end }}
+{{- if le $cpus 2 }}1{{ else }}{{ max 1 (min 8 (div (sub $cpus 1) 2)) }}{{ end }}
+{{- else }}8{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* Bytes of large-image segments the chart allows per intake (sharedMemory.overflowPerIntake). */}}
+{{- define "gpu-worker.shmOverflowBytes" -}}
+{{- include "gpu-worker.bytes" (dict "q" .Values.sharedMemory.overflowPerIntake "what" "sharedMemory.overflowPerIntake") }}
+{{- end }}
+
+{{/* /dev/shm size: every intake's ring (worker.ipcSlots x worker.ipcSlotBytes) plus room for the segments
+of images larger than a slot (sharedMemory.overflowPerIntake each). Defaults: 8 x (256 x 256 KiB + 128 MiB)
+= 1536 MiB. The pages are memory charged to the pod (a memory-medium emptyDir is tmpfs). */}}
+{{- define "gpu-worker.shmBytes" -}}
+{{- $intakes := int64 (include "gpu-worker.intakes" .) }}
+{{- $ring := mul (int64 .Values.worker.ipcSlots) (int64 .Values.worker.ipcSlotBytes) }}
+{{- mul $intakes (add $ring (int64 (include "gpu-worker.shmOverflowBytes" .))) }}
 {{- end }}
 
 {{/* WORKER_MAX_IN_FLIGHT_BYTES: worker.maxInFlightBytes, or derived from the memory limit ("" without one:
@@ -136,9 +187,11 @@ the worker's default). The pod must fit with every intake at its bound:
          + intakes x (1 GiB: interpreter and libraries, its shared-memory ring, decode threads with their
                       decoded rows, result records, two fetches of fetch_max_bytes (2 x 50 MB), one
                       message larger than the bound, alone (max_bytes 20 MB)
+                      + sharedMemory.overflowPerIntake: large-image segments in /dev/shm (tmpfs pages are
+                        charged to the pod's memory)
                       + max_in_flight_bytes)
-with intakes = 8, the most `worker run` derives by itself (worker/policy/cpus.py). So
-  max_in_flight_bytes = (limit - 4 GiB) / 8 - 1 GiB      (16Gi: 512 MiB; 24Gi: 1.5 GiB)
+with intakes from gpu-worker.intakes (8 without worker.intakeProcesses or a CPU limit). So
+  max_in_flight_bytes = (limit - 4 GiB) / intakes - 1 GiB - overflowPerIntake   (16Gi, 8: 384 MiB)
 and a limit that leaves less than 64 MiB is refused. */}}
 {{- define "gpu-worker.maxInFlightBytes" -}}
 {{- $set := .Values.worker.maxInFlightBytes }}
@@ -148,13 +201,62 @@ and a limit that leaves less than 64 MiB is refused. */}}
 {{- $limit := include "gpu-worker.memoryLimitBytes" . }}
 {{- if $limit }}
 {{- $gib := int64 1073741824 }}
-{{- $bytes := sub (div (sub (int64 $limit) (mul 4 $gib)) 8) $gib }}
+{{- $intakes := int64 (include "gpu-worker.intakes" .) }}
+{{- $overflow := int64 (include "gpu-worker.shmOverflowBytes" .) }}
+{{- $bytes := sub (sub (div (sub (int64 $limit) (mul 4 $gib)) $intakes) $gib) $overflow }}
 {{- if lt (int64 $bytes) (int64 67108864) }}
-{{- fail (printf "resources.limits.memory=%v leaves %d bytes per intake for messages in flight (under 64 MiB): raise the limit, or set worker.maxInFlightBytes (and WORKER_INTAKE_PROCESSES) yourself" .Values.resources.limits.memory $bytes) }}
+{{- fail (printf "resources.limits.memory=%v leaves %d bytes per intake (%d intakes) for messages in flight (under 64 MiB): raise the limit, lower worker.intakeProcesses, or set worker.maxInFlightBytes yourself" .Values.resources.limits.memory $bytes $intakes) }}
 {{- end }}
 {{- $bytes }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* KEDA's lagThreshold: keda.lagThreshold, or the lag one pod carries while it keeps up. KEDA counts lag
+from committed offsets, so a healthy pod shows
+  finished but not yet committed: keda.replicaRate x worker.commitIntervalMs / 1000
+  + consumed, unfinished: at most intakes x worker.maxInFlight
+Defaults: 2000 x 1 + 8 x 1024 = 10192. Lag above that per replica is work no pod has fetched yet. */}}
+{{- define "gpu-worker.lagThreshold" -}}
+{{- if not (kindIs "invalid" .Values.keda.lagThreshold) }}
+{{- int64 .Values.keda.lagThreshold }}
+{{- else }}
+{{- $committing := int64 (ceil (divf (mulf (float64 .Values.keda.replicaRate) (float64 .Values.worker.commitIntervalMs)) 1000)) }}
+{{- add $committing (mul (int64 (include "gpu-worker.intakes" .)) (int64 .Values.worker.maxInFlight)) }}
+{{- end }}
+{{- end }}
+
+{{/* progressDeadlineSeconds: the value, or the startup probe's whole window plus 600 s (image pull, init
+containers, scheduling): Kubernetes' default of 600 s would report a rollout failed while a pod still
+builds TensorRT engines within its startup probe. */}}
+{{- define "gpu-worker.startupWindowSeconds" -}}
+{{- mul (int .Values.probes.startup.periodSeconds) (int .Values.probes.startup.failureThreshold) }}
+{{- end }}
+{{- define "gpu-worker.progressDeadlineSeconds" -}}
+{{- $window := int (include "gpu-worker.startupWindowSeconds" .) }}
+{{- $set := .Values.progressDeadlineSeconds }}
+{{- if kindIs "invalid" $set }}
+{{- add $window 600 }}
+{{- else }}
+{{- if le (int $set) $window }}
+{{- fail (printf "progressDeadlineSeconds=%v is not above the startup probe's window (periodSeconds x failureThreshold = %d s): Kubernetes would report the rollout failed while a pod still builds its engines" $set $window) }}
+{{- end }}
+{{- int $set }}
+{{- end }}
+{{- end }}
+
+{{/* Disk the pod's emptyDirs may fill (ephemeral-storage request): /tmp, the engine cache unless it is a
+claim, the model cache, and the models emptyDir (models.source image or url). /dev/shm is memory. */}}
+{{- define "gpu-worker.ephemeralBytes" -}}
+{{- $sum := int64 (include "gpu-worker.bytes" (dict "q" .Values.tmpSizeLimit "what" "tmpSizeLimit")) }}
+{{- if not .Values.engineCache.existingClaim }}
+{{- $sum = add $sum (int64 (include "gpu-worker.bytes" (dict "q" .Values.engineCache.sizeLimit "what" "engineCache.sizeLimit"))) }}
+{{- end }}
+{{- $sum = add $sum (int64 (include "gpu-worker.bytes" (dict "q" .Values.modelCache.sizeLimit "what" "modelCache.sizeLimit"))) }}
+{{- if has .Values.models.source (list "image" "url") }}
+{{- $sum = add $sum (int64 (include "gpu-worker.bytes" (dict "q" .Values.models.sizeLimit "what" "models.sizeLimit"))) }}
+{{- end }}
+{{- $sum }}
 {{- end }}
 
 {{/* Environment shared by the worker Deployment and the replay Job ------------------------------ */}}
@@ -193,6 +295,7 @@ and a limit that leaves less than 64 MiB is refused. */}}
 {{- end }}
 {{- if include "gpu-worker.tlsEnabled" . }}
 {{- with .Values.kafka.security.tls }}
+{{- if .secretName }}
 - name: WORKER_SSL_CAFILE
   value: {{ printf "/etc/gpu-worker/kafka-tls/%s" .caKey | quote }}
 {{- if .certKey }}
@@ -200,6 +303,7 @@ and a limit that leaves less than 64 MiB is refused. */}}
   value: {{ printf "/etc/gpu-worker/kafka-tls/%s" .certKey | quote }}
 - name: WORKER_SSL_KEYFILE
   value: {{ printf "/etc/gpu-worker/kafka-tls/%s" .keyKey | quote }}
+{{- end }}
 {{- end }}
 {{- if .keyPasswordSecret.name }}
 - name: WORKER_SSL_KEYFILE_PASSWORD
@@ -229,6 +333,14 @@ and a limit that leaves less than 64 MiB is refused. */}}
   value: {{ int .decodeWorkers | quote }}
 - name: WORKER_MAX_IN_FLIGHT
   value: {{ int .maxInFlight | quote }}
+- name: WORKER_INTAKE_PROCESSES
+  value: {{ int .intakeProcesses | quote }}
+- name: WORKER_IPC_SLOTS
+  value: {{ int .ipcSlots | quote }}
+- name: WORKER_IPC_SLOT_BYTES
+  value: {{ int .ipcSlotBytes | quote }}
+- name: WORKER_COMMIT_INTERVAL_MS
+  value: {{ int .commitIntervalMs | quote }}
 {{- with (include "gpu-worker.maxInFlightBytes" $) }}
 - name: WORKER_MAX_IN_FLIGHT_BYTES
   value: {{ . | quote }}
@@ -270,13 +382,18 @@ and a limit that leaves less than 64 MiB is refused. */}}
 {{- end }}
 - name: model-cache
   emptyDir:
-    sizeLimit: {{ .Values.models.sizeLimit }}
+    sizeLimit: {{ .Values.modelCache.sizeLimit }}
+# The intakes hand images to the GPU process through /dev/shm; a container's default is 64 MiB.
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ include "gpu-worker.mebibytes" (include "gpu-worker.shmBytes" .) }}
 {{- if .Values.pipeline }}
 - name: pipeline
   configMap:
     name: {{ include "gpu-worker.fullname" . }}-pipeline
 {{- end }}
-{{- if include "gpu-worker.tlsEnabled" . }}
+{{- if and (include "gpu-worker.tlsEnabled" .) .Values.kafka.security.tls.secretName }}
 - name: kafka-tls
   secret:
     secretName: {{ .Values.kafka.security.tls.secretName }}
@@ -301,12 +418,14 @@ and a limit that leaves less than 64 MiB is refused. */}}
   mountPath: {{ .Values.worker.engineCacheDir }}
 - name: model-cache
   mountPath: {{ .Values.worker.modelCacheDir }}
+- name: dshm
+  mountPath: /dev/shm
 {{- if .Values.pipeline }}
 - name: pipeline
   mountPath: /etc/gpu-worker/pipeline
   readOnly: true
 {{- end }}
-{{- if include "gpu-worker.tlsEnabled" . }}
+{{- if and (include "gpu-worker.tlsEnabled" .) .Values.kafka.security.tls.secretName }}
 - name: kafka-tls
   mountPath: /etc/gpu-worker/kafka-tls
   readOnly: true
@@ -417,5 +536,10 @@ affinity:
 {{- $limits := default dict $res.limits }}
 {{- $_ := set $limits .Values.gpu.resourceName (int .Values.gpu.count) }}
 {{- $_ := set $res "limits" $limits }}
+{{- $requests := default dict $res.requests }}
+{{- if not (hasKey $requests "ephemeral-storage") }}
+{{- $_ := set $requests "ephemeral-storage" (include "gpu-worker.mebibytes" (include "gpu-worker.ephemeralBytes" .)) }}
+{{- end }}
+{{- $_ := set $res "requests" $requests }}
 {{- toYaml $res }}
 {{- end }}
