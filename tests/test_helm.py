@@ -635,9 +635,11 @@ def scaled_object(r: Rendered) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def test_keda_lag_threshold_is_what_one_pod_carries_while_keeping_up(chart):
-    _, trigger = scaled_object(render(chart, BASE, {"keda": {"enabled": True}}))
+    r = render(chart, BASE, {"keda": {"enabled": True}})
+    _, trigger = scaled_object(r)
     # 2000/s x 1 s commit interval + 8 intakes x 1024 in flight
     assert trigger["metadata"]["lagThreshold"] == "10192"
+    assert "target 10192 per replica" in r.notes
     _, trigger = scaled_object(render(chart, BASE, {
         "keda": {"enabled": True, "replicaRate": 1500},
         "worker": {"intakeProcesses": 2, "maxInFlight": 256, "commitIntervalMs": 2000}}))
