@@ -730,3 +730,10 @@ def test_sasl_mechanisms_are_the_ones_the_worker_supports(chart):
     for mechanism in ("OAUTHBEARER", "GSSAPI"):
         with pytest.raises(ConfigError, match=f"sasl_mechanism='{mechanism}' is not one of"):
             load(environ={"WORKER_SASL_MECHANISM": mechanism})
+
+
+def test_dashboard_and_rules_render_valid_objects(chart):
+    r = render(chart, BASE, {"grafanaDashboard": {"enabled": True}, "prometheusRule": {"enabled": True}})
+    validate_all(r)
+    assert {"ConfigMap", "PrometheusRule"} <= r.kinds
+    assert r.one("PrometheusRule")["apiVersion"] == "monitoring.coreos.com/v1"

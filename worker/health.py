@@ -6,7 +6,8 @@
   chart's startup probe, not liveness, is what gives start-up its time.
 - ``/readyz`` (readiness): models loaded and warmed, consumer joined its group, broker reachable, and
   publishing not stalled (no acknowledgement for ``STALL_AFTER_S`` of failed sends: worker.flow.publish).
-- ``/metrics``: Prometheus text format.
+- ``/metrics``: Prometheus text format, plus ``worker_ready`` (1 while ``/readyz`` would answer 200), so
+  that an alert on readiness needs no kube-state-metrics.
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ class HealthState:
         return all(checks.values()), checks
 
 
+READY_METRIC = "worker_ready"
+
+
+def exposition(state: HealthState, metrics: Metrics) -> bytes:
+    """The metrics and this server's own readiness gauge (not in any Metrics registry: in ``worker run``
+    the children's snapshots are merged, and readiness is the supervisor's view over all of them)."""
+    ok, _ = state.readiness()
+    ready = (f"# HELP {READY_METRIC} 1 while the worker is ready (/readyz answers 200).\n"
+             f"# TYPE {READY_METRIC} gauge\n{READY_METRIC} {1.0 if ok else 0.0}\n")
+    return metrics.exposition() + ready.encode()
+
+
 def make_app(state: HealthState, metrics: Metrics) -> web.Application:
     def respond(ok: bool, checks: dict) -> web.Response:
         return web.Response(status=200 if ok else 503, content_type="application/json",
@@ -66,7 +79,7 @@ def make_app(state: HealthState, metrics: Metrics) -> web.Application:
         return respond(*state.readiness())
 
     async def prometheus(_: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(),
+        return web.Response(body=exposition(state, metrics),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     app = web.Application()

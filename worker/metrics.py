@@ -2,21 +2,42 @@
 
 One registry per worker (not the global default), so tests and `worker demo` can run several workers
 in one process. prometheus_client is thread-safe: the GPU thread records its own batch metrics.
+
+Each registry also carries the standard process (CPU, resident memory, open files), GC and platform
+collectors; in `worker run` every child writes its own snapshot and the supervisor's merge labels each
+series with ``process``, so ``process_resident_memory_bytes{process="intake-2"}`` is that intake's memory.
+No ``_created`` series: they double the counters' and histograms' series and dashboards never use them.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from worker import __version__
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
+disable_created_metrics()
+
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
         self.consumed = Counter("worker_messages_consumed", "Messages read from the input topic.", registry=r)
         self.published = Counter("worker_messages_published", "Results acknowledged by the broker.", registry=r)
         self.dead_lettered = Counter("worker_messages_dead_lettered", "DLQ records acknowledged, by reason.",
