@@ -7,7 +7,7 @@
 - ``tiny_valid_images()``: 1x1 images of every format and mode. Valid, not malformed.
 - ``good_images(n, seed)``: valid images of varied sizes, formats and modes; ``good_image_specs`` adds what
   ``sniff`` must read from each.
-- ``decode_like_worker``: the decode path as ``worker.flow.decode`` documents it (size, header, limits,
+- ``decode_like_worker``: the decode path as ``worker.decode.message`` documents it (size, header, limits,
   depth and colour, coded data against the header, OpenCV, 16-bit samples to their high byte, decoded
   dtype and size), so the corpus is checked before and besides it.
 - ``handmade_jpeg``: a flat JPEG built marker by marker (any precision, size, components and scans), and
@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from worker.errors import PoisonMessage, UndecodableImage, UnsupportedImage
-from worker.flow.imageinfo import check_coded_data, check_limits, check_size, check_supported, sniff
+from worker.decode.headers import check_coded_data, check_limits, check_size, check_supported, sniff
 
 MAX_BYTES = 1 << 20  # what the corpus assumes unless told otherwise (the worker's default is 20 MB)
 MAX_PIXELS = 40_000_000  # the worker's default

@@ -1,6 +1,6 @@
 """The micro-batching policy on a fake clock: no sleeps, no timing assertions."""
 
-from worker.flow.batch import MicroBatcher
+from worker.policy.batching import MicroBatcher
 from worker.flow.consume import Backpressure
 
 

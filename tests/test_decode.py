@@ -14,9 +14,9 @@ import pytest
 
 from tests.helpers import exif_rotated_jpeg
 from worker.errors import MalformedEnvelope, TooLarge
-from worker.flow.decode import (decode_encoded, decode_image, decode_message, gpu_decodable, inspect_message,
+from worker.decode.message import (decode_encoded, decode_image, decode_message, gpu_decodable, inspect_message,
                                 reduction_factor, unwrap_envelope)
-from worker.flow.imageinfo import sniff
+from worker.decode.headers import sniff
 from worker.models.spec import ModelSpec, PipelineSpec, Preprocess
 from worker.samples import encode, synth_image
 

@@ -20,15 +20,15 @@ from tests.test_end_to_end import lossless_images, run_until
 from worker import log
 from worker.broker import create_topics
 from worker.engines.base import CpuRuntime
-from worker.engines.imagecodec import (
+from worker.decode.nvimgcodec import (
     NvImageCodecDecoder,
     decoded_size_problem,
     decoder_factory,
 )
-from worker.engines.resize_kernel import SOURCE, SOURCE_DTYPE, fill_sources
+from worker.decode.resize_kernel import SOURCE, SOURCE_DTYPE, fill_sources
 from worker.errors import ConfigError, ModelRejectedInput, UndecodableImage
-from worker.flow.decode import Encoded, decode_encoded, gpu_decodable, inspect_message
-from worker.flow.gpu import GpuThread, InferenceRequest, InferenceResult
+from worker.decode.message import Encoded, decode_encoded, gpu_decodable, inspect_message
+from worker.gpu.thread import GpuThread, InferenceRequest, InferenceResult
 from worker.metrics import Metrics
 from worker.models import default_pipeline_path
 from worker.models.spec import Preprocess, load_pipeline

@@ -24,7 +24,7 @@ from worker import log
 from worker.app import Worker
 from worker.engines.base import CpuRuntime
 from worker.errors import DeviceError, FatalError, ModelRejectedInput
-from worker.flow.gpu import GpuThread, InferenceRequest, InferenceResult
+from worker.gpu.thread import GpuThread, InferenceRequest, InferenceResult
 from worker.flow.offsets import OffsetTracker
 from worker.flow.publish import Publisher, RecordTooLarge
 from worker.models import default_pipeline_path

@@ -13,9 +13,9 @@ from PIL import Image
 
 from tests.corpus import _jpeg_sof, _pil, _pixels, _png_ihdr, _put, handmade_jpeg, jpeg_with_scans
 from worker.errors import DecodeBomb, TruncatedImage, UndecodableImage
-from worker.flow import decode as decode_module
-from worker.flow.decode import decode_message, gpu_decodable, inspect_message
-from worker.flow.imageinfo import DEFAULT_MAX_JPEG_SCANS, check_coded_data, sniff
+from worker.decode import message as decode_module
+from worker.decode.message import decode_message, gpu_decodable, inspect_message
+from worker.decode.headers import DEFAULT_MAX_JPEG_SCANS, check_coded_data, sniff
 from worker.models.spec import ModelSpec, PipelineSpec, Preprocess
 from worker.settings import Settings
 

@@ -16,13 +16,13 @@ from tests.corpus import (MAX_BYTES, MAX_PIXELS, MODES, _pil, _pixels, bmp_bytes
                           tiny_valid_images)
 from worker.errors import (DecodeBomb, EmptyValue, PoisonMessage, TooLarge, TruncatedImage, UndecodableImage,
                            UnsupportedImage)
-from worker.flow.imageinfo import COLORS, FORMATS, ImageInfo, check_limits, check_size, check_supported, sniff
+from worker.decode.headers import COLORS, FORMATS, ImageInfo, check_limits, check_size, check_supported, sniff
 
 try:
-    from worker.flow.decode import decode_image
+    from worker.decode.message import decode_image
 except ImportError as exc:  # the lead's module: these tests run once it lands
     decode_image = None
-    DECODE_MISSING = f"worker.flow.decode.decode_image is not importable yet ({exc})"
+    DECODE_MISSING = f"worker.decode.message.decode_image is not importable yet ({exc})"
 else:
     DECODE_MISSING = ""
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from worker import errors
-from worker.flow.imageinfo import ImageInfo
+from worker.decode.headers import ImageInfo
 from worker.ipc import payload, shm, wire
 from worker.metrics import Metrics, merge_expositions
 

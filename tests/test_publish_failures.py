@@ -29,7 +29,7 @@ from worker.broker import create_topics
 from worker.engines import create_engine
 from worker.engines.base import CpuRuntime
 from worker.errors import FatalError, PublishFailed, UnwritableTopic
-from worker.flow.gpu import GpuThread
+from worker.gpu.thread import GpuThread
 from worker.flow.publish import Publisher, Record, classify, topic_error, topic_name_problem
 from worker.health import HealthState
 from worker.models import default_pipeline_path

@@ -28,7 +28,7 @@ from tests.helpers import source_of
 from worker.broker import create_topics
 from worker.cli import main
 from worker.errors import ConfigError
-from worker.flow.rate import TokenBucket
+from worker.policy.rate import TokenBucket
 from worker.replay import (PartitionRange, ReplayPlan, parse_offsets, parse_partitions, parse_timestamp,
                            plan_ranges, range_spec, replay_group_id)
 from worker.replay.cli import EXIT_INCOMPLETE, run_replay

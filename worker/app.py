@@ -47,7 +47,7 @@ from worker import codecs, log
 from worker.flow.committer import BROKER_TIMEOUT_S, Committer
 from worker.errors import FatalError
 from worker.flow.consume import Backpressure, LivePlan, Load, Plan, ProgressClock, RebalanceHooks
-from worker.flow.gpu import GpuThread
+from worker.gpu.thread import GpuThread
 from worker.flow.handle import MessageHandler
 from worker.flow.offsets import OffsetTracker
 from worker.flow.publish import Publisher

@@ -23,7 +23,7 @@ from tests.helpers import (
 )
 from tests.test_end_to_end import lossless_images, run_until
 from worker.broker import create_topics
-from worker.flow.decode import decode_encoded, gpu_decodable, inspect_message
+from worker.decode.message import decode_encoded, gpu_decodable, inspect_message
 from worker.models import default_pipeline_path
 from worker.models.preprocess import prepare
 from worker.models.spec import ModelSpec, PipelineSpec, Preprocess, load_pipeline
@@ -83,7 +83,7 @@ def _diff(got: np.ndarray, want: np.ndarray) -> tuple[float, int, float]:
 def test_resize_kernel_matches_opencv_prepare_on_the_same_pixels():
     """The kernel alone: OpenCV's decoded RGB pixels copied to the device, resized by the kernel, against
     ``prepare`` of the same pixels on the CPU."""
-    from worker.engines.resize_kernel import SOURCE_DTYPE, ResizeKernel, fill_sources
+    from worker.decode.resize_kernel import SOURCE_DTYPE, ResizeKernel, fill_sources
 
     rng = np.random.default_rng(2)
     sources = [synth_image(rng, w, h, 3) for w, h in ((640, 480), (97, 61), (224, 224), (50, 400))]
@@ -127,7 +127,7 @@ def test_resize_kernel_matches_opencv_prepare_on_the_same_pixels():
 
 def _decode_rows(pipeline: PipelineSpec, payloads: list[bytes], limits: tuple[int, int] = LIMITS):
     """Every payload through NvImageCodecDecoder.decode as Encoded (whatever gpu_decodable says)."""
-    from worker.engines.imagecodec import NvImageCodecDecoder
+    from worker.decode.nvimgcodec import NvImageCodecDecoder
 
     encoded = [inspect_message(p, None, *limits) for p in payloads]
 

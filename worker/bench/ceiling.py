@@ -26,8 +26,8 @@ import numpy as np
 
 from worker.bench.own_thread import on_own_thread
 from worker.engines import create_engine, create_runtime
-from worker.engines.imagecodec import decoder_factory
-from worker.flow.gpu import GpuThread, InferenceRequest
+from worker.decode.nvimgcodec import decoder_factory
+from worker.gpu.thread import GpuThread, InferenceRequest
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings

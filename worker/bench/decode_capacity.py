@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from worker.bench.own_thread import on_own_thread
-from worker.flow.decode import decode_message, inspect_message
+from worker.decode.message import decode_message, inspect_message
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings
 
@@ -49,7 +49,7 @@ def device_decode_capacity(images: Sequence[bytes], pipeline: PipelineSpec, sett
 def _device_decode(images: Sequence[bytes], pipeline: PipelineSpec, settings: Settings, batch: int,
                    min_s: float) -> dict:
     from worker.engines import create_runtime
-    from worker.engines.imagecodec import NvImageCodecDecoder
+    from worker.decode.nvimgcodec import NvImageCodecDecoder
 
     runtime = create_runtime(settings.replace(device="cuda"))
     runtime.start()

@@ -31,7 +31,7 @@ from worker.bench.corpus import bench_images, describe
 from worker.bench.decode_capacity import decode_capacity, device_decode_capacity
 from worker.bench.end_to_end import worker_run
 from worker.broker import LocalBroker
-from worker.flow.decode import decode_message, inspect_message
+from worker.decode.message import decode_message, inspect_message
 from worker.models.spec import load_pipeline
 from worker.settings import Settings
 

@@ -21,9 +21,9 @@ from aiokafka import TopicPartition
 
 from worker import log
 from worker.errors import PoisonMessage, RetriableError, WorkerError
-from worker.flow.decode import (Decoded, Encoded, decode_encoded, decode_message, gpu_decodable, inspect_message,
+from worker.decode.message import (Decoded, Encoded, decode_encoded, decode_message, gpu_decodable, inspect_message,
                                 is_envelope)
-from worker.flow.gpu import GpuThread, InferenceRequest
+from worker.gpu.thread import GpuThread, InferenceRequest
 from worker.flow.offsets import OffsetTracker
 from worker.flow.publish import (Publisher, RecordTooLarge, Source, dlq_record, dlq_record_without_value,
                                  result_record)

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from worker import log
-from worker.flow.decode import Encoded
-from worker.flow.gpu import GpuThread, InferenceRequest, InferenceResult
+from worker.decode.message import Encoded
+from worker.gpu.thread import GpuThread, InferenceRequest, InferenceResult
 from worker.ipc import payload, wire
 from worker.ipc.client import shutdown_socket
 from worker.ipc.shm import Segment

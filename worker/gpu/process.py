@@ -47,8 +47,8 @@ def main(settings: Settings, links: list[tuple[Any, str]], control: Any, board: 
 def _run(settings: Settings, links: list[tuple[Any, str]], control: Any, row: Row, run_dir: str,
          slot_bytes: int, engine_factory: Any = None) -> int:
     from worker.engines import create_engine, create_runtime
-    from worker.engines.imagecodec import decoder_factory
-    from worker.flow.gpu import GpuThread
+    from worker.decode.nvimgcodec import decoder_factory
+    from worker.gpu.thread import GpuThread
     from worker.gpu.link import IntakeLink
     from worker.service import pipeline_for
 

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from worker.flow.imageinfo import COLORS, FORMATS, ImageInfo
+from worker.decode.headers import COLORS, FORMATS, ImageInfo
 
 REQUESTS = b"R"
 REPLIES = b"A"

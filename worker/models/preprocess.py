@@ -47,7 +47,7 @@ def letterbox_geometry(h: int, w: int, pre: Preprocess) -> tuple[float, int, int
 
 def placement(h: int, w: int, pre: Preprocess) -> tuple[int, int, int, int]:
     """(top, left, new_h, new_w): where an h x w image lands in the model's input canvas, and at what size.
-    The CPU path (``prepare``) and the GPU resize kernel (worker.engines.resize_kernel) both use it."""
+    The CPU path (``prepare``) and the GPU resize kernel (worker.decode.resize_kernel) both use it."""
     if pre.resize == "stretch":
         return 0, 0, pre.height, pre.width
     _, top, left, new_h, new_w = letterbox_geometry(h, w, pre)

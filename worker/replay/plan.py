@@ -8,7 +8,7 @@ import time
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from worker import log
-from worker.flow.rate import RateLimiter
+from worker.policy.rate import RateLimiter
 from worker.replay.ranges import PartitionRange
 
 

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 from worker.errors import MalformedEnvelope, UndecodableImage, UnsupportedImage  # noqa: E402
-from worker.flow.imageinfo import (DEFAULT_MAX_JPEG_SCANS, ImageInfo, check_coded_data, check_limits,  # noqa: E402
+from worker.decode.headers import (DEFAULT_MAX_JPEG_SCANS, ImageInfo, check_coded_data, check_limits,  # noqa: E402
                                    check_size, check_supported, sniff)
 from worker.models.preprocess import prepare  # noqa: E402
 from worker.models.spec import PipelineSpec  # noqa: E402

@@ -34,7 +34,7 @@ from worker import log
 from worker.engines.base import DeviceRuntime, InferenceEngine, Outputs
 from worker.errors import (ConfigError, DeviceError, EngineFailure, FatalError, ModelRejectedInput, PoisonMessage,
                            WorkerError)
-from worker.flow.batch import MicroBatcher
+from worker.policy.batching import MicroBatcher
 from worker.metrics import Metrics
 from worker.models.postprocess import postprocess_batch
 
@@ -54,11 +54,11 @@ class InferenceRequest:
     loop: asyncio.AbstractEventLoop
     context: dict[str, Any] = field(default_factory=dict)  # topic/partition/offset, for logs
     enqueued_at: float = 0.0
-    encoded: Any = None  # worker.flow.decode.Encoded
+    encoded: Any = None  # worker.decode.message.Encoded
 
 
 class DeviceDecoder(Protocol):
-    """Decodes images on the GPU thread into the engines' device input rows (worker.engines.imagecodec).
+    """Decodes images on the GPU thread into the engines' device input rows (worker.decode.nvimgcodec).
     Items are Encoded images, or the per-model rows the pool already decoded (not JPEG)."""
 
     def warm_up(self) -> None: ...

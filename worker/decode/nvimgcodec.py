@@ -12,21 +12,21 @@ Per batch, on the GPU thread (the only thread with our context current):
    nvJPEG, with its CPU threads doing Huffman decoding; CPU codecs for other formats) and makes our
    stream wait for the results. Images come back RGB, interleaved, in device memory; EXIF orientation
    is applied, as OpenCV does on the CPU path.
-2. Per model, one launch of ``resize_rows`` (worker.engines.resize_kernel) on our stream, writing
+2. Per model, one launch of ``resize_rows`` (worker.decode.resize_kernel) on our stream, writing
    batch row j of the model's device input (``engine.device_input``) from image j.
 3. The engines run on those rows (``enqueue_resident``), and the GPU thread's one synchronise covers
    decode, resize and inference.
 
 What goes where (so that both decoders give the same verdicts, and the same DLQ reasons):
 
-- complete JPEGs (``worker.flow.decode.gpu_decodable``) come as bytes and are decoded here;
+- complete JPEGs (``worker.decode.message.gpu_decodable``) come as bytes and are decoded here;
 - everything else (PNG, BMP, TIFF, WebP, truncated JPEGs) was decoded by OpenCV in the decode pool,
   as with ``decoder=cpu``, and comes as rows: copied into its batch row from the host;
 - a JPEG nvImageCodec cannot parse or decode is decoded by OpenCV on this thread (rare), exactly as
   ``decoder=cpu`` would; OpenCV's verdict decides whether it is poison.
 
 At start-up, if nvImageCodec, NVRTC or a CUDA device is missing, the worker logs why and decodes on the
-CPU (``cpu-reduced``) instead: see worker.flow.gpu.
+CPU (``cpu-reduced``) instead: see worker.gpu.thread.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ import numpy as np
 
 from worker import log
 from worker.engines.cuda import cuda_error_name, cuda_errors, device_error
-from worker.engines.resize_kernel import SOURCE_DTYPE, ResizeKernel, fill_sources
+from worker.decode.resize_kernel import SOURCE_DTYPE, ResizeKernel, fill_sources
 from worker.errors import ConfigError, PoisonMessage, UndecodableImage
-from worker.flow.decode import Encoded, decode_encoded, size_mismatch
+from worker.decode.message import Encoded, decode_encoded, size_mismatch
 from worker.models.spec import PipelineSpec
 
 _log = log.get(__name__)
@@ -116,7 +116,7 @@ class NvImageCodecDecoder:
         here fails start-up rather than the first real batch."""
         import cv2
 
-        from worker.flow.imageinfo import sniff
+        from worker.decode.headers import sniff
 
         y, x = np.mgrid[0:480, 0:640]
         image = np.dstack([x % 256, y % 256, (x + y) % 256]).astype(np.uint8)
