@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import sys
+from pathlib import Path
 
 from worker import log
 from worker.app import Worker
 from worker.codecs import check_codecs
 from worker.engines import create_engine, create_runtime
-from worker.decode.nvimgcodec import decoder_factory
+from worker.engines.imagecodec import decoder_factory
 from worker.flow.consume import Plan
-from worker.intake.socket_reads import widen_socket_reads
-from worker.gpu.thread import GpuThread
+from worker.flow.socket_reads import widen_socket_reads
+from worker.flow.gpu import GpuThread
+from worker.errors import ConfigError
 from worker.health import HealthServer, HealthState
 from worker.metrics import Metrics
 from worker.models import default_pipeline_path
@@ -25,8 +27,26 @@ from worker.models.spec import PipelineSpec, load_pipeline
 from worker.settings import Settings
 
 
+# Pipelines bundled with the worker, by name: `--pipeline demo` means the same in run, replay, bench and demo.
+BUNDLED_PIPELINES = {"demo": "default_pipeline_path", "resnet50": "resnet50_pipeline_path"}
+
+
+def pipeline_path(name: str) -> Path:
+    """A bundled pipeline's name (empty: demo) or a pipeline file, as the file's path."""
+    from worker import models
+
+    name = name or "demo"
+    if name in BUNDLED_PIPELINES:
+        return getattr(models, BUNDLED_PIPELINES[name])()
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"pipeline {name!r} is neither a bundled pipeline ({', '.join(BUNDLED_PIPELINES)}) "
+                          f"nor a pipeline file")
+    return path
+
+
 def pipeline_for(settings: Settings) -> PipelineSpec:
-    return load_pipeline(settings.pipeline or default_pipeline_path())
+    return load_pipeline(pipeline_path(settings.pipeline))
 
 
 def tune_process(settings: Settings) -> None:
