@@ -37,3 +37,28 @@ def test_demo_without_the_extra_says_what_to_install(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "pip install 'gpu-kafka-worker[demo]'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bundled_pipelines_resolve_the_same_for_run_replay_and_bench(tmp_path):
+    """`--pipeline demo` (and resnet50) name the bundled pipelines for `worker run` as for bench."""
+    import pytest
+
+    from worker.bench.cli import pipeline_path as bench_path
+    from worker.errors import ConfigError
+    from worker.service import pipeline_for
+    from worker.settings import load
+
+    models_dir = __import__("pathlib").Path(__import__("worker.models", fromlist=["x"]).__file__).parent
+    for name, file, first_model in (("demo", "demo.yaml", "channel_means"), ("resnet50", "resnet50.yaml", "resnet50"),
+                                    ("", "demo.yaml", "channel_means")):
+        spec = pipeline_for(load(environ={"WORKER_PIPELINE": name} if name else {}))
+        assert spec.models[0].name == first_model
+        if name:
+            assert bench_path(name) == models_dir / file
+    own = tmp_path / "p.yaml"
+    own.write_text((models_dir / "demo.yaml").read_text())
+    assert bench_path(str(own)) == own
+    assert pipeline_for(load(environ={"WORKER_PIPELINE": str(own)})).models[0].name == "channel_means"
+    for bad in (lambda: bench_path("resnet"), lambda: pipeline_for(load(environ={"WORKER_PIPELINE": "resnet"}))):
+        with pytest.raises(ConfigError, match="neither a bundled pipeline"):
+            bad()

@@ -13,7 +13,6 @@ from worker import log
 from worker import settings as settings_mod
 from worker.errors import ConfigError
 
-PIPELINES = {"demo": "default_pipeline_path", "resnet50": "resnet50_pipeline_path"}
 
 
 def _ints(text: str) -> list[int]:
@@ -25,14 +24,10 @@ def _floats(text: str) -> list[float]:
 
 
 def pipeline_path(name: str) -> Path:
-    from worker import models
+    """The same resolution as `worker run`/`replay` (worker.service.pipeline_path): a bundled name or a file."""
+    from worker.service import pipeline_path as resolve
 
-    if name in PIPELINES:
-        return getattr(models, PIPELINES[name])()
-    path = Path(name).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"--pipeline {name!r} is neither one of {', '.join(PIPELINES)} nor a pipeline file")
-    return path
+    return resolve(name)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
