@@ -15,10 +15,10 @@ from worker import log
 from worker.app import Worker
 from worker.codecs import check_codecs
 from worker.engines import create_engine, create_runtime
-from worker.engines.imagecodec import decoder_factory
+from worker.decode.nvimgcodec import decoder_factory
 from worker.flow.consume import Plan
-from worker.flow.socket_reads import widen_socket_reads
-from worker.flow.gpu import GpuThread
+from worker.intake.socket_reads import widen_socket_reads
+from worker.gpu.thread import GpuThread
 from worker.errors import ConfigError
 from worker.health import HealthServer, HealthState
 from worker.metrics import Metrics
