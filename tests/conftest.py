@@ -1,9 +1,16 @@
-"""Shared fixtures: one real Kafka-protocol broker (tansu) per test session, on a free loopback port."""
+"""Shared fixtures: real Kafka-protocol brokers per test session, on free loopback ports.
+
+``broker`` is tansu (fast, embedded) unless a test is parametrised with ``tests.kafka_broker.both_brokers``
+(or asks for ``kafka``): then it also runs against Apache Kafka 4.x (``tests/kafka_broker.py``), marked
+``kafka`` so that ``pytest -m kafka`` runs that tier alone. Without java/mvn/openssl the Kafka cases skip
+with one reason; with them, a failing Maven fetch or start is an error, never a skip.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 
 import pytest
@@ -13,14 +20,47 @@ from worker.settings import Settings
 
 
 @pytest.fixture(scope="session")
-def broker():
+def tansu():
     with LocalBroker() as b:
         yield b
 
 
+@pytest.fixture(scope="session")
+def kafka(request):
+    from tests.kafka_broker import KafkaBroker, tools_missing
+
+    why = tools_missing()
+    if why:
+        pytest.skip(why)
+    t0 = time.monotonic()
+    with KafkaBroker() as k:
+        line = (f"Kafka tier: Apache Kafka {k.version}, single-node KRaft on {k.bootstrap} "
+                f"(started in {time.monotonic() - t0:.1f}s; logs {k.home / 'logs'})")
+        _KAFKA_LINES.append(line)
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("")
+            reporter.write_line(line)
+        yield k
+
+
+@pytest.fixture(scope="session")
+def broker(request):
+    """tansu, or the broker named by an indirect parametrisation ("tansu" | "kafka")."""
+    return request.getfixturevalue(getattr(request, "param", "tansu"))
+
+
+_KAFKA_LINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _KAFKA_LINES:
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture
 def topics(broker):
-    """Fresh topic names for one test (memory storage: nothing to clean up)."""
+    """Fresh topic names for one test (tansu: memory storage; Kafka: a temporary folder)."""
     tag = uuid.uuid4().hex[:8]
     return {"input": f"images-{tag}", "output": f"results-{tag}", "dlq": f"dlq-{tag}", "group": f"g-{tag}"}
 

@@ -19,6 +19,7 @@ from aiokafka import codec as aiokafka_codec
 from aiokafka.errors import UnsupportedCodecError
 
 from tests.helpers import check_demo_result, read_all, result_doc, source_of
+from tests.kafka_broker import both_brokers
 from worker import codecs
 from worker.broker import create_topics
 from worker.errors import ConfigError
@@ -112,6 +113,7 @@ async def run_worker(settings: Settings, expected: int, timeout_s: float = 120.0
     return records, workers[0], code
 
 
+@both_brokers
 @pytest.mark.parametrize("codec", CODECS)
 async def test_every_codec_in_from_aiokafka_and_librdkafka_and_out(settings, codec):
     """Input batches of ``codec`` from both clients → one result per input offset; results written with

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.helpers import produce
 from tests.test_end_to_end import lossless_images, run_until
+from tests.kafka_broker import both_brokers
 from worker.broker import create_topics
 from worker.flow import publish
 from worker.service import serve
@@ -28,6 +29,7 @@ async def committed(settings, partitions: int) -> dict[int, int | None]:
         await consumer.stop()
 
 
+@both_brokers
 async def test_no_commit_before_ack(settings, monkeypatch):
     settings = settings.replace(drain_timeout_s=0.5, commit_interval_ms=100)
     await create_topics(settings.bootstrap_servers, [(settings.input_topic, 2), (settings.output_topic, 2),

@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 
 from tests.helpers import check_demo_result, headers_of, produce, read_all, result_doc, source_of
+from tests.kafka_broker import both_brokers
 from worker.broker import create_topics
 from worker.samples import encode, synth_image
 from worker.service import serve
@@ -41,6 +42,7 @@ async def run_until(settings, expected: dict[str, int], timeout_s: float = 180.0
     return records, workers[0], code
 
 
+@both_brokers
 async def test_500_images_over_4_partitions_each_result_matches_its_own_image(settings):
     await create_topics(settings.bootstrap_servers, [(settings.input_topic, 4), (settings.output_topic, 4),
                                                     (settings.dlq_topic, 1)])
@@ -72,6 +74,7 @@ async def test_500_images_over_4_partitions_each_result_matches_its_own_image(se
     assert worker.counts == {"consumed": 500, "published": 500, "dead_lettered": 0, "failed": 0}
 
 
+@both_brokers
 async def test_poison_goes_to_dlq_with_reason_and_the_rest_is_processed(settings):
     await create_topics(settings.bootstrap_servers, [(settings.input_topic, 2), (settings.output_topic, 2),
                                                     (settings.dlq_topic, 1)])

@@ -21,6 +21,7 @@ import pytest
 from tests.helpers import check_demo_result
 from tests.procs import (PacedProducer, TopicReader, WorkerProc, duplicates, no_leftover_workers,  # noqa: F401
                          source_coords, worker_env)
+from tests.kafka_broker import both_brokers
 from worker.broker import create_topics
 from worker.ipc import shm
 from worker.samples import encode, synth_image
@@ -161,6 +162,7 @@ async def test_kill_9_of_the_gpu_process_mid_stream(broker, topics, tmp_path):
     await _kill_mid_stream(broker, topics, tmp_path, "gpu")
 
 
+@both_brokers
 @pytest.mark.timeout(300)
 async def test_kill_9_of_one_intake_mid_stream(broker, topics, tmp_path):
     await _kill_mid_stream(broker, topics, tmp_path, "intake")
