@@ -156,64 +156,6 @@ class DeviceBuffer:
     allocation: Any = None
 
 
-class _PriorityStream:
-    """The decode stream at the device's highest priority (driver API through cuda-bindings; pycuda has
-    no stream priorities). Why: nvImageCodec's decode of the next batch returns only when its kernels
-    ran, and on a stream of equal priority they queue behind the running ResNet-50 batch, so the GPU
-    thread waited ~20 ms per batch in that call (H200, worker_gpu_phase_seconds{phase="prefetch"});
-    at higher priority the scheduler runs them as soon as SMs free up. Same context, same thread."""
-
-    def __init__(self, driver: Any, stream: Any) -> None:
-        self._driver = driver
-        self.stream = stream
-        self.handle = int(stream)
-
-    @classmethod
-    def create(cls) -> _PriorityStream | None:
-        """None where cuda-bindings is missing (the caller makes a plain pycuda stream)."""
-        try:
-            from cuda.bindings import driver
-        except ImportError:
-            return None
-        err, _least, greatest = driver.cuCtxGetStreamPriorityRange()
-        _check(driver, err, "cuCtxGetStreamPriorityRange")
-        err, stream = driver.cuStreamCreateWithPriority(0, greatest)  # 0: CU_STREAM_DEFAULT
-        _check(driver, err, "cuStreamCreateWithPriority")
-        return cls(driver, stream)
-
-    def record(self) -> Any:
-        d = self._driver
-        err, event = d.cuEventCreate(d.CUevent_flags.CU_EVENT_DISABLE_TIMING)
-        _check(d, err, "cuEventCreate")
-        (err,) = d.cuEventRecord(event, self.stream)
-        _check(d, err, "cuEventRecord")
-        return event
-
-    def order(self, main_stream_handle: int, event: Any) -> None:
-        """``main_stream_handle``'s later work waits for ``event``; the event is then released (legal
-        while pending: the driver frees it when it completes)."""
-        d = self._driver
-        (err,) = d.cuStreamWaitEvent(d.CUstream(main_stream_handle), event, 0)
-        _check(d, err, "cuStreamWaitEvent")
-        d.cuEventDestroy(event)
-
-    def synchronize(self) -> None:
-        (err,) = self._driver.cuStreamSynchronize(self.stream)
-        _check(self._driver, err, "cuStreamSynchronize")
-
-    def __del__(self) -> None:  # released with the runtime, while the context is current (stop)
-        try:
-            self._driver.cuStreamDestroy(self.stream)
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-
-def _check(driver: Any, err: Any, call: str) -> None:
-    if err != driver.CUresult.CUDA_SUCCESS:
-        _, name = driver.cuGetErrorName(err)
-        raise RuntimeError(f"{call} failed: {name.decode() if isinstance(name, bytes) else name}")
-
-
 class CudaRuntime:
     """One GPU for one thread: primary context pushed once, one non-default stream, tracked buffers."""
 
@@ -254,7 +196,7 @@ class CudaRuntime:
             self._thread = threading.get_ident()
             try:
                 self.stream = cuda.Stream()
-                self.decode_stream = _PriorityStream.create() or cuda.Stream()
+                self.decode_stream = cuda.Stream()
             except Exception:
                 self.stream = self.decode_stream = None
                 self._release_context()
@@ -314,8 +256,6 @@ class CudaRuntime:
         decode) must finish before the work ``wait_for`` orders after it."""
         self._check_thread()
         with cuda_errors("recording the decode event", self.device_name):
-            if isinstance(self.decode_stream, _PriorityStream):
-                return self.decode_stream.record()
             event = self._cuda.Event(self._cuda.event_flags.DISABLE_TIMING)
             event.record(self.decode_stream)
         return event
@@ -324,10 +264,7 @@ class CudaRuntime:
         """Work queued on the main stream from now on waits for ``event`` (no host wait)."""
         self._check_thread()
         with cuda_errors("ordering the batch after its decode", self.device_name):
-            if isinstance(self.decode_stream, _PriorityStream):
-                self.decode_stream.order(self.stream_handle, event)
-            else:
-                self.stream.wait_for_event(event)
+            self.stream.wait_for_event(event)
 
     def device_buffer(self, nbytes: int, label: str = "") -> DeviceBuffer:
         """Allocate ``nbytes`` of device memory, tracked so that ``stop`` frees what engines forgot."""
