@@ -62,3 +62,33 @@ def test_bundled_pipelines_resolve_the_same_for_run_replay_and_bench(tmp_path):
     for bad in (lambda: bench_path("resnet"), lambda: pipeline_for(load(environ={"WORKER_PIPELINE": "resnet"}))):
         with pytest.raises(ConfigError, match="neither a bundled pipeline"):
             bad()
+
+
+def test_demo_verification_catches_a_wrong_value():
+    """verify() recomputes each result from its own input; one tampered mean must be reported."""
+    import numpy as np
+
+    from worker.decode.message import decode_message
+    from worker.demo import Collected, verify
+    from worker.models.bundled import channel_means_reference, gray_thumbnail_reference
+    from worker.samples import sample_images
+    from worker.service import pipeline_for
+    from worker.settings import Settings
+
+    settings = Settings(device="cpu")
+    images = sample_images(6, seed=3)
+    coords = [(0, i) for i in range(len(images))]
+    collected = Collected()
+    pipeline = pipeline_for(settings)
+    for (_, data), coord in zip(images, coords):
+        rgb, gray = decode_message(data, None, pipeline, settings.max_bytes, settings.max_pixels).inputs
+        means = channel_means_reference(rgb.astype(np.float32).transpose(2, 0, 1)[None])[0]
+        thumb = gray_thumbnail_reference(gray[..., 0].astype(np.float32)[None, None])
+        collected.results[coord] = {"models": {
+            "channel_means": {"outputs": {"means": {"data": means.tolist()}}},
+            "gray_thumbnail": {"outputs": {"thumbnail": {"data": thumb["thumbnail"][0].tolist()},
+                                           "ahash": {"data": thumb["ahash"][0].tolist()}}}}}
+    assert verify(collected, images, coords, settings) == (6, [])
+    collected.results[coords[2]]["models"]["channel_means"]["outputs"]["means"]["data"][1] += 0.5
+    checked, problems = verify(collected, images, coords, settings)
+    assert checked == 6 and len(problems) == 1 and str(coords[2]) in problems[0]

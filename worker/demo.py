@@ -2,7 +2,8 @@
 
 Starts the local broker, creates the topics, writes N generated sample images (varied sizes, formats
 and modes), runs the worker with the bundled pipeline, reads every result back, checks that each input
-offset got exactly one result or DLQ record, and prints a summary table.
+offset got exactly one result or DLQ record and that every result's values are the bundled models'
+reference on that input alone, and prints a summary table with the real total time.
 """
 
 from __future__ import annotations
@@ -87,6 +88,44 @@ async def collect(settings: Settings, expected: int, progress=None, task=None,
     return out
 
 
+def verify(collected: Collected, images: list[tuple[str, bytes]], coords: list[tuple[int, int]],
+           settings: Settings) -> tuple[int, list[str]]:
+    """Every result against the bundled models applied to that input alone, without ONNX Runtime: the
+    input decoded by the CPU path into each model's rows, then the models' reference functions (NumPy,
+    float64) on those rows. Exact with the CPU decoders (the worker decoded the same rows); with
+    decoder=nvimgcodec JPEGs were decoded on the GPU (within 1-2 levels of OpenCV), so values are
+    compared to 2 levels and the hash bits are not. Returns (results checked, problems)."""
+    from worker.decode.message import decode_message
+    from worker.models.bundled import channel_means_reference, gray_thumbnail_reference
+    from worker.service import pipeline_for
+
+    pipeline = pipeline_for(settings)
+    if [m.name for m in pipeline.models] != ["channel_means", "gray_thumbnail"]:
+        return 0, []  # another pipeline: no reference to check against
+    on_gpu = settings.decoder == "nvimgcodec"
+    reduced = settings.decoder == "cpu-reduced"
+    problems: list[str] = []
+    checked = 0
+    for (name, data), coord in zip(images, coords):
+        doc = collected.results.get(coord)
+        if doc is None:
+            continue
+        rgb, gray = decode_message(data, None, pipeline, settings.max_bytes, settings.max_pixels, reduced).inputs
+        means = channel_means_reference(rgb.astype(np.float32).transpose(2, 0, 1)[None])[0]
+        thumb = gray_thumbnail_reference(gray[..., 0].astype(np.float32)[None, None])
+        outputs = doc["models"]
+        got_means = np.array(outputs["channel_means"]["outputs"]["means"]["data"], np.float32)
+        got_thumb = np.array(outputs["gray_thumbnail"]["outputs"]["thumbnail"]["data"], np.float32)
+        got_hash = np.array(outputs["gray_thumbnail"]["outputs"]["ahash"]["data"], np.uint8)
+        tolerance = 2.0 if on_gpu else 1e-3
+        if not (np.allclose(got_means, means, rtol=0, atol=tolerance)
+                and np.allclose(got_thumb, thumb["thumbnail"][0], rtol=0, atol=tolerance)
+                and (on_gpu or np.array_equal(got_hash, thumb["ahash"][0]))):
+            problems.append(f"{name} at {coord}: means {got_means} vs {means}")
+        checked += 1
+    return checked, problems
+
+
 def summary_table(collected: Collected, elapsed_s: float) -> Table:
     e2e = np.array([r["timings_ms"]["end_to_end"] for r in collected.results.values()] or [0.0])
     batches = [r["batch_size"] for r in collected.results.values()] or [0]
@@ -112,6 +151,7 @@ def summary_table(collected: Collected, elapsed_s: float) -> Table:
 async def run_demo(count: int, settings: Settings, partitions: int = 4, seed: int = 0,
                    console: Console | None = None) -> int:
     console = console or Console(stderr=False)
+    demo_started = time.monotonic()
     broker = None
     if settings.bootstrap_servers in ("", "local"):
         broker = LocalBroker().start()
@@ -121,9 +161,15 @@ async def run_demo(count: int, settings: Settings, partitions: int = 4, seed: in
         await create_topics(settings.bootstrap_servers, [(settings.input_topic, partitions),
                                                         (settings.output_topic, partitions),
                                                         (settings.dlq_topic, 1)])
-        images = sample_images(count, seed=seed)
-        coords = await produce(settings, images)
-        console.print(f"wrote {len(images)} sample images to {settings.input_topic} ({partitions} partitions)")
+        t = time.monotonic()
+        with console.status(f"generating {count} sample images"):
+            images = sample_images(count, seed=seed)
+        console.print(f"generated {len(images)} sample images in {time.monotonic() - t:.1f} s")
+        t = time.monotonic()
+        with console.status(f"writing them to {settings.input_topic}"):
+            coords = await produce(settings, images)
+        console.print(f"wrote {len(images)} sample images to {settings.input_topic} ({partitions} partitions) "
+                      f"in {time.monotonic() - t:.1f} s; starting the worker (models load first)")
         started = time.monotonic()
         supervisor = Supervisor(settings)  # the process model of `worker run`: K intakes, one GPU process
         worker_task = asyncio.create_task(supervisor.run())
@@ -142,12 +188,22 @@ async def run_demo(count: int, settings: Settings, partitions: int = 4, seed: in
         supervisor.request_stop()
         code = (await worker_task).exit_code
         console.print(summary_table(collected, elapsed))
+        t = time.monotonic()
+        with console.status("checking every result against the bundled models' references"):
+            checked, problems = verify(collected, images, coords, settings)
+        if checked:
+            console.print(f"values: {checked - len(problems)} of {checked} results equal the bundled models' "
+                          f"reference on their own input (checked in {time.monotonic() - t:.1f} s)")
         missing = set(coords) - set(collected.results) - set(collected.dlq)
-        if missing or code != 0:
-            console.print(f"[red]FAILED: {len(missing)} inputs without a result; worker exit code {code}[/red]")
+        total = time.monotonic() - demo_started
+        if missing or code != 0 or problems:
+            for problem in problems[:5]:
+                console.print(f"[red]wrong values: {problem}[/red]")
+            console.print(f"[red]FAILED: {len(missing)} inputs without a result, {len(problems)} with wrong "
+                          f"values; worker exit code {code} ({total:.1f} s in all)[/red]")
             return 1
         console.print(f"[green]OK: {count} inputs, {len(collected.results)} results, "
-                      f"{len(collected.dlq)} dead-lettered[/green]")
+                      f"{len(collected.dlq)} dead-lettered, {total:.1f} s in all[/green]")
         return 0
     finally:
         if broker is not None:
