@@ -22,7 +22,6 @@ from worker.gpu.thread import GpuThread
 from worker.errors import ConfigError
 from worker.health import HealthServer, HealthState
 from worker.metrics import Metrics
-from worker.models import default_pipeline_path
 from worker.models.spec import PipelineSpec, load_pipeline
 from worker.settings import Settings
 
