@@ -1,8 +1,9 @@
 """Kafka-tier cases whose tansu twins live elsewhere, where Apache Kafka behaves differently.
 
 The replay's multi-record-batch case (tests/test_replay.py) is about tansu's short end offset; on Kafka
-the end offset is true, but the replay meets another gap there, recorded here as a strict xfail so that
-the day it is fixed this test says so.
+the end offset is true; this case also proves that a replay on Kafka finds the topic's partitions (it once
+took them from the consumer's cached metadata, empty on Kafka without a subscription, and reported
+"complete" having replayed nothing).
 """
 
 from __future__ import annotations
@@ -15,10 +16,5 @@ pytestmark = pytest.mark.kafka
 
 
 @pytest.mark.parametrize("broker", ["kafka"], indirect=True)
-@pytest.mark.xfail(strict=True, reason=(
-    "worker/replay/ranges.py resolve() takes the partitions from consumer.partitions_for_topic(), which is None "
-    "on Apache Kafka for a consumer with no subscription (aiokafka's cached cluster lists no topics there; tansu's "
-    "bootstrap answer fills it): the replay plans no range and reports 'complete' having done nothing. "
-    "The cluster returned by the client's fetch_all_metadata() has the partitions."))
 async def test_replay_until_end_covers_multi_record_batches_on_kafka(settings):
     await _until_end_over_multi_record_batches(settings)

@@ -151,7 +151,14 @@ async def resolve(spec: RangeSpec, settings: Settings) -> Resolved:
             if name not in topics:
                 raise ConfigError(f"topic missing: {what} {name!r} does not exist on {settings.bootstrap_servers}"
                                   + ("" if what == "input topic" else "; create it first (a replay creates no topics)"))
-        existing = set(consumer.partitions_for_topic(spec.topic) or ())
+        # From a fresh metadata answer: the consumer's cached cluster lists no topic on Apache Kafka when
+        # it has no subscription (tansu's bootstrap answer happened to fill it), and an empty partition set
+        # would plan nothing and report "complete".
+        cluster = await asyncio.wait_for(consumer._client.fetch_all_metadata(), _BROKER_TIMEOUT_S)
+        existing = set(cluster.partitions_for_topic(spec.topic) or ())
+        if not existing:
+            raise ConfigError(f"input topic {spec.topic!r} has no partitions in the broker's metadata "
+                              f"({settings.bootstrap_servers}): nothing to replay")
         selected = select_partitions(spec, existing)  # before asking for offsets of partitions that may not exist
         tps = [TopicPartition(spec.topic, p) for p in selected]
         first = await asyncio.wait_for(consumer.beginning_offsets(tps), _BROKER_TIMEOUT_S)
