@@ -89,3 +89,22 @@ async def test_endpoints_of_a_running_worker(settings):
                  "worker_consumer_lag_messages", "worker_gpu_memory_used_bytes", "worker_in_flight_messages",
                  "worker_rebalances_total", "worker_build_info", "worker_gpu_queue_depth"):
         assert name in metrics, f"{name} missing from /metrics"
+
+
+def test_broker_outage_is_logged_once_each_way_whichever_source_noticed(capsys):
+    """The probe, a send and a start-up attempt all report through broker_state: one 'unreachable' per
+    outage, one 'reachable again' when any of them next succeeds, nothing at the first success."""
+    import json
+
+    from worker import log
+    from worker.health import HealthState
+
+    log.configure("json", "info")
+    state = HealthState()
+    state.broker_state(True)  # start-up: reachable for the first time, not "again"
+    state.broker_state(False, "KafkaConnectionError: refused")  # the probe
+    state.broker_state(False, "KafkaTimeoutError")  # a send, same outage
+    state.broker_state(True)  # a send got its ack
+    state.broker_state(True)  # the probe
+    events = [json.loads(line)["event"] for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert events == ["broker unreachable", "broker reachable again"]

@@ -468,7 +468,7 @@ class Worker:
             f"reply or a hung stage; raise message_deadline_s if such messages are legitimately slow)"))
 
     def _broker_trouble(self, trouble: bool) -> None:
-        self.health.broker_ok = not trouble
+        self.health.broker_state(not trouble)
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         """aiokafka only logs a listener's exception and carries on: here it is fatal instead."""

@@ -34,8 +34,23 @@ class HealthState:
     gpu_heartbeat: Callable[[], float] = time.monotonic
     gpu_alive: Callable[[], bool] = lambda: True
 
+    broker_lost: bool = False  # reachable once, then not: the next success says so in the log
+
     def publish_stalled(self, stalled: bool) -> None:
         self.publishing = not stalled
+
+    def broker_state(self, ok: bool, error: str = "") -> None:
+        """Every source of broker news (the probe, a send, a start-up attempt) goes through here, so the
+        log says "broker unreachable" and "broker reachable again" once per outage, whichever noticed."""
+        from worker import log
+
+        if not ok and self.broker_ok:
+            log.get("worker").warning("broker unreachable", error=error or None)
+            self.broker_lost = True
+        elif ok and not self.broker_ok and self.broker_lost:
+            log.get("worker").info("broker reachable again")
+            self.broker_lost = False
+        self.broker_ok = ok
 
     def loop_beat(self) -> None:
         self.loop_heartbeat = time.monotonic()

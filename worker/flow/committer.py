@@ -92,14 +92,9 @@ class Committer:
         try:
             await asyncio.wait_for(self._lag_round_trip(), timeout=BROKER_TIMEOUT_S)
         except (KafkaError, asyncio.TimeoutError, OSError) as exc:
-            if self.health.broker_ok:
-                self._log.warning("broker unreachable", error=f"{type(exc).__name__}: {exc}" if str(exc)
-                                  else type(exc).__name__, timeout_s=BROKER_TIMEOUT_S)
-            self.health.broker_ok = False
+            self.health.broker_state(False, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         else:
-            if not self.health.broker_ok:
-                self._log.info("broker reachable again")
-            self.health.broker_ok = True
+            self.health.broker_state(True)
 
     def forget_lag(self, partitions: set[TopicPartition]) -> None:
         """Remove the lag series of partitions no longer ours (revoked)."""
