@@ -162,9 +162,22 @@ class WorkerProc:
         raise AssertionError(f"{self.name} not ready within {timeout}s; log tail:\n{self.log_tail()}")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far (Linux /proc)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time so far of the process and its live descendants (the supervisor, its
+        GPU process and intakes; Linux /proc)."""
+        total, todo, seen = 0.0, [self.pid], set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo.extend(int(c) for c in (task / "children").read_text().split())
+            except (OSError, ValueError):
+                continue
+        return total
 
     # --- the log ------------------------------------------------------------------------------
     def events(self) -> list[dict]:

@@ -174,6 +174,8 @@ async def test_broker_stopped_for_20s_mid_stream(broker, topics, tmp_path):
     assert cpu < 0.25 * stall_s, f"busy loop during the stall: {cpu:.1f}s CPU in {stall_s}s"
     warnings = [e for e in worker.events() if e.get("event") == "broker unreachable"]
     assert warnings, "no 'broker unreachable' log line"
+    assert [e for e in worker.events() if e.get("event") == "broker reachable again"], "no 'reachable again'"
+    assert "never retrieved" not in worker.log_path.read_text(), "an asyncio task failed unobserved"
 
 
 @pytest.mark.timeout(120)
@@ -184,8 +186,14 @@ async def test_broker_unreachable_at_start_then_appears(topics, tmp_path):
     env = worker_env(f"127.0.0.1:{port}", topics)
     worker = WorkerProc(env, tmp_path / "worker.log").start()
     try:
-        deadline = time.monotonic() + 30
-        while worker.probe() is None and time.monotonic() < deadline:  # HTTP up once models are loaded
+        # The clock starts once the models are loaded and an intake has failed its first connection:
+        # from then on only waiting is left, and the CPU of every process of the worker is counted.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            live = worker.probe("/healthz")
+            retrying = any(e.get("event") == "broker unreachable; retrying" for e in worker.events())
+            if live is not None and live[1].get("models_ready") and retrying:
+                break
             await asyncio.sleep(0.2)
         cpu_before = worker.cpu_seconds()
         await asyncio.sleep(6.0)
