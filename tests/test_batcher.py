@@ -1,7 +1,7 @@
 """The micro-batching policy on a fake clock: no sleeps, no timing assertions."""
 
 from worker.policy.batching import MicroBatcher
-from worker.flow.consume import Backpressure
+from worker.intake.consume import Backpressure
 
 
 def test_single_item_waits_at_most_max_wait():

@@ -22,7 +22,7 @@ from tests.test_guarantees import TP0, HeldGpu, make_worker, msg, until
 from worker import log
 from worker.broker import create_topics
 from worker.errors import FatalError
-from worker.flow.consume import Backpressure, Load, ProgressClock
+from worker.intake.consume import Backpressure, Load, ProgressClock
 from worker.samples import encode
 from worker.service import serve
 

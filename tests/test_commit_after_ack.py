@@ -15,7 +15,7 @@ from tests.helpers import produce
 from tests.test_end_to_end import lossless_images, run_until
 from tests.kafka_broker import both_brokers
 from worker.broker import create_topics
-from worker.flow import publish
+from worker.intake import publish
 from worker.service import serve
 
 

@@ -25,8 +25,8 @@ from worker.app import Worker
 from worker.engines.base import CpuRuntime
 from worker.errors import DeviceError, FatalError, ModelRejectedInput
 from worker.gpu.thread import GpuThread, InferenceRequest, InferenceResult
-from worker.flow.offsets import OffsetTracker
-from worker.flow.publish import Publisher, RecordTooLarge
+from worker.policy.offsets import OffsetTracker
+from worker.intake.publish import Publisher, RecordTooLarge
 from worker.models import default_pipeline_path
 from worker.models.spec import load_pipeline
 from worker.samples import encode
@@ -435,7 +435,7 @@ class FlakyProducer:
 
 
 async def test_publisher_retries_broker_trouble_with_backoff_but_not_an_oversized_record():
-    from worker.flow.publish import Record
+    from worker.intake.publish import Record
 
     trouble: list[bool] = []
     producer = FlakyProducer([KafkaTimeoutError(), KafkaTimeoutError()])

@@ -12,8 +12,8 @@ import types
 from aiokafka import TopicPartition
 
 from worker.app import Worker
-from worker.flow.committer import Committer, lag
-from worker.flow.offsets import OffsetTracker
+from worker.intake.commit import Committer, lag
+from worker.policy.offsets import OffsetTracker
 from worker.health import HealthState
 from worker.metrics import Metrics
 

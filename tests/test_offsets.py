@@ -1,4 +1,4 @@
-from worker.flow.offsets import OffsetTracker
+from worker.policy.offsets import OffsetTracker
 
 P0, P1 = ("t", 0), ("t", 1)
 

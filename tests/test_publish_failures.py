@@ -20,7 +20,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as E
 
-import worker.flow.publish as publish
+import worker.intake.publish as publish
 from tests.helpers import produce, read_all
 from tests.procs import committed_offsets
 from worker import log
@@ -30,7 +30,7 @@ from worker.engines import create_engine
 from worker.engines.base import CpuRuntime
 from worker.errors import FatalError, PublishFailed, UnwritableTopic
 from worker.gpu.thread import GpuThread
-from worker.flow.publish import Publisher, Record, classify, topic_error, topic_name_problem
+from worker.intake.publish import Publisher, Record, classify, topic_error, topic_name_problem
 from worker.health import HealthState
 from worker.models import default_pipeline_path
 from worker.models.spec import load_pipeline

@@ -8,8 +8,8 @@ partitions at any of them), so every queue between stages is bounded too. A mess
 finished only when the broker acknowledged its result or its DLQ record; only finished offsets are
 committed.
 
-The stages of one message live in worker.flow.handle; commits (and their order) and the broker probe
-in worker.flow.committer. This module is the life cycle around them.
+The stages of one message live in worker.intake.handle; commits (and their order) and the broker probe
+in worker.intake.commit. This module is the life cycle around them.
 
 Revoke (``_on_revoked``, awaited by aiokafka before it rejoins, so before any other member can own the
 partitions): no new records for them (aiokafka returns none during a rebalance) → wait up to
@@ -44,13 +44,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker import codecs, log
-from worker.flow.committer import BROKER_TIMEOUT_S, Committer
+from worker.intake.commit import BROKER_TIMEOUT_S, Committer
 from worker.errors import FatalError
-from worker.flow.consume import Backpressure, LivePlan, Load, Plan, ProgressClock, RebalanceHooks
+from worker.intake.consume import Backpressure, LivePlan, Load, Plan, ProgressClock, RebalanceHooks
 from worker.gpu.thread import GpuThread
-from worker.flow.handle import MessageHandler
-from worker.flow.offsets import OffsetTracker
-from worker.flow.publish import Publisher
+from worker.intake.handle import MessageHandler
+from worker.policy.offsets import OffsetTracker
+from worker.intake.publish import Publisher
 from worker.health import HealthState
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec

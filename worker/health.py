@@ -5,7 +5,7 @@
   are loaded too: the GPU thread does not beat while TensorRT builds an engine (minutes), and the
   chart's startup probe, not liveness, is what gives start-up its time.
 - ``/readyz`` (readiness): models loaded and warmed, consumer joined its group, broker reachable, and
-  publishing not stalled (no acknowledgement for ``STALL_AFTER_S`` of failed sends: worker.flow.publish).
+  publishing not stalled (no acknowledgement for ``STALL_AFTER_S`` of failed sends: worker.intake.publish).
 - ``/metrics``: Prometheus text format, plus ``worker_ready`` (1 while ``/readyz`` would answer 200), so
   that an alert on readiness needs no kube-state-metrics.
 """

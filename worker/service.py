@@ -16,7 +16,7 @@ from worker.app import Worker
 from worker.codecs import check_codecs
 from worker.engines import create_engine, create_runtime
 from worker.decode.nvimgcodec import decoder_factory
-from worker.flow.consume import Plan
+from worker.intake.consume import Plan
 from worker.intake.socket_reads import widen_socket_reads
 from worker.gpu.thread import GpuThread
 from worker.errors import ConfigError

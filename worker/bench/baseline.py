@@ -21,7 +21,7 @@ from worker.bench.own_thread import on_own_thread
 from worker.bench.end_to_end import percentiles
 from worker.engines import create_engine, create_runtime
 from worker.decode.message import decode_message
-from worker.flow.publish import Source, result_record
+from worker.intake.publish import Source, result_record
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings
 

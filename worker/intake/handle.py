@@ -24,8 +24,8 @@ from worker.errors import PoisonMessage, RetriableError, WorkerError
 from worker.decode.message import (Decoded, Encoded, decode_encoded, decode_message, gpu_decodable, inspect_message,
                                 is_envelope)
 from worker.gpu.thread import GpuThread, InferenceRequest
-from worker.flow.offsets import OffsetTracker
-from worker.flow.publish import (Publisher, RecordTooLarge, Source, dlq_record, dlq_record_without_value,
+from worker.policy.offsets import OffsetTracker
+from worker.intake.publish import (Publisher, RecordTooLarge, Source, dlq_record, dlq_record_without_value,
                                  result_record)
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec

@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker import log
-from worker.flow.offsets import OffsetTracker
+from worker.policy.offsets import OffsetTracker
 from worker.health import HealthState
 from worker.metrics import Metrics
 
