@@ -28,7 +28,8 @@ from worker.decode.nvimgcodec import (
 from worker.decode.resize_kernel import SOURCE, SOURCE_DTYPE, fill_sources
 from worker.errors import ConfigError, ModelRejectedInput, UndecodableImage
 from worker.decode.message import Encoded, decode_encoded, gpu_decodable, inspect_message
-from worker.gpu.thread import GpuThread, InferenceRequest, InferenceResult
+from worker.gpu.thread import GpuThread
+from worker.gpu.requests import InferenceRequest, InferenceResult
 from worker.metrics import Metrics
 from worker.models import default_pipeline_path
 from worker.models.spec import Preprocess, load_pipeline

@@ -26,7 +26,8 @@ from worker.broker import create_topics
 from worker.engines import create_engine
 from worker.engines.base import CpuRuntime
 from worker.errors import EngineFailure, FatalError, ModelRejectedInput
-from worker.gpu.thread import GpuThread, InferenceRequest, InferenceResult
+from worker.gpu.thread import GpuThread
+from worker.gpu.requests import InferenceRequest, InferenceResult
 from worker.models import default_pipeline_path
 from worker.models.spec import load_pipeline
 from worker.samples import encode, synth_image

@@ -24,7 +24,8 @@ from worker import log
 from worker.app import Worker
 from worker.engines.base import CpuRuntime
 from worker.errors import DeviceError, FatalError, ModelRejectedInput
-from worker.gpu.thread import GpuThread, InferenceRequest, InferenceResult
+from worker.gpu.thread import GpuThread
+from worker.gpu.requests import InferenceRequest, InferenceResult
 from worker.policy.offsets import OffsetTracker
 from worker.intake.publish import Publisher, RecordTooLarge
 from worker.models import default_pipeline_path

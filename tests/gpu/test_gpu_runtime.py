@@ -121,7 +121,8 @@ def assert_clean_exit(out: subprocess.CompletedProcess, code: int = 0) -> None:
 # --- 1. ONNX Runtime CUDA == CPU, every batch size, through the real GPU thread ---------------------
 
 def test_onnxruntime_cuda_equals_cpu_for_every_batch_size_through_the_gpu_thread(tmp_path):
-    from worker.gpu.thread import GpuThread, InferenceRequest
+    from worker.gpu.thread import GpuThread
+    from worker.gpu.requests import InferenceRequest
 
     max_batch = 8
     specs = pipeline(tmp_path)
@@ -230,7 +231,8 @@ import numpy as np
 from worker import log
 log.configure("console", "warning")  # not one line per batch
 from worker.engines import create_engine, create_runtime
-from worker.gpu.thread import GpuThread, InferenceRequest
+from worker.gpu.thread import GpuThread
+from worker.gpu.requests import InferenceRequest
 from worker.metrics import Metrics
 from worker.models.bundled import channel_means_reference, gray_thumbnail_reference
 from worker.models.spec import ModelSpec, Preprocess
@@ -519,7 +521,8 @@ from worker import log
 log.configure("console", "warning")
 from worker.engines import create_engine, create_runtime
 from worker.errors import DeviceError
-from worker.gpu.thread import GpuThread, InferenceRequest
+from worker.gpu.thread import GpuThread
+from worker.gpu.requests import InferenceRequest
 from worker.models.spec import ModelSpec, Preprocess
 from worker.settings import Settings
 

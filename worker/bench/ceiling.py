@@ -27,7 +27,8 @@ import numpy as np
 from worker.bench.own_thread import on_own_thread
 from worker.engines import create_engine, create_runtime
 from worker.decode.nvimgcodec import decoder_factory
-from worker.gpu.thread import GpuThread, InferenceRequest
+from worker.gpu.thread import GpuThread
+from worker.gpu.requests import InferenceRequest
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings

@@ -1,2 +1,3 @@
-"""The GPU process: one per GPU, the only process that touches the device (``process``), and its end
-of each intake's link (``link``). The GPU thread itself is worker.gpu.thread.GpuThread."""
+"""The GPU side: ``thread`` (the GPU thread, the only one that touches the device), ``requests`` (what
+travels to and from it), ``results`` (its post thread: a finished batch into per-request results),
+``process`` (the GPU process of `worker run`) and ``link`` (that process's end of each intake's link)."""

@@ -24,7 +24,8 @@ import numpy as np
 
 from worker import log
 from worker.decode.message import Encoded
-from worker.gpu.thread import GpuThread, InferenceRequest, InferenceResult
+from worker.gpu.thread import GpuThread
+from worker.gpu.requests import InferenceRequest, InferenceResult
 from worker.ipc import payload, wire
 from worker.ipc.client import shutdown_socket
 from worker.ipc.shm import Segment

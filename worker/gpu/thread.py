@@ -25,96 +25,23 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from worker import log
 from worker.engines.base import DeviceRuntime, InferenceEngine, Outputs
-from worker.errors import (ConfigError, DeviceError, EngineFailure, FatalError, ModelRejectedInput, PoisonMessage,
-                           WorkerError)
-from worker.policy.batching import MicroBatcher
+from worker.errors import ConfigError, EngineFailure, FatalError, ModelRejectedInput, WorkerError
+from worker.gpu.requests import (DecoderFactory, DeviceDecoder, InferenceRequest, InferenceResult, as_device_error,
+                                 decoder_items, resolve)
+from worker.gpu.results import ResultPoster
 from worker.metrics import Metrics
-from worker.models.postprocess import postprocess_batch
+from worker.policy.batching import MicroBatcher
 
 _STOP = object()
 # Exceptions that say the code (or the host) is wrong, not the input: fatal wherever they come from.
 _NOT_THE_INPUT = (TypeError, AttributeError, NameError, LookupError, AssertionError, ImportError,
                   NotImplementedError, RecursionError, MemoryError)
-
-
-@dataclass
-class InferenceRequest:
-    """One image on its way through the GPU thread: ``inputs`` holds one uint8 HWC array per model
-    (decoded on the CPU), or ``encoded`` the checked bytes the GPU thread decodes (decoder=nvimgcodec)."""
-
-    inputs: Sequence[np.ndarray] | None
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-    context: dict[str, Any] = field(default_factory=dict)  # topic/partition/offset, for logs
-    enqueued_at: float = 0.0
-    encoded: Any = None  # worker.decode.message.Encoded
-
-
-class DeviceDecoder(Protocol):
-    """Decodes images on the GPU thread into the engines' device input rows (worker.decode.nvimgcodec).
-    Items are Encoded images, or the per-model rows the pool already decoded (not JPEG)."""
-
-    def warm_up(self) -> None: ...
-
-    def stage(self, items: Sequence[Any]) -> Any:
-        """Decode, touching no batch row: may run while the stream still executes the previous batch."""
-
-    def write(self, staged: Any) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:
-        """Queue the staged images into rows 0..k-1; returns (item indices in row order; rejected)."""
-
-    def release(self, staged: Any) -> None:
-        """After the stream synchronised: the staged images' buffers may be reused."""
-
-    def close(self) -> None: ...
-
-
-DecoderFactory = Callable[[DeviceRuntime, Sequence[InferenceEngine], int], DeviceDecoder]
-
-
-@dataclass
-class InferenceResult:
-    outputs: list[Outputs]  # one dict per model, arrays without the batch dimension
-    queue_s: float
-    inference_s: float
-    batch_size: int
-    postprocessed: list[dict[str, Any]] | None = None  # per model, JSON-ready (postprocess_batch)
-
-
-def as_device_error(exc: BaseException) -> DeviceError | None:
-    """``exc`` as a DeviceError when it is a CUDA failure (engines mostly raise DeviceError already;
-    this catches what slipped through as a plain exception), else None: a model error."""
-    if isinstance(exc, DeviceError):
-        return exc
-    from worker.engines.cuda import cuda_error_name  # no CUDA import: a message parser
-
-    name = cuda_error_name(str(exc))
-    return DeviceError(f"device failure ({name}): {exc}", cuda_error=name) if name else None
-
-
-def _resolve(fut: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
-    if fut.done():  # cancelled while the GPU worked on it (e.g. shutdown)
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
-
-
-def _decoder_items(requests: Sequence[InferenceRequest]) -> list[Any]:
-    """Encoded images go to the device decoder as bytes; those the pool decoded (not JPEG) as rows."""
-    return [req.encoded if req.encoded is not None else req.inputs for req in requests]
-
-
-def _resolve_all(resolved: list[tuple[asyncio.Future, Any]]) -> None:
-    for fut, result in resolved:
-        _resolve(fut, result)
 
 
 class GpuThread:
@@ -140,9 +67,7 @@ class GpuThread:
         self._batcher: MicroBatcher[InferenceRequest] = MicroBatcher(max_batch_size, max_wait_ms / 1000.0)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="gpu", daemon=True)
-        self._post_queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._post_thread = threading.Thread(target=self._post_main, name="gpu-post", daemon=True)
-        self._post_error: BaseException | None = None
+        self._poster = ResultPoster(self.engines)
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self.fatal_error: BaseException | None = None
@@ -217,14 +142,13 @@ class GpuThread:
                        models=[e.spec.name for e in self.engines], max_batch_size=self.max_batch_size,
                        decodes_on_device=self.decodes_on_device)
         self._ready.set()
-        self._post_thread.start()
+        self._poster.start()
         try:
             self._loop()
         except BaseException as exc:  # noqa: BLE001 - a dead GPU thread must take the process down
             self._fail(exc)
         finally:
-            self._post_queue.put(_STOP)  # what the device finished is resolved before stop() returns
-            self._post_thread.join()
+            self._poster.stop()  # what the device finished is resolved before stop() returns
             self._teardown(activated, started)
 
     def _start_decoder(self) -> None:
@@ -256,8 +180,8 @@ class GpuThread:
 
     def _loop(self) -> None:
         while True:
-            if self._post_error is not None:
-                raise self._post_error
+            if self._poster.error is not None:
+                raise self._poster.error
             self.heartbeat = self._clock()
             if self.metrics is not None:
                 self.metrics.gpu_queue_depth.set(self.queue_depth())
@@ -327,7 +251,7 @@ class GpuThread:
             return requests, self._infer(self._assemble(requests))
         t0 = self._clock()
         if staged is None:
-            staged = decoder.stage(_decoder_items(requests))
+            staged = decoder.stage(decoder_items(requests))
         t1 = self._clock()
         self._phase("decode", t1 - t0)
         try:
@@ -339,7 +263,7 @@ class GpuThread:
                 req = requests[i]
                 self._log.warning("image rejected by the gpu decoder", reason=error.reason, error=str(error),
                                   **req.context)
-                req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+                req.loop.call_soon_threadsafe(resolve, req.future, None, error)
             ran = [requests[i] for i in kept]
             if not ran:
                 self.runtime.synchronize()
@@ -384,7 +308,7 @@ class GpuThread:
             return
         requests = [req for req, _ in self._batcher.take()]
         try:
-            staged = self.device_decoder.stage(_decoder_items(requests))
+            staged = self.device_decoder.stage(decoder_items(requests))
         except Exception as exc:  # noqa: BLE001 - decoded again, with errors handled, when the batch runs
             self._log.debug("prefetch decode failed; the batch decodes when it runs", error=str(exc))
             staged = None
@@ -398,7 +322,7 @@ class GpuThread:
             device_error = as_device_error(exc)
             if device_error is not None:
                 for req in requests:
-                    req.loop.call_soon_threadsafe(_resolve, req.future, None, device_error)
+                    req.loop.call_soon_threadsafe(resolve, req.future, None, device_error)
                 raise device_error from exc
             self._isolate(requests, exc)
             return
@@ -410,7 +334,7 @@ class GpuThread:
         # hand the batch to the post thread: top-k, one result per image and the resolutions run there
         # while this thread stages and runs the next batch (it waits in CUDA calls with the GIL released).
         copies = [{name: np.array(arr) for name, arr in out.items()} for out in outputs]
-        self._post_queue.put((requests, copies, started, elapsed))
+        self._poster.put(requests, copies, started, elapsed)
         # Book-keeping last: whatever it raises, no request of this batch is left waiting.
         self.batches += 1
         self.images += n
@@ -421,46 +345,6 @@ class GpuThread:
         oldest_wait = max(started - r.enqueued_at for r in requests)
         self._log.debug("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
                         inference_ms=round(elapsed * 1000, 3))
-
-    # --- the post thread: results of a batch the device has finished ---------------------------
-    def _post_main(self) -> None:
-        while True:
-            item = self._post_queue.get()
-            if item is _STOP:
-                return
-            requests, copies, started, elapsed = item
-            try:
-                self._resolve_batch(requests, copies, started, elapsed)
-            except BaseException as exc:  # noqa: BLE001 - a bug: fatal, and nothing of the batch hangs
-                error = FatalError(f"post-processing a batch failed: {type(exc).__name__}: {exc}")
-                for req in requests:
-                    req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
-                self._post_error = error  # the GPU thread raises it at its next turn
-
-    def _resolve_batch(self, requests: list[InferenceRequest], copies: list[Outputs], started: float,
-                       elapsed: float) -> None:
-        """Post-process the batch and resolve each request, one callback per event loop (the
-        self-pipe write of call_soon_threadsafe drops the GIL: per image, one more wait for it)."""
-        n = len(requests)
-        post = self._postprocess(copies)
-        by_loop: dict[Any, list[tuple[Any, InferenceResult]]] = {}
-        for j, req in enumerate(requests):
-            per_model = [{name: arr[j] for name, arr in out.items()} for out in copies]
-            result = InferenceResult(per_model, queue_s=started - req.enqueued_at, inference_s=elapsed,
-                                     batch_size=n, postprocessed=[p[j] for p in post] if post else None)
-            by_loop.setdefault(req.loop, []).append((req.future, result))
-        for loop, resolved in by_loop.items():
-            loop.call_soon_threadsafe(_resolve_all, resolved)
-
-    def _postprocess(self, outputs: list[Outputs]) -> list[list[dict[str, Any]]] | None:
-        """Per model, every image's JSON-ready outputs, vectorised over the batch (top-k and softmax of a
-        128 x 1000 batch in a few NumPy calls rather than 128 x 3 on the event loop). None when it fails:
-        the handler then post-processes per message and reports the error there, as before."""
-        try:
-            return [postprocess_batch(out, engine.spec) for out, engine in zip(outputs, self.engines)]
-        except Exception as exc:  # noqa: BLE001 - surfaced by the per-message path
-            self._log.debug("batch postprocess failed; per message instead", error=str(exc))
-            return None
 
     def _isolate(self, requests: list[InferenceRequest], batch_error: BaseException) -> None:
         """A model raised on the batch: retry each item alone, once, to tell the input's fault from the
@@ -500,7 +384,7 @@ class GpuThread:
             ran_any = True
             per_model = [{name: np.array(arr[0]) for name, arr in out.items()} for out in outputs]
             req.loop.call_soon_threadsafe(
-                _resolve, req.future, InferenceResult(per_model, self._clock() - req.enqueued_at, 0.0, 1))
+                resolve, req.future, InferenceResult(per_model, self._clock() - req.enqueued_at, 0.0, 1))
         if not failed:
             return
         if not ran_any:
@@ -509,7 +393,7 @@ class GpuThread:
             error = ModelRejectedInput(f"model {self._model_names()} failed on this input alone: "
                                        f"{type(exc).__name__}: {exc}")
             self._log.warning("model rejected input", error=str(error), **req.context)
-            req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+            req.loop.call_soon_threadsafe(resolve, req.future, None, error)
 
     def _judge_engine(self, failed: list[tuple[InferenceRequest, BaseException]]) -> None:
         """No item of the batch ran alone: raise EngineFailure (or the canary's DeviceError) unless a
@@ -557,7 +441,7 @@ class GpuThread:
         """Resolve every request with ``error`` (none is left waiting on a thread about to stop), then
         raise it: ``_main`` hands it to ``_fail``."""
         for req in requests:
-            req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+            req.loop.call_soon_threadsafe(resolve, req.future, None, error)
         raise error from cause
 
     def _fail(self, exc: BaseException) -> None:
@@ -579,7 +463,7 @@ class GpuThread:
                 pending.append(item)
         error = exc if isinstance(exc, WorkerError) else FatalError(f"GPU thread failed: {exc}")
         for req in pending:
-            req.loop.call_soon_threadsafe(_resolve, req.future, None, error)
+            req.loop.call_soon_threadsafe(resolve, req.future, None, error)
         if self.on_fatal is not None:
             self.on_fatal(error)
         name = getattr(exc, "cuda_error", "")

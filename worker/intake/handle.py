@@ -23,7 +23,8 @@ from worker import log
 from worker.errors import PoisonMessage, RetriableError, WorkerError
 from worker.decode.message import (Decoded, Encoded, decode_encoded, decode_message, gpu_decodable, inspect_message,
                                 is_envelope)
-from worker.gpu.thread import GpuThread, InferenceRequest
+from worker.gpu.thread import GpuThread
+from worker.gpu.requests import InferenceRequest
 from worker.policy.offsets import OffsetTracker
 from worker.intake.publish import (Publisher, RecordTooLarge, Source, dlq_record, dlq_record_without_value,
                                  result_record)

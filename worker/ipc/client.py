@@ -26,7 +26,7 @@ from typing import Any
 
 from worker import log
 from worker.errors import FatalError
-from worker.gpu.thread import InferenceRequest, InferenceResult
+from worker.gpu.requests import InferenceRequest, InferenceResult
 from worker.ipc import payload, wire
 from worker.ipc.shm import Segment, unlink
 
