@@ -25,7 +25,6 @@ import asyncio
 import base64
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -34,7 +33,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from worker.broker import free_port
+from worker.broker import BrokerProcess, free_port
 
 KAFKA_VERSION = os.environ.get("WORKER_KAFKA_VERSION", "4.4.0")
 # The SLF4J 1.7 binding to Log4j 2 that Kafka's own distribution ships (kafka_2.13 leaves it out).
@@ -155,7 +154,7 @@ def _cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
 
 
-class KafkaBroker:
+class KafkaBroker(BrokerProcess):
     """Start with ``start()`` or as a context manager; ``bootstrap`` is the PLAINTEXT listener."""
 
     def __init__(self, version: str = KAFKA_VERSION) -> None:
@@ -285,28 +284,9 @@ class KafkaBroker:
                 parts.append(f"--- {f}\n{f.read_text(errors='replace')[-chars:]}")
         return "\n".join(parts)
 
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
-
-    def pause(self) -> None:
-        """SIGSTOP: the process stays, its sockets stall (for broker-trouble tests)."""
-        os.kill(self.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.pid, signal.SIGCONT)
-
     def stop(self) -> None:
         """SIGTERM (a controlled shutdown), then SIGKILL after 30 s; the data folder goes with it."""
-        if self._proc is not None and self._proc.poll() is None:
-            self.resume()
-            self._proc.terminate()
-            try:
-                self._proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        self._terminate(30)
         shutil.rmtree(self.home / "data", ignore_errors=True)
 
     def __enter__(self) -> KafkaBroker:

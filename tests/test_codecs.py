@@ -18,8 +18,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import codec as aiokafka_codec
 from aiokafka.errors import UnsupportedCodecError
 
-from tests.helpers import check_demo_result, read_all, result_doc, source_of
+from tests.helpers import check_demo_result, result_doc, source_of
 from tests.kafka_broker import both_brokers
+from tests.test_end_to_end import run_until
 from worker import codecs
 from worker.broker import create_topics
 from worker.errors import ConfigError
@@ -100,19 +101,6 @@ async def assert_stored_compressed(bootstrap: str, topic: str, codec: str) -> No
             await consumer.stop()
 
 
-async def run_worker(settings: Settings, expected: int, timeout_s: float = 120.0):
-    workers: list = []
-    task = asyncio.create_task(serve(settings, worker_out=workers))
-    try:
-        records = await read_all(settings.bootstrap_servers, settings.output_topic, expected, timeout_s,
-                                 settle_s=1.0)
-    finally:
-        if workers:
-            workers[0].request_stop()
-        code = await task
-    return records, workers[0], code
-
-
 @both_brokers
 @pytest.mark.parametrize("codec", CODECS)
 async def test_every_codec_in_from_aiokafka_and_librdkafka_and_out(settings, codec):
@@ -132,7 +120,8 @@ async def test_every_codec_in_from_aiokafka_and_librdkafka_and_out(settings, cod
     if codec != "none":
         await assert_stored_compressed(settings.bootstrap_servers, settings.input_topic, codec)
 
-    records, worker, code = await run_worker(settings.replace(output_compression=codec), len(pixels))
+    (records,), worker, code = await run_until(settings.replace(output_compression=codec),
+                                               {settings.output_topic: len(pixels)}, timeout_s=120.0)
     assert code == 0
     by_source: dict[tuple[int, int], list] = {}
     for rec in records:

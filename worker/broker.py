@@ -47,7 +47,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalBroker:
+class BrokerProcess:
+    """A broker running as a child process: its pid, pausing it (SIGSTOP stalls its sockets, for
+    broker-trouble tests) and stopping it (SIGTERM, then SIGKILL). Shared by the embedded tansu broker
+    and the tests' Apache Kafka (tests/kafka_broker.py)."""
+
+    _proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def pause(self) -> None:
+        """SIGSTOP: the process stays, its sockets stall (for broker-trouble tests)."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def _terminate(self, grace_s: float) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self.resume()
+            self._proc.terminate()
+            try:
+                self._proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+
+class LocalBroker(BrokerProcess):
     """Start with ``start()`` (or as a context manager); ``bootstrap`` is host:port."""
 
     def __init__(self, port: int | None = None) -> None:
@@ -74,27 +104,8 @@ class LocalBroker:
         self.stop()
         raise RuntimeError(f"tansu broker did not listen on {self.bootstrap} within {timeout}s")
 
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
-
-    def pause(self) -> None:
-        """SIGSTOP: the process stays, its sockets stall (for broker-trouble tests)."""
-        os.kill(self.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.pid, signal.SIGCONT)
-
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self.resume()
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        self._terminate(5)
 
     def __enter__(self) -> LocalBroker:
         return self.start()
