@@ -94,6 +94,11 @@ class GpuThread:
 
     def submit(self, request: InferenceRequest) -> None:
         if self.fatal_error is not None:
+            # The thread's own verdict (EngineFailure, DeviceError, ...) where it is one of ours: a message
+            # submitted after the failure must stop the worker with the same error as the failure itself,
+            # whichever reaches the event loop first.
+            if isinstance(self.fatal_error, WorkerError):
+                raise self.fatal_error
             raise FatalError(f"GPU thread has stopped: {self.fatal_error}")
         request.enqueued_at = self._clock()
         self._queue.put(request)
