@@ -94,10 +94,10 @@ class GpuThread:
 
     def submit(self, request: InferenceRequest) -> None:
         if self.fatal_error is not None:
-            # The thread's own verdict (EngineFailure, DeviceError, ...) where it is one of ours: a message
-            # submitted after the failure must stop the worker with the same error as the failure itself,
-            # whichever reaches the event loop first.
-            if isinstance(self.fatal_error, WorkerError):
+            # The thread's own verdict where it is fatal already (EngineFailure, a bug): a message submitted
+            # after the failure stops the worker with the same error as the failure itself, whichever
+            # reaches the event loop first. A device error is retriable for its batch, fatal from now on.
+            if isinstance(self.fatal_error, FatalError):
                 raise self.fatal_error
             raise FatalError(f"GPU thread has stopped: {self.fatal_error}")
         request.enqueued_at = self._clock()
