@@ -139,8 +139,6 @@ class Worker:
         """Start producer and consumer, retrying with backoff while the broker is unreachable or stalls
         (not ready meanwhile), and check that the output and DLQ topics can be written. Returns False
         if a stop came first, or after ``fail`` when a topic cannot be written (nothing consumed)."""
-        from worker.errors import FatalError
-
         delay = backoff[0]
         while True:
             try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from worker import log
 from worker.metrics import Metrics
 
 STALE_AFTER_S = 30.0
@@ -42,8 +43,6 @@ class HealthState:
     def broker_state(self, ok: bool, error: str = "") -> None:
         """Every source of broker news (the probe, a send, a start-up attempt) goes through here, so the
         log says "broker unreachable" and "broker reachable again" once per outage, whichever noticed."""
-        from worker import log
-
         if not ok and self.broker_ok:
             log.get("worker").warning("broker unreachable", error=error or None)
             self.broker_lost = True

@@ -256,11 +256,14 @@ class Supervisor:
         for p in self.intake_procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
-        deadline = s.drain_timeout_s + s.rebalance_timeout_s + 30.0
+        # One deadline for all intakes (they drain at the same time), not one each: the pod's grace
+        # period counts it once (docs/deploy.md).
+        budget = s.drain_timeout_s + s.rebalance_timeout_s + 30.0
+        deadline = time.monotonic() + budget
         for p in self.intake_procs:
-            await loop.run_in_executor(None, p.join, max(0.1, deadline))
+            await loop.run_in_executor(None, p.join, max(0.1, deadline - time.monotonic()))
             if p.is_alive():
-                self._log.error("intake did not stop in time; killed", pid=p.pid, waited_s=deadline)
+                self._log.error("intake did not stop in time; killed", pid=p.pid, waited_s=budget)
                 p.kill()
                 await loop.run_in_executor(None, p.join, 5)
             if p.exitcode not in (0, None) and code == 0:
