@@ -48,13 +48,18 @@ def sigterm_and_check(worker: WorkerProc) -> float:
     return took
 
 
-async def test_sigterm_while_the_broker_refuses_connections(topics, tmp_path):
-    worker = WorkerProc(worker_env(f"127.0.0.1:{free_port()}", topics), tmp_path / "worker.log").start()
+async def sigterm_while_connecting(bootstrap: str, topics, tmp_path) -> float:
+    """A worker still connecting to ``bootstrap`` gets SIGTERM: exit 0, promptly, no traceback."""
+    worker = WorkerProc(worker_env(bootstrap, topics), tmp_path / "worker.log").start()
     try:
         await connecting(worker)
-        took = sigterm_and_check(worker)
+        return sigterm_and_check(worker)
     finally:
         worker.kill()
+
+
+async def test_sigterm_while_the_broker_refuses_connections(topics, tmp_path):
+    took = await sigterm_while_connecting(f"127.0.0.1:{free_port()}", topics, tmp_path)
     print(f"\nSIGTERM, broker refusing connections: exit 0 in {took:.1f}s")
 
 
@@ -62,13 +67,7 @@ async def test_sigterm_while_the_broker_accepts_but_never_answers(topics, tmp_pa
     with socket.socket() as silent:  # a listening socket nobody reads: connections open, requests hang
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
-        port = silent.getsockname()[1]
-        worker = WorkerProc(worker_env(f"127.0.0.1:{port}", topics), tmp_path / "worker.log").start()
-        try:
-            await connecting(worker)
-            took = sigterm_and_check(worker)
-        finally:
-            worker.kill()
+        took = await sigterm_while_connecting(f"127.0.0.1:{silent.getsockname()[1]}", topics, tmp_path)
     print(f"\nSIGTERM, broker silent: exit 0 in {took:.1f}s (a connection attempt alone may wait 30 s)")
 
 
