@@ -17,7 +17,8 @@
 # TensorRT and Ubuntu versions it ships. Change the tensorrt tag (builder) and the cuda tag
 # (runtime: that CUDA version, `-cudnn-runtime-`, that Ubuntu) together, set TENSORRT_VERSION to
 # that TensorRT version, and ONNXRUNTIME_GPU_VERSION to an onnxruntime-gpu release built for that
-# CUDA and cuDNN major version. Then build, and run `worker bench` on a GPU before rolling out.
+# CUDA and cuDNN major version. Then build, and run the bench (`python -m benchmarks`, from a checkout:
+# it is not in the image) on a GPU before rolling out.
 # Digests: both FROM lines should carry `@sha256:<digest>` beside the tag (a tag is re-pushed for
 # security fixes; a digest is byte-identical). They do not yet: the digests could not be obtained where
 # this was written (no registry access), and a made-up digest would fail every pull. When you bump,

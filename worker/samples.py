@@ -1,4 +1,4 @@
-"""Generated sample images for `worker demo`, `worker bench` and tests: varied sizes, formats and modes.
+"""Generated sample images for `worker demo`, the bench and tests: varied sizes, formats and modes.
 
 Content is smooth gradients plus shapes plus noise, seeded, so JPEG sizes and decode costs are close to
 those of photographs rather than of flat colour.

@@ -1,6 +1,6 @@
 """Builds a running worker from settings: pipeline, device runtime, engines, GPU thread, HTTP probes.
 
-Shared by `worker run`, `worker replay`, `worker demo` and `worker bench`, so every mode runs the
+Shared by `worker run`, `worker replay`, `worker demo` and the bench (benchmarks/), so every mode runs the
 same pipeline code.
 """
 
@@ -26,7 +26,7 @@ from worker.models.spec import PipelineSpec, load_pipeline
 from worker.settings import Settings
 
 
-# Pipelines bundled with the worker, by name: `--pipeline demo` means the same in run, replay, bench and demo.
+# Pipelines bundled with the worker, by name: `--pipeline demo` means the same in run, replay, demo and the bench.
 BUNDLED_PIPELINES = {"demo": "default_pipeline_path", "resnet50": "resnet50_pipeline_path"}
 
 

@@ -42,7 +42,7 @@ if [ "$what" != tests ]; then
       prof=(/tmp/site/bin/py-spy record --gil --threads --subprocesses -r 250 -f raw -o "$out/prof-$name.txt" --)
     fi
     # shellcheck disable=SC2086 # the extra flags are meant to split
-    timeout "${BENCH_TIMEOUT:-240}" "${prof[@]}" python3 -m worker bench --pipeline resnet50 --device cuda --count 8000 --max-batch-size 128 \
+    timeout "${BENCH_TIMEOUT:-240}" "${prof[@]}" python3 -m benchmarks --pipeline resnet50 --device cuda --count 8000 --max-batch-size 128 \
       --max-wait-ms 5 --decoder cpu-reduced --decode-workers 16 --decode-threads 16 --baseline-count 300 \
       --rates 0.5,0.9 --rate-seconds 4 --ceiling-seconds 1.5 ${variant#*:} \
       --json "$out/bench-$name.json" > "$out/bench-$name.log" 2>&1

@@ -96,7 +96,7 @@ def rel_error(got: np.ndarray, want: np.ndarray) -> float:
 
 def on_own_thread(fn):
     """Run ``fn`` on a fresh thread (a GPU thread of its own) and return or raise what it did."""
-    from worker.bench.own_thread import on_own_thread as run
+    from benchmarks.own_thread import on_own_thread as run
 
     return run(fn, "gpu-test")
 

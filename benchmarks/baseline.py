@@ -16,9 +16,9 @@ import time
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from worker.bench.corpus import Topics, preload
-from worker.bench.own_thread import on_own_thread
-from worker.bench.end_to_end import percentiles
+from benchmarks.corpus import Topics, preload
+from benchmarks.own_thread import on_own_thread
+from benchmarks.end_to_end import percentiles
 from worker.engines import create_engine, create_runtime
 from worker.decode.message import decode_message
 from worker.intake.publish import Source, result_record

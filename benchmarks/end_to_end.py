@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.bench import cpu_time, loadgen
-from worker.bench.corpus import Topics, preload
+from benchmarks import cpu_time, loadgen
+from benchmarks.corpus import Topics, preload
 from worker.settings import Settings
 from worker.supervisor import Supervisor
 

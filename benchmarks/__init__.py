@@ -1,4 +1,7 @@
-"""`worker bench`: how close the worker gets to its engines' ceiling, in one run, on one device.
+"""The bench: how close the worker gets to its engines' ceiling, in one run, on one device.
+
+Run from a checkout as ``python -m benchmarks`` (PYTHONPATH=the checkout elsewhere); it is measurement
+tooling, not part of the product: the wheel and the image leave it out.
 
 One module per thing measured:
 
@@ -14,5 +17,5 @@ One module per thing measured:
 
 ``corpus`` makes the images and the topics; ``loadgen`` is the producer/collector that runs in child
 processes so that it does not share the worker's interpreter lock; ``report`` prints the table and writes
-the JSON; ``harness`` runs it all in order; ``cli`` is the sub-command.
+the JSON; ``harness`` runs it all in order; ``cli`` parses the command line (``__main__`` runs it).
 """

@@ -55,7 +55,7 @@ def environment(opts: Any, settings: Settings, pipeline: PipelineSpec) -> dict:
     commit = _git("rev-parse", "HEAD") or os.environ.get("WORKER_GIT_COMMIT", "unknown")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if _git("rev-parse", "HEAD") else None
     return {
-        "command": "worker bench " + " ".join(opts.argv),
+        "command": "python -m benchmarks " + " ".join(opts.argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_commit": commit,
         "git_dirty": dirty,
@@ -262,7 +262,7 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def console_table(result: dict) -> Table:
-    table = Table(title=f"worker bench: {result['bench']['pipeline']['name']}")
+    table = Table(title=f"bench: {result['bench']['pipeline']['name']}")
     for i, h in enumerate(HEADERS):
         table.add_column(h, justify="right" if 0 < i < 6 else "left")
     for row in rows(result):

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.bench.own_thread import on_own_thread
+from benchmarks.own_thread import on_own_thread
 from worker.engines import create_engine, create_runtime
 from worker.decode.nvimgcodec import decoder_factory
 from worker.gpu.thread import GpuThread

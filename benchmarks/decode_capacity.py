@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from worker.bench.own_thread import on_own_thread
+from benchmarks.own_thread import on_own_thread
 from worker.decode.message import decode_message, inspect_message
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings

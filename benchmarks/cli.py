@@ -1,10 +1,14 @@
-"""`worker bench`: ceiling, worker and per-message baseline of one pipeline on one device, in one run."""
+"""`python -m benchmarks`: ceiling, worker and per-message baseline of one pipeline on one device, in one run.
+
+Run from a checkout (the bench is not in the wheel nor in the image): `python -m benchmarks --help`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -12,7 +16,6 @@ from rich.console import Console
 from worker import log
 from worker import settings as settings_mod
 from worker.errors import ConfigError
-
 
 
 def _ints(text: str) -> list[int]:
@@ -30,9 +33,9 @@ def pipeline_path(name: str) -> Path:
     return resolve(name)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "bench", help="Measure the worker against its engines' ceiling and a per-message baseline.",
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
         description="Start a local broker, preload 640x480 q90 JPEGs, and measure in one run: the engines' "
                     "ceiling (inference only, inputs in place), the worker end to end, the per-message "
                     "baseline, decode capacity, optional batch/wait sweeps and rate-limited runs. Prints a "
@@ -66,12 +69,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", dest="json_path", default="", help="Write every number to this JSON file.")
     p.add_argument("--markdown", dest="markdown_path", default="", help="Write the table as Markdown here.")
     settings_mod.add_arguments(p, exclude=frozenset({"pipeline"}))
-    p.set_defaults(func=cmd_bench)
+    return p
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from worker.bench import report
-    from worker.bench.harness import PARTS, BenchOptions, run_bench
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_bench(args, argv)
+    except ConfigError as exc:
+        print(f"benchmarks: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from benchmarks import report
+    from benchmarks.harness import PARTS, BenchOptions, run_bench
 
     path = pipeline_path(args.bench_pipeline)
     overrides: dict[str, object] = {"pipeline": str(path)}
@@ -95,7 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         sweep_batch=args.sweep_batch, sweep_wait=args.sweep_wait, sweep_count=args.sweep_count,
                         rates=args.rates, rate_seconds=args.rate_seconds, decode_threads=args.decode_threads,
                         ceiling_seconds=args.ceiling_seconds, sweep_intakes=args.sweep_intakes,
-                        sweep_replicas=args.sweep_replicas, skip=skip, argv=sys.argv[2:])
+                        sweep_replicas=args.sweep_replicas, skip=skip, argv=list(argv))
     console = Console(width=None if sys.stdout.isatty() else 200)  # a log file gets the whole table
     checkpoint = (lambda result: report.write_json(result, args.json_path)) if args.json_path else None
     result = asyncio.run(run_bench(opts, s, console, checkpoint))

@@ -23,13 +23,13 @@ from typing import Any
 
 from rich.console import Console
 
-from worker.bench import report
-from worker.bench.baseline import baseline
-from worker.bench.broker_capacity import broker_read_capacity
-from worker.bench.ceiling import engine_ceiling, gpu_thread_ceiling
-from worker.bench.corpus import bench_images, describe
-from worker.bench.decode_capacity import decode_capacity, device_decode_capacity
-from worker.bench.end_to_end import worker_run
+from benchmarks import report
+from benchmarks.baseline import baseline
+from benchmarks.broker_capacity import broker_read_capacity
+from benchmarks.ceiling import engine_ceiling, gpu_thread_ceiling
+from benchmarks.corpus import bench_images, describe
+from benchmarks.decode_capacity import decode_capacity, device_decode_capacity
+from benchmarks.end_to_end import worker_run
 from worker.broker import LocalBroker
 from worker.decode.message import decode_message, inspect_message
 from worker.models.spec import load_pipeline
