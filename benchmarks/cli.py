@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "ceiling (inference only, inputs in place), the worker end to end, the per-message "
                     "baseline, decode capacity, optional batch/wait sweeps and rate-limited runs. Prints a "
                     "table; --json writes everything.")
-    p.add_argument("--pipeline", dest="bench_pipeline", default="demo", metavar="demo|resnet50|FILE",
-                   help="demo (bundled exact-function models), resnet50 (ResNet-50-shaped), or a pipeline file.")
+    p.add_argument("--pipeline", dest="bench_pipeline", default="demo", metavar="demo|resnet50|resnet50_fp16|FILE",
+                   help="demo (bundled exact-function models), resnet50 (ResNet-50-shaped), resnet50_fp16 (the "
+                        "same in float16), or a pipeline file.")
     p.add_argument("--count", type=int, default=2000, help="Images in the main worker run (default 2000).")
     p.add_argument("--unique", type=int, default=256, help="Distinct images, cycled up to --count (default 256).")
     p.add_argument("--partitions", type=int, default=8, help="Partitions of the input topic (default 8).")

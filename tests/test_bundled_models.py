@@ -9,11 +9,12 @@ import onnxruntime as ort
 import pytest
 
 from worker.errors import ConfigError
-from worker.models import bundled, default_pipeline_path, resnet50_pipeline_path
+from worker.models import bundled, default_pipeline_path, resnet50_fp16_pipeline_path, resnet50_pipeline_path
 from worker.models.graph import INPUT_NAME, with_device_preprocessing
 from worker.models.postprocess import postprocess
 from worker.models.preprocess import normalize, prepare
 from worker.models.spec import load_pipeline
+from worker.samples import synth_image
 
 RNG = np.random.default_rng(11)
 
@@ -132,3 +133,33 @@ def test_resnet50_builds_and_runs():
     (logits,) = session(path).run(["logits"], {"input": x})
     assert logits.shape == (2, 1000) and np.isfinite(logits).all()
     assert not np.allclose(logits[0], logits[1])  # the images differ, so must their logits
+
+
+def test_resnet50_fp16_is_float16_and_agrees_with_resnet50_on_images():
+    """The fp16 pipeline (float16 input and weights) runs on ONNX Runtime and gives the float32 model's
+    top-5 on realistic images, through the same device pre-processing and post-processing."""
+    model = onnx.load(str(bundled.bundled_path("resnet50_fp16")))
+    onnx.checker.check_model(model)
+    assert {t.data_type for t in model.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    (spec32,) = load_pipeline(resnet50_pipeline_path()).models
+    (spec16,) = load_pipeline(resnet50_fp16_pipeline_path()).models
+    assert spec16.path == "bundled:resnet50_fp16" and spec16.preprocess.dtype == "float16"
+    rng = np.random.default_rng(5)
+    images = [synth_image(rng, w, h, 3) for w, h in [(640, 480), (320, 240), (224, 224)]]
+    tops = []
+    for spec in (spec32, spec16):
+        run = session(with_device_preprocessing(onnx.load(str(bundled.resolve_model_path(spec.path))),
+                                                spec.preprocess, spec.input_name))
+        batch = np.stack([prepare(img, spec.preprocess) for img in images])
+        (logits,) = run.run(["logits"], {INPUT_NAME: batch})
+        assert logits.dtype == np.float32 and np.isfinite(logits).all()
+        tops.append([postprocess({"logits": row}, spec)["logits"] for row in logits])
+    for top32, top16 in zip(*tops):
+        assert len(top32) == len(top16) == 5
+        assert top16[0]["index"] == top32[0]["index"]
+        assert {e["index"] for e in top16} == {e["index"] for e in top32}
+        by_index = {e["index"]: e["score"] for e in top32}
+        for e in top16:  # float16 weights and activations: scores within a few thousandths
+            assert e["score"] == pytest.approx(by_index[e["index"]], abs=5e-3)

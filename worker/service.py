@@ -27,7 +27,8 @@ from worker.settings import Settings
 
 
 # Pipelines bundled with the worker, by name: `--pipeline demo` means the same in run, replay, demo and the bench.
-BUNDLED_PIPELINES = {"demo": "default_pipeline_path", "resnet50": "resnet50_pipeline_path"}
+BUNDLED_PIPELINES = {"demo": "default_pipeline_path", "resnet50": "resnet50_pipeline_path",
+                     "resnet50_fp16": "resnet50_fp16_pipeline_path"}
 
 
 def pipeline_path(name: str) -> Path:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root, after every .gpu/pK part was copied to /tmp/gpu
-# (see docs/gpu.md): install the offline bundle, run the `gpu` tests, then the ResNet-50 bench.
+# (see docs/gpu.md): install the offline bundle, run the `gpu` tests, then the ResNet-50 bench
+# (fp32 and fp16: BENCH_VARIANTS below), `python3 -m benchmarks` from this checkout (PYTHONPATH=$PWD).
 # .gpu-extra/ (carried, git-ignored) may hold test-only wheels (pytest-asyncio, pytest-timeout) and
 # pycuda-site.tgz, a pycuda built on an earlier machine of the same image, to skip its ~100 s build.
 # Usage: bash tests/gpu/run_on_device.sh [tests|bench|all]
@@ -32,8 +33,16 @@ if [ "$what" != bench ]; then
   tail -40 "$out/gpu-tests.log"
 fi
 if [ "$what" != tests ]; then
-  # BENCH_VARIANTS: "name:extra flags;name:extra flags" (default: the two batch-shape policies)
-  IFS=';' read -ra variants <<< "${BENCH_VARIANTS:-max:--ort-batch-shapes max;pow2:--ort-batch-shapes pow2}"
+  # BENCH_VARIANTS: "name:bench flags;name:bench flags", each the whole command line of one
+  # `python3 -m benchmarks` run; BENCH_EXTRA is appended to every variant. Default: the issue-11 bench
+  # (docs/benchmarks.md, "process model": nvImageCodec decoding on the GPU, K intakes and N workers swept)
+  # as fp32, then the fp16 row (resnet50_fp16: no sweeps, no baseline).
+  common="--device cuda --count 8000 --max-batch-size 128 --max-wait-ms 5 --decoder nvimgcodec --decode-workers 0"
+  common+=" --decode-threads 16 --rates 0.5 --rate-seconds 4 --ceiling-seconds 1.5"
+  fp32="fp32:--pipeline resnet50 $common --baseline-count 200 --sweep-intakes 1,2,4,8 --sweep-replicas 3"
+  fp32+=" --sweep-count 6000 --skip decode"
+  fp16="fp16:--pipeline resnet50_fp16 $common --baseline-count 0 --skip decode,baseline,sweeps"
+  IFS=';' read -ra variants <<< "${BENCH_VARIANTS:-$fp32;$fp16}"
   for variant in "${variants[@]}"; do
     name=${variant%%:*}
     # PROFILE=name: that variant under py-spy (only samples holding the GIL, per thread, raw collapsed stacks)
@@ -41,10 +50,9 @@ if [ "$what" != tests ]; then
     if [ "${PROFILE:-}" = "$name" ] && [ -x /tmp/site/bin/py-spy ]; then
       prof=(/tmp/site/bin/py-spy record --gil --threads --subprocesses -r 250 -f raw -o "$out/prof-$name.txt" --)
     fi
-    # shellcheck disable=SC2086 # the extra flags are meant to split
-    timeout "${BENCH_TIMEOUT:-240}" "${prof[@]}" python3 -m benchmarks --pipeline resnet50 --device cuda --count 8000 --max-batch-size 128 \
-      --max-wait-ms 5 --decoder cpu-reduced --decode-workers 16 --decode-threads 16 --baseline-count 300 \
-      --rates 0.5,0.9 --rate-seconds 4 --ceiling-seconds 1.5 ${variant#*:} \
+    # BENCH_TIMEOUT: seconds per variant (default 420; the fp32 default runs 8 worker runs besides the main one)
+    # shellcheck disable=SC2086 # the flags are meant to split
+    timeout "${BENCH_TIMEOUT:-420}" "${prof[@]}" python3 -m benchmarks ${variant#*:} ${BENCH_EXTRA:-} \
       --json "$out/bench-$name.json" > "$out/bench-$name.log" 2>&1
     tail -22 "$out/bench-$name.log"
   done

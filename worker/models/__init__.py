@@ -15,3 +15,8 @@ def default_pipeline_path() -> Path:
 def resnet50_pipeline_path() -> Path:
     """A ResNet-50-shaped pipeline for load tests and benchmarks."""
     return _HERE / "resnet50.yaml"
+
+
+def resnet50_fp16_pipeline_path() -> Path:
+    """resnet50.yaml in float16 (same weights, rounded): the bench's fp16 row."""
+    return _HERE / "resnet50_fp16.yaml"

@@ -23,6 +23,13 @@ every result to the element and catch batch mix-ups. Inputs are float32 NCHW wit
   activations stay in range without BatchNorm). A load-test model: its logits mean nothing, but its cost
   is real (``resnet50_flops()``) and its output is deterministic. About 100 MB, so never committed.
 
+``resnet50_fp16``  input ``input`` [N, 3, 224, 224] float16 -> ``logits`` [N, 1000] float32: the same
+  graph and the same weights as ``resnet50`` (drawn in float32 from the same seed, then rounded to
+  float16), every tensor float16 up to a final Cast of the logits to float32 (1000 numbers an image: the
+  post-processing and every engine's output buffers stay float32). The fp16 row of the bench: on a GPU
+  its ceiling is higher (tensor cores, half the bytes). ResNet-50 with these weights keeps activations
+  well inside float16's range; its top-5 agrees with ``resnet50``'s (tests/test_bundled_models.py).
+
 Files are written to ``$WORKER_MODEL_CACHE`` (default ``~/.cache/gpu-worker/models``) as
 ``<name>-<hash>.onnx``. The hash covers this module's source, so editing a generator writes a new file
 rather than reusing a stale one; writes go through a temporary file and ``os.replace`` so that two
@@ -105,15 +112,18 @@ def _gray_thumbnail():
 
 
 class _ResNetBuilder:
-    """Emits ResNet-50 nodes; with ``rng=None`` it only counts multiply-adds (no weights drawn)."""
+    """Emits ResNet-50 nodes; with ``rng=None`` it only counts multiply-adds (no weights drawn).
 
-    def __init__(self, rng: np.random.Generator | None) -> None:
-        self.rng, self.nodes, self.inits, self.macs = rng, [], [], 0
+    Weights are always drawn in float32 (so both dtypes get the same values) and stored as ``dtype``.
+    """
+
+    def __init__(self, rng: np.random.Generator | None, dtype: type = np.float32) -> None:
+        self.rng, self.nodes, self.inits, self.macs, self.dtype = rng, [], [], 0, dtype
 
     def _weight(self, name: str, array: np.ndarray) -> str:
         from onnx import numpy_helper
 
-        self.inits.append(numpy_helper.from_array(array, name))
+        self.inits.append(numpy_helper.from_array(array.astype(self.dtype), name))
         return name
 
     def conv(self, x: str, name: str, cin: int, cout: int, k: int, stride: int, hw: int,
@@ -183,6 +193,19 @@ def _resnet50():
     return _model(builder.nodes, "resnet50", [x], [y], builder.inits)
 
 
+def _resnet50_fp16():
+    from onnx import TensorProto, helper
+
+    builder = _ResNetBuilder(np.random.default_rng(0), np.float16)
+    builder.build()
+    for node in builder.nodes:  # the Gemm's output becomes the float16 logits, cast to float32 below
+        node.output[:] = ["logits_fp16" if o == "logits" else o for o in node.output]
+    builder.nodes.append(helper.make_node("Cast", ["logits_fp16"], ["logits"], to=TensorProto.FLOAT))
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT16, ["batch", 3, 224, 224])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])
+    return _model(builder.nodes, "resnet50_fp16", [x], [y], builder.inits)
+
+
 def resnet50_flops() -> int:
     """Floating-point operations of one resnet50 image: counted multiply-adds x 2 (about 8.2e9).
 
@@ -197,6 +220,7 @@ GENERATORS: dict[str, Callable] = {
     "channel_means": _channel_means,
     "gray_thumbnail": _gray_thumbnail,
     "resnet50": _resnet50,
+    "resnet50_fp16": _resnet50_fp16,
 }
 
 
