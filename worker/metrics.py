@@ -83,6 +83,9 @@ class Metrics:
                                       "(time the broker was away or publishing stalled not counted).", registry=r)
         self.gpu_queue_depth = Gauge("worker_gpu_queue_depth", "Requests waiting for the GPU thread.",
                                      registry=r)
+        self.gpu_requests = Counter("worker_gpu_requests", "Requests this intake sent to each GPU process "
+                                    "(gpu: its device index; the least outstanding work gets the next).",
+                                    ["gpu"], registry=r)
         self.decode_queue_depth = Gauge("worker_decode_queue_depth", "Messages waiting for or in decode.",
                                         registry=r)
         self.paused = Gauge("worker_partitions_paused", "1 while backpressure pauses consumption.", registry=r)
@@ -123,9 +126,10 @@ def write_snapshot(metrics: Metrics, path: str) -> None:
     os.replace(tmp, path)
 
 
-def merge_expositions(texts: dict[str, bytes]) -> bytes:
-    """One exposition of several processes' snapshots, each series labelled ``process=<name>``, every
-    metric family once (sums across processes are the query's job: ``sum without (process)``)."""
+def merge_expositions(texts: dict[str, bytes], labels: dict[str, dict[str, str]] | None = None) -> bytes:
+    """One exposition of several processes' snapshots, each series labelled ``process=<name>`` (and with
+    ``labels[name]``: ``gpu="1"`` on every series of GPU process gpu-1), every metric family once (sums
+    across processes are the query's job: ``sum without (process)``)."""
     from prometheus_client.metrics_core import Metric
     from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client.samples import Sample
@@ -137,8 +141,9 @@ def merge_expositions(texts: dict[str, bytes]) -> bytes:
             if merged is None:
                 merged = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
             for s in fam.samples:
-                merged.samples.append(Sample(s.name, {**s.labels, "process": process}, s.value, s.timestamp,
-                                             s.exemplar))
+                extra = (labels or {}).get(process, {})
+                merged.samples.append(Sample(s.name, {**s.labels, "process": process, **extra}, s.value,
+                                             s.timestamp, s.exemplar))
 
     class _Collected:
         def collect(self) -> list[Metric]:

@@ -80,7 +80,12 @@ class Settings:
         "auto", "Where inference runs: auto (CUDA if usable, else CPU), cuda, or cpu.",
         ("auto", "cuda", "cpu"),
     )
-    gpu_device_index: int = _opt(0, "CUDA device index; run one worker process per GPU.")
+    gpu_device_index: int = _opt(0, "CUDA device index of the one GPU process (when gpu_devices is empty).")
+    gpu_devices: str = _opt(
+        "", "One GPU process per device, fed by the same intakes (each request to the GPU with the least "
+            "outstanding work): auto (every device the CUDA driver shows), a list of CUDA indices (0,1), or "
+            "cpu:N (N processes on the CPU runtime with device=cpu: a test and development aid). Empty: one "
+            "GPU process on gpu_device_index.")
     max_batch_size: int = _opt(32, "Largest micro-batch sent to the models.")
     max_wait_ms: float = _opt(5.0, "Longest a request waits for its micro-batch to fill.")
     ort_arena: bool = _opt(True, "ONNX Runtime CUDA provider: use its memory arena.")
@@ -171,6 +176,12 @@ class Settings:
                      "message_deadline_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        from worker.gpu.devices import parse as parse_gpu_devices
+
+        try:
+            parse_gpu_devices(self.gpu_devices)  # the syntax here; "auto" is resolved when the worker starts
+        except ConfigError as exc:
+            problems.append(str(exc))
         if self.resume_in_flight > self.max_in_flight:
             problems.append(
                 f"resume_in_flight={self.resume_in_flight} must not exceed max_in_flight={self.max_in_flight}"

@@ -1,10 +1,12 @@
-"""The process model of `worker run`, `demo`, `replay` and `bench`: K intakes, one GPU process.
+"""The process model of `worker run`, `demo`, `replay` and the bench: K intakes, a GPU process per device.
 
 ```
 supervisor (this process: HTTP probes and merged /metrics, signals, shared memory, exit code)
- ├─ GPU process: models, the one GPU thread (worker.gpu.process)
+ ├─ GPU process per device (one unless gpu_devices gives several): models, its one GPU thread
+ │   (worker.gpu.process)
  └─ intake 1..K: consumer-group members with decode pools, publishers, committers (worker.intake)
-     each linked to the GPU process by a slot ring in shared memory and a pipe (worker.ipc)
+     each with a slot ring in shared memory and a pipe to every GPU process (worker.ipc); each request
+     goes to the GPU with the least outstanding work (worker.ipc.router)
 ```
 
 Start-up: stale segments of a killed earlier run are unlinked; each intake's ring is created here (so
@@ -19,8 +21,9 @@ Shutdown, by cause:
 2. An intake exits non-zero or is killed: the others are stopped as in 1 (their work is sound), and
    the exit code is 1, so Kubernetes restarts the pod. (A restart of the one intake alone would also
    keep the guarantees; stopping the pod keeps one simple rule: a death is loud.)
-3. The GPU process exits or fails: the intakes see their link end (or its failure message), fail
-   every waiting message without committing it, and exit 1; exit 1.
+3. A GPU process exits or fails (any of them, with several): the intakes see its link end (or its
+   failure message), fail every waiting message without committing it, and exit 1; exit 1. The log
+   names the GPU.
 4. Every intake exits 0 by itself (a replay reached its end): the GPU process is stopped, exit 0.
 Shared memory is unlinked in every case; children die with this process (PR_SET_PDEATHSIG).
 """
@@ -43,9 +46,10 @@ from typing import Any
 import orjson
 
 from worker import errors, log
+from worker.gpu.devices import GpuDevice, describe, parse, resolve, visible_cuda_devices
 from worker.health import STALE_AFTER_S, HealthServer
 from worker.ipc import shm
-from worker.ipc.board import Row, new_board
+from worker.ipc.board import Row, intake_row, new_board
 from worker.metrics import merge_expositions
 from worker.settings import Settings
 
@@ -63,27 +67,37 @@ class Outcome:
 
 
 class ProcessHealth:
-    """``/healthz`` and ``/readyz`` over every process (the board), for worker.health.make_app."""
+    """``/healthz`` and ``/readyz`` over every process (the board), for worker.health.make_app. Models are
+    ready only when every GPU process is warm: a pod with one GPU still loading is not ready."""
 
-    def __init__(self, board: Any, intakes: int) -> None:
+    def __init__(self, board: Any, intakes: int, gpus: int = 1) -> None:
         self.board = board
         self.intakes = intakes
+        self.gpus = gpus
         self.children_alive = lambda: False
+
+    def _gpu_rows(self) -> list[Row]:
+        return [Row(self.board, g) for g in range(self.gpus)]
+
+    def _intake_rows(self) -> list[Row]:
+        return [Row(self.board, intake_row(i, self.gpus)) for i in range(1, self.intakes + 1)]
 
     def liveness(self, now: float | None = None) -> tuple[bool, dict]:
         now = time.monotonic() if now is None else now
-        gpu = Row(self.board, 0)
-        ages = [now - Row(self.board, i).get("beat") for i in range(1, self.intakes + 1)]
-        checks = {"models_ready": bool(gpu.get("ready")), "gpu_heartbeat_age_s": round(now - gpu.get("beat"), 3),
+        gpu_age = max(now - r.get("beat") for r in self._gpu_rows())  # the stalest GPU process
+        ages = [now - r.get("beat") for r in self._intake_rows()]
+        checks = {"models_ready": all(bool(r.get("ready")) for r in self._gpu_rows()),
+                  "gpu_heartbeat_age_s": round(gpu_age, 3),
                   "intake_heartbeat_age_s": round(max(ages), 3) if ages else None,
                   "processes_alive": self.children_alive()}
-        ok = (checks["models_ready"] and checks["processes_alive"] and now - gpu.get("beat") < STALE_AFTER_S
+        ok = (checks["models_ready"] and checks["processes_alive"] and gpu_age < STALE_AFTER_S
               and all(a < STALE_AFTER_S for a in ages))
         return ok, checks
 
     def readiness(self) -> tuple[bool, dict]:
-        rows = [Row(self.board, i) for i in range(1, self.intakes + 1)]
-        checks = {"models_ready": bool(Row(self.board, 0).get("ready")),
+        rows = self._intake_rows()
+        warm = sum(bool(r.get("ready")) for r in self._gpu_rows())
+        checks = {"models_ready": warm == self.gpus, "gpus_ready": warm, "gpus": self.gpus,
                   "intakes_joined": sum(bool(r.get("joined")) for r in rows), "intakes": self.intakes,
                   "broker_reachable": all(bool(r.get("broker_ok")) for r in rows)}
         ok = checks["models_ready"] and checks["intakes_joined"] == self.intakes and checks["broker_reachable"]
@@ -91,10 +105,12 @@ class ProcessHealth:
 
 
 class MergedMetrics:
-    """``/metrics``: every process's latest snapshot, labelled by process."""
+    """``/metrics``: every process's latest snapshot, labelled by process (and GPU processes' series, when
+    there are several, by ``gpu``: their device index, as DCGM's exporter labels a card)."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, labels: dict[str, dict[str, str]] | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.labels = labels or {}
 
     def exposition(self) -> bytes:
         texts = {}
@@ -103,7 +119,7 @@ class MergedMetrics:
                 texts[path.stem.removeprefix("metrics-")] = path.read_bytes()
             except OSError:
                 continue
-        return merge_expositions(texts)
+        return merge_expositions(texts, self.labels)
 
 
 class Supervisor:
@@ -118,11 +134,17 @@ class Supervisor:
         self.token = shm.creator_token()
         self.run_id = uuid.uuid4().hex[:8]
         self.run_dir = tempfile.mkdtemp(prefix="gpuworker-run-")
-        self.board = new_board(self.ctx, self.k + 1)
-        self.health = ProcessHealth(self.board, self.k)
+        self.devices = resolve(parse(settings.gpu_devices), settings.device, settings.gpu_device_index,
+                               visible_cuda_devices)
+        several = len(self.devices) > 1
+        self.names = [d.label(several) for d in self.devices]
+        self.board = new_board(self.ctx, len(self.devices) + self.k)
+        self.health = ProcessHealth(self.board, self.k, len(self.devices))
         self.health.children_alive = self._children_alive
-        self.metrics = MergedMetrics(self.run_dir)
-        self.gpu: Any = None
+        self.metrics = MergedMetrics(self.run_dir, {n: {"gpu": str(d.index)} for n, d in zip(self.names, self.devices)}
+                                     if several else None)
+        self.gpus: list[Any] = []
+        self.controls: list[Any] = []  # the supervisor's end of each GPU process's control pipe
         self.intake_procs: list[Any] = []
         self.segments: list[shm.Segment] = []
         self.stop_requested = asyncio.Event()
@@ -131,9 +153,13 @@ class Supervisor:
         self.final_metrics = b""
         self._log = log.get("supervisor")
 
+    @property
+    def gpu(self) -> Any:
+        """The first GPU process (the only one unless gpu_devices gives several), or None before start."""
+        return self.gpus[0] if self.gpus else None
+
     def _children_alive(self) -> bool:
-        procs = [self.gpu, *self.intake_procs]
-        return all(p is not None and p.is_alive() for p in procs)
+        return bool(self.gpus) and all(p.is_alive() for p in [*self.gpus, *self.intake_procs])
 
     # --- the whole life --------------------------------------------------------------------
     async def run(self) -> Outcome:
@@ -170,61 +196,97 @@ class Supervisor:
         return Outcome(code, counts, self.k, self.device, reports)
 
     async def _start_gpu(self) -> bool | None:
-        """Start the GPU process and wait for its models; None if a stop came first. Raises the
-        start-up error (a bad model file is a ConfigError, as in a single-process worker)."""
+        """Start a GPU process per device and wait for all their models; None if a stop came first. Raises
+        the first start-up error (a bad model file is a ConfigError, as in a single-process worker)."""
         s = self.settings
         size = s.ipc_slots * s.ipc_slot_bytes
+        # One ring per intake, shared by every GPU process: a slot belongs to one request at a time.
         self.segments = [shm.Segment.create(shm.segment_name(f"{self.run_id}-ring{i + 1}", self.token), size)
                          for i in range(self.k)]
-        self.links = [self.ctx.Pipe(duplex=True) for _ in range(self.k)]
-        self.control, gpu_control = self.ctx.Pipe(duplex=True)
+        self.links = [[self.ctx.Pipe(duplex=True) for _ in range(self.k)] for _ in self.devices]  # [gpu][intake]
         from worker.gpu import process as gpu_process
 
-        self.gpu = self.ctx.Process(
-            target=gpu_process.main, name="gpu",
-            args=(s, [(gpu_end, seg.name) for (_, gpu_end), seg in zip(self.links, self.segments)], gpu_control,
-                  self.board, self.run_dir, os.getpid(), s.ipc_slot_bytes, self.engine_factory))
-        self.gpu.start()
-        gpu_control.close()  # only the child holds its ends: their closing is how each side sees a death
-        for _, gpu_end in self.links:
-            gpu_end.close()
-        self._log.info("gpu process started; loading models", pid=self.gpu.pid, intakes=self.k)
+        for g, (device, name) in enumerate(zip(self.devices, self.names)):
+            control, gpu_control = self.ctx.Pipe(duplex=True)
+            ends = [(gpu_end, seg.name) for (_, gpu_end), seg in zip(self.links[g], self.segments)]
+            proc = self.ctx.Process(
+                target=gpu_process.main, name=name,
+                args=(self._gpu_settings(device), ends, gpu_control, self.board, self.run_dir, os.getpid(),
+                      s.ipc_slot_bytes, self.engine_factory, g, name))
+            proc.start()
+            gpu_control.close()  # only the child holds its ends: their closing is how each side sees a death
+            for _, gpu_end in self.links[g]:
+                gpu_end.close()
+            self.controls.append(control)
+            self.gpus.append(proc)
+            extra = {"gpu": name} if len(self.devices) > 1 else {}
+            self._log.info("gpu process started; loading models", pid=proc.pid, intakes=self.k, **extra)
+        infos = []
+        for g, proc in enumerate(self.gpus):
+            message = await self._await_ready(g)
+            if message is None:
+                return None
+            infos.append(self._ready_info(g, message))
+        self.device = ", ".join(info.get("device", "") for info in infos)
+        on_device = [bool(info["decodes_on_device"]) for info in infos]
+        if len(set(on_device)) > 1:
+            # the intakes send one kind of request to every GPU: rows, which every GPU process takes
+            self._log.warning("only some GPU processes decode JPEGs on the device; every intake decodes on the CPU",
+                              decodes_on_device=dict(zip(self.names, on_device)))
+        if len(self.devices) > 1:
+            self._log.info("gpu processes ready", gpus=describe(self.devices), devices=self.device)
+        return all(on_device)
+
+    def _gpu_settings(self, device: GpuDevice) -> Settings:
+        """A GPU process's settings: its own device index (the one-GPU worker's unchanged)."""
+        if device.index == self.settings.gpu_device_index:
+            return self.settings
+        return self.settings.replace(gpu_device_index=device.index)
+
+    async def _await_ready(self, g: int) -> bytes | None:
+        """GPU process ``g``'s first control message (b"" if it died first); None if a stop came first."""
         loop = asyncio.get_running_loop()
+        control, proc = self.controls[g], self.gpus[g]
         while True:
             if self.stop_requested.is_set():
                 self._log.info("stop requested while the models load")
                 return None
-            if await loop.run_in_executor(None, self.control.poll, 0.2):
+            if await loop.run_in_executor(None, control.poll, 0.2):
                 try:
-                    message = self.control.recv_bytes()
+                    return control.recv_bytes()
                 except (EOFError, OSError):
-                    message = b""
-                break
-            if not self.gpu.is_alive():
-                message = b""
-                break
+                    return b""
+            if not proc.is_alive():
+                return b""
+
+    def _ready_info(self, g: int, message: bytes) -> dict[str, Any]:
         if message.startswith(b"ready"):
-            info = orjson.loads(message[5:])
-            self.device = info.get("device", "")
-            return bool(info["decodes_on_device"])
+            return orjson.loads(message[5:])
         if message.startswith(b"error"):
             doc = orjson.loads(message[5:])
             cls = getattr(errors, doc["cls"], None)
             if isinstance(cls, type) and issubclass(cls, errors.WorkerError):
                 raise cls(doc["msg"])
-            raise errors.FatalError(f"model start-up failed: {doc['cls']}: {doc['msg']}")
-        raise errors.FatalError(f"GPU process exited during start-up (exit code {self.gpu.exitcode})")
+            raise errors.FatalError(f"model start-up failed{self._on(g)}: {doc['cls']}: {doc['msg']}")
+        raise errors.FatalError(f"GPU process{self._on(g)} exited during start-up (exit code {self.gpus[g].exitcode})")
+
+    def _on(self, g: int) -> str:
+        """" on gpu-1" in messages when there are several GPU processes (with one, the message it always was)."""
+        return f" {self.names[g]}" if len(self.devices) > 1 else ""
 
     def _start_intakes(self, decodes_on_device: bool) -> None:
         from worker.intake import process as intake_process
 
         s = self.settings
-        for i, ((intake_end, _), seg) in enumerate(zip(self.links, self.segments), start=1):
+        gpus = tuple(str(d.index) for d in self.devices)
+        for i, seg in enumerate(self.segments, start=1):
+            conns = [self.links[g][i - 1][0] for g in range(len(self.devices))]
             p = self.ctx.Process(target=intake_process.main, name=f"intake-{i}",
-                                 args=(i, s, self.plan, intake_end, seg.name, s.ipc_slots, s.ipc_slot_bytes,
-                                       decodes_on_device, self.board, self.run_dir, os.getpid(), self.hooks))
+                                 args=(i, s, self.plan, conns, seg.name, s.ipc_slots, s.ipc_slot_bytes,
+                                       decodes_on_device, self.board, self.run_dir, os.getpid(), self.hooks, gpus))
             p.start()
-            intake_end.close()
+            for conn in conns:
+                conn.close()
             self.intake_procs.append(p)
         self._log.info("intakes started", pids=[p.pid for p in self.intake_procs],
                        decode_threads_each=s.decode_threads)
@@ -232,10 +294,12 @@ class Supervisor:
     async def _watch(self) -> int:
         finished: set[int] = set()
         while not self.stop_requested.is_set():
-            if not self.gpu.is_alive():
-                self._log.error("gpu process exited; stopping every intake (unfinished work stays uncommitted)",
-                                exit_code=self.gpu.exitcode)
-                return 1
+            for g, gpu in enumerate(self.gpus):
+                if not gpu.is_alive():
+                    extra = {"gpu": self.names[g]} if len(self.devices) > 1 else {}
+                    self._log.error("gpu process exited; stopping every intake (unfinished work stays uncommitted)",
+                                    exit_code=gpu.exitcode, **extra)
+                    return 1
             for i, p in enumerate(self.intake_procs, start=1):
                 if i in finished or p.is_alive():
                     continue
@@ -268,20 +332,24 @@ class Supervisor:
                 await loop.run_in_executor(None, p.join, 5)
             if p.exitcode not in (0, None) and code == 0:
                 code = 1
-        if self.gpu is not None and self.gpu.is_alive() and not self.intake_procs:
-            self.gpu.kill()  # stopped while loading models: nothing of value is in flight there
-        if self.gpu is not None and self.gpu.is_alive():
-            try:
-                self.control.send_bytes(b"stop")
-            except (OSError, ValueError):
-                pass
-            await loop.run_in_executor(None, self.gpu.join, GPU_STOP_TIMEOUT_S)
-            if self.gpu.is_alive():
-                self._log.error("gpu process did not stop in time; killed", pid=self.gpu.pid)
-                self.gpu.kill()
-                await loop.run_in_executor(None, self.gpu.join, 5)
-        if self.gpu is not None and self.gpu.exitcode not in (0, None) and code == 0 and self.intake_procs:
-            code = 1
+        for gpu in self.gpus:
+            if gpu.is_alive() and not self.intake_procs:
+                gpu.kill()  # stopped while loading models: nothing of value is in flight there
+        for control, gpu in zip(self.controls, self.gpus):
+            if gpu.is_alive():
+                try:
+                    control.send_bytes(b"stop")  # all at once: they finish their queues side by side
+                except (OSError, ValueError):
+                    pass
+        deadline = time.monotonic() + GPU_STOP_TIMEOUT_S
+        for gpu in self.gpus:
+            await loop.run_in_executor(None, gpu.join, max(0.1, deadline - time.monotonic()))
+            if gpu.is_alive():
+                self._log.error("gpu process did not stop in time; killed", pid=gpu.pid, gpu=gpu.name)
+                gpu.kill()
+                await loop.run_in_executor(None, gpu.join, 5)
+            if gpu.exitcode not in (0, None) and code == 0 and self.intake_procs:
+                code = 1
         return code
 
     def _counts(self) -> dict[str, int]:
@@ -330,8 +398,8 @@ class Supervisor:
         self.signals += 1
         if self.signals > 1:
             self._log.error("second signal: killing every process now, committing nothing more")
-            for p in [*self.intake_procs, self.gpu]:
-                if p is not None and p.is_alive():
+            for p in [*self.intake_procs, *self.gpus]:
+                if p.is_alive():
                     p.kill()
             self._cleanup()
             os._exit(130)

@@ -10,6 +10,11 @@ metrics snapshot. It stops on ``stop`` from the supervisor (after the intakes dr
 finishes what is queued), or when the GPU thread fails: every intake is told (they stop without
 committing unfinished work) and the process exits 1. SIGINT/SIGTERM are ignored here: the supervisor
 decides the order of shutdown, and a terminal's Ctrl-C reaches the whole process group.
+
+With several GPUs (``gpu_devices``) the supervisor starts one of these per device, each with
+``settings.gpu_device_index`` set to its device, its own board row, its own name (``gpu-<index>``: the
+log's ``process`` and the metrics snapshot's) and a link to every intake: nothing is shared between
+them but the intakes' rings, whose slots each belong to one request at a time.
 """
 
 from __future__ import annotations
@@ -35,17 +40,17 @@ SNAPSHOT_EVERY_S = 2.0
 
 
 def main(settings: Settings, links: list[tuple[Any, str]], control: Any, board: Any, run_dir: str,
-         parent_pid: int, slot_bytes: int, engine_factory: Any = None) -> None:
+         parent_pid: int, slot_bytes: int, engine_factory: Any = None, row: int = 0, name: str = "gpu") -> None:
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.configure(settings.log_format, settings.log_level)
-    log.bind_process("gpu")
-    sys.exit(_run(settings, links, control, Row(board, 0), run_dir, slot_bytes, engine_factory))
+    log.bind_process(name)
+    sys.exit(_run(settings, links, control, Row(board, row), run_dir, slot_bytes, engine_factory, name))
 
 
 def _run(settings: Settings, links: list[tuple[Any, str]], control: Any, row: Row, run_dir: str,
-         slot_bytes: int, engine_factory: Any = None) -> int:
+         slot_bytes: int, engine_factory: Any = None, name: str = "gpu") -> int:
     from worker.engines import create_engine, create_runtime
     from worker.decode.nvimgcodec import decoder_factory
     from worker.gpu.thread import GpuThread
@@ -83,7 +88,7 @@ def _run(settings: Settings, links: list[tuple[Any, str]], control: Any, row: Ro
     row.beat()
     control.send_bytes(b"ready" + orjson.dumps({"decodes_on_device": gpu.decodes_on_device,
                                                 "device": runtime.device_name}))
-    snapshot = os.path.join(run_dir, "metrics-gpu.prom")
+    snapshot = os.path.join(run_dir, f"metrics-{name}.prom")
     next_snapshot = 0.0
     code = 0
     while True:

@@ -17,7 +17,7 @@ import sys
 from typing import Any, Protocol
 
 from worker import log
-from worker.ipc.board import Row
+from worker.ipc.board import Row, intake_row
 from worker.ipc.lifetime import die_with_parent
 from worker.metrics import Metrics, write_snapshot
 from worker.settings import Settings
@@ -37,9 +37,9 @@ class IntakeHooks(Protocol):
         """A JSON document for the supervisor's ``Outcome.reports``, made after the worker stopped."""
 
 
-def main(index: int, settings: Settings, plan: Any, conn: Any, link_name: str, slots: int, slot_bytes: int,
-         decodes_on_device: bool, board: Any, run_dir: str, parent_pid: int, hooks: IntakeHooks | None = None
-         ) -> None:
+def main(index: int, settings: Settings, plan: Any, conns: list[Any], link_name: str, slots: int,
+         slot_bytes: int, decodes_on_device: bool, board: Any, run_dir: str, parent_pid: int,
+         hooks: IntakeHooks | None = None, gpus: tuple[str, ...] = ("0",)) -> None:
     die_with_parent(parent_pid)
     # A SIGTERM before the worker installs its handlers (the supervisor stopping during our first
     # second) must still mean "drain and exit 0", not death by signal: noted here, honoured at start.
@@ -48,14 +48,14 @@ def main(index: int, settings: Settings, plan: Any, conn: Any, link_name: str, s
         signal.signal(sig, lambda signum, _frame: early.append(signum))
     log.configure(settings.log_format, settings.log_level)
     log.bind_process(f"intake-{index}")
-    code = asyncio.run(_run(index, settings, plan, conn, link_name, slots, slot_bytes, decodes_on_device,
-                            board, run_dir, hooks, early))
+    code = asyncio.run(_run(index, settings, plan, conns, link_name, slots, slot_bytes, decodes_on_device,
+                            board, run_dir, hooks, early, gpus))
     sys.exit(code)
 
 
-async def _run(index: int, settings: Settings, plan: Any, conn: Any, link_name: str, slots: int,
+async def _run(index: int, settings: Settings, plan: Any, conns: list[Any], link_name: str, slots: int,
                slot_bytes: int, decodes_on_device: bool, board: Any, run_dir: str,
-               hooks: IntakeHooks | None, early_signals: list[int]) -> int:
+               hooks: IntakeHooks | None, early_signals: list[int], gpus: tuple[str, ...] = ("0",)) -> int:
     from worker.app import Worker
     from worker.health import HealthState
     from worker.ipc.client import GpuClient
@@ -63,10 +63,14 @@ async def _run(index: int, settings: Settings, plan: Any, conn: Any, link_name: 
     from worker.service import pipeline_for, tune_process
 
     tune_process(settings)
-    row, gpu_row = Row(board, index), Row(board, 0)
+    row = Row(board, intake_row(index, len(gpus)))
+    gpu_rows = [Row(board, g) for g in range(len(gpus))]
     segment = Segment.attach(link_name)
-    client = GpuClient(conn, segment, slots, slot_bytes, decodes_on_device, heartbeat=lambda: gpu_row.get("beat"))
     metrics = Metrics()
+    # one pipe per GPU process (the same ring); the stalest GPU's beat is the one that matters
+    client = GpuClient(conns, segment, slots, slot_bytes, decodes_on_device,
+                       heartbeat=lambda: min(r.get("beat") for r in gpu_rows), devices=gpus,
+                       on_sent=[metrics.gpu_requests.labels(gpu=d).inc for d in gpus])
     metrics.gpu_decoding.set(1 if decodes_on_device else 0)
     health = HealthState(models_ready=True)
     worker = Worker(settings, pipeline_for(settings), client, metrics=metrics, plan=plan, health=health)

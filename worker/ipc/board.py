@@ -1,5 +1,6 @@
 """A status board in shared memory: per process, a heartbeat and a few flags, for the supervisor's
-``/healthz`` and ``/readyz``. Row 0 is the GPU process, rows 1..K the intakes. Plain doubles written
+``/healthz`` and ``/readyz``. Rows 0..N-1 are the GPU processes (N = 1 unless ``gpu_devices`` gives
+several), rows N..N+K-1 the intakes (``intake_row``): with one GPU, row 0 and 1..K. Plain doubles written
 by one process each and read by the supervisor: a torn read of a flag is impossible (aligned 8-byte
 stores) and a stale one is corrected half a second later."""
 
@@ -15,6 +16,11 @@ WIDTH = len(FIELDS)
 
 def new_board(ctx: Any, rows: int) -> Any:
     return ctx.Array("d", rows * WIDTH, lock=False)
+
+
+def intake_row(index: int, gpus: int) -> int:
+    """The row of intake ``index`` (1..K) on a board whose first ``gpus`` rows are the GPU processes."""
+    return gpus + index - 1
 
 
 class Row:

@@ -8,8 +8,14 @@ header; the headers queued in one event-loop iteration go out in one pipe write.
 the replies, copies each result out of its slot, and hands them to the loop in one callback per reply
 message, where the slots are freed and the futures resolved.
 
-If the GPU process goes away (its end of the pipe closes) or says it failed, every waiting request
-fails with a ``FatalError`` and ``on_fatal`` stops the worker: nothing unfinished is committed.
+With several GPU processes (``gpu_devices``) the client has a pipe to each, all sharing this intake's
+one ring (a slot belongs to one request, whichever GPU answers it, so the ring's bound and /dev/shm use
+do not grow with the GPUs); ``worker.ipc.router`` sends each request to the GPU with the least
+outstanding work, and a reader thread per pipe takes that GPU's replies.
+
+If a GPU process goes away (its end of the pipe closes) or says it failed, every waiting request, on
+every GPU, fails with a ``FatalError`` naming that GPU and ``on_fatal`` stops the worker: nothing
+unfinished is committed (the same rule with one GPU or eight: a death is loud).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import itertools
 import os
 import socket
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -28,13 +35,20 @@ from worker import log
 from worker.errors import FatalError
 from worker.gpu.requests import InferenceRequest, InferenceResult
 from worker.ipc import payload, wire
+from worker.ipc.router import GpuRouter
 from worker.ipc.shm import Segment, unlink
 
 
 class GpuClient:
-    def __init__(self, conn: Connection, segment: Segment, slots: int, slot_bytes: int,
-                 decodes_on_device: bool, heartbeat: Callable[[], float] | None = None) -> None:
-        self.conn = conn
+    def __init__(self, conns: Sequence[Connection], segment: Segment, slots: int, slot_bytes: int,
+                 decodes_on_device: bool, heartbeat: Callable[[], float] | None = None,
+                 devices: Sequence[str] = ("0",), on_sent: Sequence[Callable[[], None]] = ()) -> None:
+        self.conns = list(conns)
+        self.devices = list(devices)  # each pipe's GPU device index, for messages
+        if len(self.devices) != len(self.conns):
+            raise ValueError(f"{len(self.conns)} GPU links but {len(self.devices)} device names")
+        self.router = GpuRouter(len(self.conns))
+        self._on_sent = list(on_sent)  # per GPU, called once per request routed there (a metric)
         self.segment = segment
         self.slot_bytes = slot_bytes
         self.decodes_on_device = decodes_on_device
@@ -44,13 +58,20 @@ class GpuClient:
         self._free: deque[int] = deque(range(slots))
         self._slots = asyncio.Semaphore(slots)
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future, int, bool]] = {}  # id -> future, slot, overflow
-        self._outgoing: list[wire.Request] = []
+        # id -> future, slot, overflow, gpu, bytes
+        self._pending: dict[int, tuple[asyncio.Future, int, bool, int, int]] = {}
+        self._outgoing: list[list[wire.Request]] = [[] for _ in self.conns]
         self._flush_scheduled = False
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader = threading.Thread(target=self._read, name="gpu-link", daemon=True)
+        self._readers = [threading.Thread(target=self._read, args=(g,), daemon=True,
+                                          name="gpu-link" if len(self.conns) == 1 else f"gpu-link-{d}")
+                         for g, d in enumerate(self.devices)]
         self._log = log.get("ipc")
+
+    def _who(self, gpu: int) -> str:
+        """"GPU process" with one GPU (the message it always was), "GPU process gpu-1" with several."""
+        return "GPU process" if len(self.conns) == 1 else f"GPU process gpu-{self.devices[gpu]}"
 
     @property
     def heartbeat(self) -> float:
@@ -58,10 +79,11 @@ class GpuClient:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._reader.start()
+        for reader in self._readers:
+            reader.start()
 
     def alive(self) -> bool:
-        return self.fatal_error is None and self._reader.is_alive()
+        return self.fatal_error is None and all(r.is_alive() for r in self._readers)
 
     def queue_depth(self) -> int:
         return len(self._pending)
@@ -90,9 +112,12 @@ class GpuClient:
             self._release(slot)
             raise
         where = request.context
-        self._pending[rid] = (request.future, slot, overflow)
-        self._outgoing.append(wire.Request(kind, -1 if overflow else slot, rid, nbytes,
-                                           int(where.get("partition", -1)), int(where.get("offset", -1)), info))
+        gpu = self.router.pick(nbytes)
+        if self._on_sent:
+            self._on_sent[gpu]()
+        self._pending[rid] = (request.future, slot, overflow, gpu, nbytes)
+        self._outgoing[gpu].append(wire.Request(kind, -1 if overflow else slot, rid, nbytes,
+                                                int(where.get("partition", -1)), int(where.get("offset", -1)), info))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -105,33 +130,35 @@ class GpuClient:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        batch, self._outgoing = self._outgoing, []
-        if not batch or self.fatal_error is not None:
-            return
-        try:
-            self.conn.send_bytes(wire.pack_requests(batch))
-        except (OSError, ValueError) as exc:
-            self._gpu_gone(FatalError(f"GPU process link broken: {type(exc).__name__}: {exc}"))
+        for gpu, conn in enumerate(self.conns):
+            batch, self._outgoing[gpu] = self._outgoing[gpu], []
+            if not batch or self.fatal_error is not None:
+                continue
+            try:
+                conn.send_bytes(wire.pack_requests(batch))
+            except (OSError, ValueError) as exc:
+                self._gpu_gone(FatalError(f"{self._who(gpu)} link broken: {type(exc).__name__}: {exc}"))
 
     def _release(self, slot: int) -> None:
         self._free.append(slot)
         self._slots.release()
 
     # --- replies (reader thread, then the loop) ------------------------------------------
-    def _read(self) -> None:
+    def _read(self, gpu: int) -> None:
         assert self._loop is not None
         buf = self.segment.buf
+        conn = self.conns[gpu]
         while True:
             try:
-                message = self.conn.recv_bytes()
+                message = conn.recv_bytes()
             except (EOFError, OSError):
                 if not self._closing:
                     self._loop.call_soon_threadsafe(self._gpu_gone, FatalError(
-                        "GPU process exited: unfinished messages are left uncommitted"))
+                        f"{self._who(gpu)} exited: unfinished messages are left uncommitted"))
                 return
             if message[:1] == wire.FATAL:
                 text = bytes(message[1:]).decode("utf-8", "replace")
-                self._loop.call_soon_threadsafe(self._gpu_gone, FatalError(f"GPU process failed: {text}"))
+                self._loop.call_soon_threadsafe(self._gpu_gone, FatalError(f"{self._who(gpu)} failed: {text}"))
                 return
             answers = []
             for reply in wire.unpack_replies(message):
@@ -148,9 +175,10 @@ class GpuClient:
             entry = self._pending.pop(rid, None)
             if entry is None:
                 continue
-            future, slot, overflow = entry
+            future, slot, overflow, gpu, nbytes = entry
             if overflow:
                 unlink(wire.overflow_name(self.segment.name, rid))
+            self.router.done(gpu, nbytes)
             self._release(slot)
             if future.done():  # cancelled meanwhile (drain cut, revoke)
                 continue
@@ -165,7 +193,7 @@ class GpuClient:
         if self.fatal_error is not None:
             return
         self.fatal_error = error
-        for rid, (future, _slot, overflow) in list(self._pending.items()):
+        for rid, (future, _slot, overflow, _gpu, _n) in list(self._pending.items()):
             if overflow:
                 unlink(wire.overflow_name(self.segment.name, rid))
             if not future.done():
@@ -178,12 +206,16 @@ class GpuClient:
     def stop(self, timeout: float = 5.0) -> None:
         """Close our end (blocking is fine: the worker calls it off the loop at shutdown)."""
         self._closing = True
-        shutdown_socket(self.conn)  # wakes the reader blocked in recv: it sees the end and returns
-        self._reader.join(timeout)
-        try:
-            self.conn.close()
-        except OSError:
-            pass
+        for conn in self.conns:
+            shutdown_socket(conn)  # wakes the reader blocked in recv: it sees the end and returns
+        deadline = time.monotonic() + timeout
+        for reader in self._readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+        for conn in self.conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
 
 
 def shutdown_socket(conn: Connection) -> None:
