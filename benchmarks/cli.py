@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same GPU: the alternative to one GPU process fed by several intakes.")
     p.add_argument("--ceiling-seconds", type=float, default=2.0, help="Time per ceiling measurement (default 2).")
     p.add_argument("--skip", default="", metavar="PART,..",
-                   help="Leave out parts: decode, ceiling, gpu_thread, worker, broker, baseline, sweeps, rates.")
+                   help="Leave out parts: decode, ceiling, gpu_thread, worker, broker, baseline, sweeps, rates, "
+                        "round_trip (the broker's own round trip, for the latency bound of the 50%% run).")
     p.add_argument("--json", dest="json_path", default="", help="Write every number to this JSON file.")
     p.add_argument("--markdown", dest="markdown_path", default="", help="Write the table as Markdown here.")
     settings_mod.add_arguments(p, exclude=frozenset({"pipeline"}))

@@ -5,10 +5,18 @@ the event loop: it is single-threaded by design).
 Python threads are grouped by name (``MainThread`` is the event loop, ``decode_*`` the decode pool,
 ``gpu`` the GPU thread); threads that Python did not start (ONNX Runtime's pools, CUDA's, aiokafka's
 compression) are "native". Linux only; elsewhere the numbers are empty.
+
+Across processes a run's CPU is counted from its first message, never from a moment that depends on
+how fast the processes started: an intake process from its own first consumed message
+(``FirstMessageCpu``, a hook inside it, since the others may still be importing and joining while it
+works through the backlog), the GPU and broker processes from the first message any intake consumed
+(``value_at`` over samples taken all along: they idle until then, the models already loaded).
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import os
 import re
 import threading
@@ -51,3 +59,48 @@ def process_cpu(pid: int) -> float:
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Per group, CPU seconds spent between two readings (groups of new threads count from zero)."""
     return {k: round(after[k] - before.get(k, 0.0), 3) for k in sorted(after) if after[k] - before.get(k, 0.0) > 0}
+
+
+def value_at(samples: list[tuple[float, float]], t: float) -> float | None:
+    """The reading of (time, value) ``samples`` (in time order) last taken at or before ``t``."""
+    i = bisect.bisect_right([s[0] for s in samples], t)
+    return samples[i - 1][1] if i else None
+
+
+class FirstMessageCpu:
+    """IntakeHooks (worker.intake.process) of the bench: the intake process's CPU seconds when it had
+    consumed its first message, and at its end. Pickled into the intake; plain values only.
+
+    It looks every ``poll_s`` until the first message, then stops: what the intake spent on that first
+    poll before the look (a few milliseconds at most) is left out, against thousands of messages."""
+
+    def __init__(self, poll_s: float = 0.002) -> None:
+        self.poll_s = poll_s
+        self.at_first: float | None = None
+
+    async def during(self, worker) -> None:
+        counts = getattr(worker, "counts", {})
+        while not counts.get("consumed"):
+            await asyncio.sleep(self.poll_s)
+        self.at_first = process_cpu(os.getpid())
+
+    def report(self, worker, code: int) -> dict:
+        return {"pid": os.getpid(), "cpu_at_first_message_s": self.at_first,
+                "consumed": int(getattr(worker, "counts", {}).get("consumed", 0)), "exit_code": code}
+
+
+def intake_cpu(end_cpu: dict[int, float], reports: list[dict]) -> dict:
+    """The intake processes' CPU from each one's first message to ``end_cpu`` (pid -> CPU seconds, read
+    when the run's last result arrived). An intake that consumed nothing adds 0 and is counted apart."""
+    procs, idle = [], 0
+    for r in reports:
+        first, pid = r.get("cpu_at_first_message_s"), r.get("pid")
+        if first is None or pid not in end_cpu:
+            idle += 1
+            continue
+        cpu = max(0.0, end_cpu[pid] - first)
+        n = r.get("consumed") or 0
+        procs.append({"pid": pid, "cpu_s": round(cpu, 3), "consumed": n,
+                      "ms_per_message": round(cpu * 1000 / n, 4) if n else None})
+    return {"cpu_s": round(sum(p["cpu_s"] for p in procs), 3), "processes": procs, "without_messages": idle,
+            "counted_from": "each intake's first consumed message"}

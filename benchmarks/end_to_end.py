@@ -10,7 +10,11 @@ Two modes, each on fresh topics and a fresh consumer group:
   latency is send -> result received by the collector (both ``time.monotonic``), so it includes Kafka.
 
 GPU thread busy fraction = the worker's ``worker_inference_seconds`` sum (per batch: assembly into the
-pinned buffer, copies, inference, synchronize) over the measured wall time.
+pinned buffer, copies, inference, synchronize) over the measured wall time; ``gpu_batch_ms`` the same sum
+per batch (the batch time of the latency criterion, ``round_trip.latency_bound``).
+
+CPU per process group (``cpu_s``, ``cpu_ms_per_message``) counts from the run's first message
+(``cpu_time``): the intakes each from their own first message, through a hook inside them.
 """
 
 from __future__ import annotations
@@ -69,15 +73,24 @@ def _samples(exposition: bytes) -> dict[str, float]:
     return out
 
 
+def _gpu_pids(sups: list[Supervisor]) -> list[int]:
+    procs = [p for sup in sups for p in (getattr(sup, "gpus", None) or [sup.gpu])]
+    return [p.pid for p in procs if p is not None and p.pid]
+
+
 def _children_cpu(sups: list[Supervisor]) -> dict[str, float]:
     """CPU seconds so far of the GPU processes and of the intake processes (each group summed)."""
-    out = {"gpu_process": 0.0, "intake_processes": 0.0}
-    for sup in sups:
-        if sup.gpu is not None and sup.gpu.pid:
-            out["gpu_process"] += cpu_time.process_cpu(sup.gpu.pid)
-        for p in sup.intake_procs:
-            out["intake_processes"] += cpu_time.process_cpu(p.pid)
-    return out
+    return {"gpu_process": sum(cpu_time.process_cpu(pid) for pid in _gpu_pids(sups)),
+            "intake_processes": sum(cpu_time.process_cpu(p.pid) for sup in sups for p in sup.intake_procs)}
+
+
+async def _sample_cpu(sups: list[Supervisor], broker_pid: int | None, into: list, every_s: float = 0.01) -> None:
+    """(time, GPU processes' CPU, broker's CPU) every ``every_s`` until cancelled: read at the first
+    message afterwards (cpu_time.value_at), when it is known."""
+    while True:
+        into.append((time.monotonic(), sum(cpu_time.process_cpu(pid) for pid in _gpu_pids(sups)),
+                     cpu_time.process_cpu(broker_pid) if broker_pid else 0.0))
+        await asyncio.sleep(every_s)
 
 
 async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], distinct: list[bytes],
@@ -102,11 +115,14 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
             raise RuntimeError(f"bench collector exited with {collector.exitcode} before it was ready")
         await asyncio.sleep(0.02)
 
-    sups = [Supervisor(s, intakes=1 if replicas > 1 else None) for _ in range(replicas)]
+    sups = [Supervisor(s, intakes=1 if replicas > 1 else None, hooks=cpu_time.FirstMessageCpu())
+            for _ in range(replicas)]
     t_start = time.monotonic()
     runs = [asyncio.create_task(sup.run()) for sup in sups]
     task = asyncio.gather(*runs)
     producer = None
+    cpu_samples: list[tuple[float, float, float]] = []
+    sampler = asyncio.create_task(_sample_cpu(sups, broker_pid, cpu_samples))
     try:
         t_ready = await _wait_until(lambda: all(sup.health.readiness()[0] for sup in sups), task, timeout_s,
                                     "models to load and every intake to join", 0.02)
@@ -126,13 +142,20 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
             children.cancel()
             raise RuntimeError(f"the worker stopped early: {[r.result().exit_code for r in runs if r.done()]}")
         children.result()  # a child's failure or time-out
-        cpu = {k: v - cpu0.get(k, 0.0) for k, v in _children_cpu(sups).items()}
+        sampler.cancel()
+        # read as the last result arrived: the window from t_ready (the old count, kept to compare), and
+        # each intake's CPU by pid for the count from its first message
+        cpu_since_ready = {k: round(v - cpu0.get(k, 0.0), 3) for k, v in _children_cpu(sups).items()}
         if broker_pid:
-            cpu["broker_process"] = round(cpu_time.process_cpu(broker_pid) - broker0, 3)
+            cpu_since_ready["broker_process"] = round(cpu_time.process_cpu(broker_pid) - broker0, 3)
+        intake_end = {p.pid: cpu_time.process_cpu(p.pid) for sup in sups for p in sup.intake_procs}
+        gpu_end = sum(cpu_time.process_cpu(pid) for pid in _gpu_pids(sups))
+        broker_end = cpu_time.process_cpu(broker_pid) if broker_pid else 0.0
         for sup in sups:
             sup.request_stop()
         outcomes = await task
     finally:
+        sampler.cancel()
         if not task.done():
             for sup in sups:
                 sup.request_stop()
@@ -159,6 +182,13 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
     recv = np.array([r["recv_t"] for r in rows]) if rows else np.array([t_first])
     t_last = float(recv.max())
     wall = max(t_last - t_first, 1e-9)
+    intakes = cpu_time.intake_cpu(intake_end, [r for o in outcomes for r in o.reports])
+    gpu0 = cpu_time.value_at([(t, g) for t, g, _ in cpu_samples], t_first)
+    cpu = {"gpu_process": round(gpu_end - (gpu0 if gpu0 is not None else cpu0["gpu_process"]), 3),
+           "intake_processes": intakes["cpu_s"]}
+    if broker_pid:
+        b0 = cpu_time.value_at([(t, b) for t, _, b in cpu_samples], t_first)
+        cpu["broker_process"] = round(broker_end - (b0 if b0 is not None else broker0), 3)
     out = {
         "mode": "preloaded" if rate is None else "rate",
         "input_topic": topics.input,
@@ -181,10 +211,14 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "stages_ms": _stages(rows),
         "batches": int(batches),
         "mean_batch_size": batch_images / batches if batches else 0.0,
+        "gpu_batch_ms": inference_s * 1000 / batches if batches else None,
         "gpu_thread_busy_fraction": inference_s / wall,
         "gpu_phases_s": {k.split(":", 1)[1]: round(total(k), 3) for k in sorted(set().union(*samples))
                          if k.startswith("worker_gpu_phase_seconds_total:")},
         "cpu_s": cpu,
+        "cpu_counted_from": "the first message (intakes: each its own first message; see cpu_time)",
+        "cpu_s_since_ready": cpu_since_ready,  # the former count: from every intake joined (misses work before)
+        "intake_cpu": intakes,
         # intake: records per poll, share of the wall time the consume loops (all intakes) waited in poll
         "intake": {"polls": int(poll[0]), "records_per_poll": poll[1] / max(1.0, poll[0]),
                    # since each intake started (its snapshot), so it includes the join: indicative only

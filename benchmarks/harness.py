@@ -6,7 +6,9 @@
 4. the worker on a preloaded backlog (the headline number), then the broker's read capacity on the same
    topic, then the per-message baseline;
 5. sweeps of max_batch_size and max_wait_ms (worker runs, preloaded);
-6. rate-limited runs at fractions of the worker's measured peak.
+6. the broker's own round trip (small records, no worker) at the rate of the 50% run, then rate-limited
+   runs at fractions of the worker's measured peak; the 50% run's p99 against its bound
+   (``round_trip.latency_bound``, in ``analysis``).
 
 Each worker run builds its own runtime and engines through ``serve``, as a deployment would.
 """
@@ -30,12 +32,13 @@ from benchmarks.ceiling import engine_ceiling, gpu_thread_ceiling
 from benchmarks.corpus import bench_images, describe
 from benchmarks.decode_capacity import decode_capacity, device_decode_capacity
 from benchmarks.end_to_end import worker_run
+from benchmarks.round_trip import BOUND_FRACTION, broker_round_trip
 from worker.broker import LocalBroker
 from worker.decode.message import decode_message, inspect_message
 from worker.models.spec import load_pipeline
 from worker.settings import Settings
 
-PARTS = ("decode", "ceiling", "gpu_thread", "worker", "broker", "baseline", "sweeps", "rates")
+PARTS = ("decode", "ceiling", "gpu_thread", "worker", "broker", "baseline", "sweeps", "rates", "round_trip")
 
 
 @dataclass
@@ -172,6 +175,12 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
                         result["sweeps"][kind].append(result.pop(key))
 
         peak = (result.get("worker") or {}).get("images_per_s")
+        if "rates" not in opts.skip and opts.rates and peak and "round_trip" not in opts.skip:
+            fraction = BOUND_FRACTION if BOUND_FRACTION in opts.rates else opts.rates[0]
+            rate = fraction * peak
+            n = max(20, int(rate * opts.rate_seconds))
+            say(f"broker round trip, no worker: {n} small records at {rate:.0f}/s ({fraction:.0%} of peak)")
+            await part("round_trip", lambda: broker_round_trip(bootstrap, opts.partitions, rate, n))
         if "rates" not in opts.skip and opts.rates and peak:
             result["rates"] = []
             for fraction in opts.rates:

@@ -15,6 +15,7 @@ from typing import Any
 from rich.table import Table
 
 import worker
+from benchmarks.round_trip import bound_run, latency_bound
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings
 
@@ -132,6 +133,9 @@ def analysis(result: dict, settings: Settings) -> dict:
         if caps:
             r["worker_over_bound"] = w / out["bound"]["images_per_s"]
         out["targets_met"] = {k: r[k] >= v for k, v in TARGETS.items() if k in r}
+    bound = latency_bound(bound_run(result.get("rates") or []), result.get("round_trip"))
+    if bound is not None:
+        out["latency_bound"] = bound
     for sweep in (result.get("sweeps") or {}).values():
         for run in sweep:
             _, c = ceiling_row(result, run["settings"]["max_batch_size"])
@@ -190,6 +194,12 @@ def rows(result: dict) -> list[tuple[str, ...]]:
         lat = b["latency_ms"]
         out.append(("baseline (per message, batch 1)", _f(b["images_per_s"]), _f(lat["p50"]), _f(lat["p95"]),
                     _f(lat["p99"]), "1", f"{b['results']}/{b['count']} results; consume->ack+commit"))
+    if result.get("round_trip"):
+        rt = result["round_trip"]
+        lat = rt["latency_ms"]
+        out.append((f"broker round trip, no worker ({rt['target_rate']:.0f}/s)", _f(rt["achieved_send_rate"]),
+                    _f(lat["p50"]), _f(lat["p95"]), _f(lat["p99"]), "",
+                    f"{rt['received']}/{rt['count']} records of {rt['payload_bytes']} B; produce->consumed"))
     if result.get("broker"):
         b = result["broker"]
         out.append(("broker read, no processing", _f(b["records_per_s"]), "", "", "", "",
@@ -232,7 +242,12 @@ def summary_lines(result: dict) -> list[str]:
         busy = ", ".join(f"{k} {v:.0%}" for k, v in sorted(w["cpu_busy_fraction"].items(), key=lambda kv: -kv[1]))
         per = ", ".join(f"{k} {v:.3f}" for k, v in sorted(w["cpu_ms_per_message"].items(), key=lambda kv: -kv[1]))
         lines.append(f"worker run, CPU busy per process group (1.0 = one core): {busy}")
-        lines.append(f"worker run, CPU ms per message: {per}")
+        lines.append(f"worker run, CPU ms per message: {per} (from the first message; intakes each from "
+                     f"their own)")
+        procs = (w.get("intake_cpu") or {}).get("processes") or []
+        if procs:
+            lines.append("worker run, intake CPU ms per message, per process: " + ", ".join(
+                f"{p['ms_per_message']:.3f} ({p['consumed']})" for p in procs if p["ms_per_message"] is not None))
         if w.get("gc_pauses"):
             lines.append("worker run, garbage-collector pauses (they hold the GIL): " + ", ".join(
                 f"{g} {v['count']} x, {v['total_ms']:.0f} ms total, max {v['max_ms']:.1f} ms"
@@ -251,6 +266,12 @@ def summary_lines(result: dict) -> list[str]:
         lines.append("ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in r.items()))
     if a.get("bound"):
         lines.append(f"lowest capacity: {a['bound']['stage']} at {a['bound']['images_per_s']:,.0f} images/s")
+    lb = a.get("latency_bound")
+    if lb:
+        lines.append(f"latency at {lb['fraction_of_peak']:.0%} of peak: p99 {lb['p99_ms']:.1f} ms "
+                     f"{'<=' if lb['met'] else '>'} bound {lb['bound_ms']:.1f} ms = max_wait {lb['max_wait_ms']:g} "
+                     f"+ 3 x batch {lb['batch_ms']:.2f} + broker round trip p99 {lb['broker_round_trip_p99_ms']:.1f}: "
+                     f"{'met' if lb['met'] else 'NOT met'}")
     if a.get("targets_met"):
         lines.append("targets: " + ", ".join(f"{k} >= {TARGETS[k]:g}: {'met' if v else 'NOT met'}"
                                               for k, v in a["targets_met"].items()))

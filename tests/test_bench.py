@@ -85,6 +85,31 @@ def test_worker_baseline_sweeps_and_rates_account_for_every_input(bench):
     assert result["broker"]["records"] == COUNT
 
 
+def test_broker_round_trip_and_the_latency_bound_of_the_50_percent_run(bench):
+    result, text, _ = bench
+    rt = result["round_trip"]
+    assert rt["received"] == rt["count"] >= 20
+    assert rt["target_rate"] == pytest.approx(result["rates"][0]["target_rate"])
+    assert rt["latency_ms"]["p50"] <= rt["latency_ms"]["p99"]
+    (rate,) = result["rates"]
+    assert rate["gpu_batch_ms"] > 0
+    lb = result["analysis"]["latency_bound"]
+    assert lb["p99_ms"] == rate["latency_ms"]["p99"] and lb["broker_round_trip_p99_ms"] == rt["latency_ms"]["p99"]
+    assert lb["bound_ms"] == pytest.approx(rate["settings"]["max_wait_ms"] + 3 * rate["gpu_batch_ms"]
+                                           + rt["latency_ms"]["p99"])
+    assert "latency at 50% of peak: p99" in text and "broker round trip, no worker" in text
+
+
+def test_intake_cpu_is_counted_per_intake_from_its_first_message(bench):
+    result, _, _ = bench
+    for run in [result["worker"], *result["rates"]]:
+        ic = run["intake_cpu"]
+        assert ic["without_messages"] + len(ic["processes"]) == run["settings"]["intake_processes"]
+        assert sum(p["consumed"] for p in ic["processes"]) == run["worker_counts"]["consumed"]
+        assert run["cpu_s"]["intake_processes"] == pytest.approx(sum(p["cpu_s"] for p in ic["processes"]), abs=1e-3)
+        assert set(run["cpu_ms_per_message"]) >= {"intake_processes", "gpu_process", "broker_process"}
+
+
 def test_decode_capacity_rows_and_ratios(bench):
     result, _, _ = bench
     assert {(r["decoder"], r["threads"]) for r in result["decode"]} == {

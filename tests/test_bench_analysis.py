@@ -1,0 +1,92 @@
+"""The bench's pure accounting: the latency bound of the 50%-load run and the CPU counted from the first
+message. Plain calls on hand-written numbers; no broker, no timing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from benchmarks import cpu_time
+from benchmarks.round_trip import bound_run, latency_bound
+
+
+def _rate_run(p99: float, batch_ms: float | None, max_wait: float = 5.0, fraction: float = 0.5) -> dict:
+    return {"fraction_of_peak": fraction, "latency_ms": {"p50": 1.0, "p99": p99}, "gpu_batch_ms": batch_ms,
+            "settings": {"max_wait_ms": max_wait}}
+
+
+RTT = {"latency_ms": {"p50": 2.0, "p99": 7.5}}
+
+
+def test_bound_is_max_wait_plus_three_batches_plus_the_broker_round_trip_p99():
+    b = latency_bound(_rate_run(p99=30.0, batch_ms=6.0), RTT)
+    assert b["bound_ms"] == pytest.approx(5.0 + 18.0 + 7.5)  # 30.5
+    assert b["met"] is True and b["p99_ms"] == 30.0 and b["broker_round_trip_p99_ms"] == 7.5
+    assert b["batch_ms"] == 6.0 and b["max_wait_ms"] == 5.0 and b["fraction_of_peak"] == 0.5
+
+
+def test_bound_not_met_just_above_and_met_on_equality():
+    assert latency_bound(_rate_run(p99=30.6, batch_ms=6.0), RTT)["met"] is False
+    assert latency_bound(_rate_run(p99=30.5, batch_ms=6.0), RTT)["met"] is True
+
+
+def test_bound_needs_every_number():
+    assert latency_bound(None, RTT) is None
+    assert latency_bound(_rate_run(p99=10.0, batch_ms=6.0), None) is None
+    assert latency_bound(_rate_run(p99=10.0, batch_ms=None), RTT) is None  # no batch ran
+    assert latency_bound(_rate_run(p99=10.0, batch_ms=6.0), {"latency_ms": {"p99": None}}) is None
+
+
+def test_the_bound_is_about_the_50_percent_run():
+    runs = [_rate_run(1.0, 1.0, fraction=0.9), _rate_run(2.0, 1.0, fraction=0.5)]
+    assert bound_run(runs)["latency_ms"]["p99"] == 2.0
+    assert bound_run([_rate_run(1.0, 1.0, fraction=0.9)]) is None
+    assert bound_run([]) is None
+
+
+def test_value_at_takes_the_last_reading_at_or_before():
+    samples = [(1.0, 10.0), (2.0, 20.0), (3.0, 35.0)]
+    assert cpu_time.value_at(samples, 0.5) is None  # before any reading
+    assert cpu_time.value_at(samples, 1.0) == 10.0
+    assert cpu_time.value_at(samples, 2.5) == 20.0
+    assert cpu_time.value_at(samples, 9.0) == 35.0
+    assert cpu_time.value_at([], 1.0) is None
+
+
+def test_intake_cpu_counts_each_intake_from_its_own_first_message():
+    # intake 11 started late: 3.0 s of start-up before its first message, which must not count
+    end = {10: 5.0, 11: 4.0, 12: 2.5}
+    reports = [{"pid": 10, "cpu_at_first_message_s": 1.0, "consumed": 4000},
+               {"pid": 11, "cpu_at_first_message_s": 3.0, "consumed": 1000},
+               {"pid": 12, "cpu_at_first_message_s": None, "consumed": 0}]  # got no partition
+    out = cpu_time.intake_cpu(end, reports)
+    assert out["cpu_s"] == pytest.approx(4.0 + 1.0)
+    assert out["without_messages"] == 1
+    assert [(p["pid"], p["cpu_s"], p["ms_per_message"]) for p in out["processes"]] == [(10, 4.0, 1.0),
+                                                                                      (11, 1.0, 1.0)]
+
+
+def test_intake_cpu_without_an_end_reading_leaves_that_intake_out():
+    out = cpu_time.intake_cpu({}, [{"pid": 7, "cpu_at_first_message_s": 1.0, "consumed": 3}])
+    assert out["cpu_s"] == 0 and out["processes"] == [] and out["without_messages"] == 1
+
+
+class _Worker:
+    def __init__(self) -> None:
+        self.counts = {"consumed": 0}
+
+
+async def test_first_message_hook_reads_this_process_cpu_once_a_message_was_consumed():
+    hook = cpu_time.FirstMessageCpu(poll_s=0.001)
+    worker = _Worker()
+    task = asyncio.create_task(hook.during(worker))
+    await asyncio.sleep(0.01)
+    assert not task.done() and hook.at_first is None  # nothing consumed yet: still looking
+    worker.counts["consumed"] = 3
+    await asyncio.wait_for(task, 5)
+    assert hook.at_first is not None and hook.at_first >= 0
+    report = hook.report(worker, 0)
+    assert report["pid"] == os.getpid() and report["consumed"] == 3
+    assert report["cpu_at_first_message_s"] == hook.at_first
