@@ -14,6 +14,9 @@ One module per thing measured:
 - ``baseline``: the per-message loop (consume one, decode, infer one, produce one and wait, commit) on the
   same engines.
 - ``broker``: what the local broker can deliver to one consumer with no processing at all.
+- ``round_trip``: the broker's own round trip (produce -> consume, no worker) and the latency bound of
+  the 50%-load run that uses it.
+- ``cpu_time``: CPU per thread group and per process, counted from the first message.
 
 ``corpus`` makes the images and the topics; ``loadgen`` is the producer/collector that runs in child
 processes so that it does not share the worker's interpreter lock; ``report`` prints the table and writes
