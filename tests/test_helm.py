@@ -465,6 +465,8 @@ def test_tls_only_without_client_certificate(chart):
                              "tls": {"secretName": "kafka-ca"}}}},
      "needs kafka.security.sasl.passwordSecret.name"),
     ({"kafka": {"security": {"tls": {"certKey": "tls.crt"}}}}, "certKey and kafka.security.tls.keyKey go together"),
+    ({"gpu": {"count": 2}, "worker": {"gpuDeviceIndex": 1}}, "worker.gpuDeviceIndex=1 with gpu.count=2"),
+    ({"gpu": {"count": 2}, "worker": {"device": "cpu"}}, "gpu.count=2 with worker.device=cpu"),
 ])
 def test_templates_fail_with_a_clear_message(chart, values, message):
     with pytest.raises(helm.HelmRenderError) as exc:
@@ -498,7 +500,7 @@ def test_templates_fail_with_a_clear_message(chart, values, message):
     ({"kafka": {"security": {"protocol": "SASL"}}}, "/kafka/security/protocol"),
     ({"kafka": {"security": {"protocol": "SASL_SSL", "tls": {"secretName": "ca"},
                              "sasl": {"passwordSecret": {"name": "pw"}}}}}, "/kafka/security/sasl/username"),
-    ({"gpu": {"count": 2}}, "/gpu/count"),  # one GPU process per pod: a second GPU would idle
+    ({"gpu": {"count": 9}}, "/gpu/count"),  # nodes carry up to 8
     ({"kafka": {"security": {"protocol": "SASL_SSL", "sasl": {"mechanism": "GSSAPI"}}}},
      "/kafka/security/sasl/mechanism"),
     ({"kafka": {"security": {"protocol": "SASL_SSL", "sasl": {"mechanism": "OAUTHBEARER"}}}},
@@ -737,3 +739,24 @@ def test_dashboard_and_rules_render_valid_objects(chart):
     validate_all(r)
     assert {"ConfigMap", "PrometheusRule"} <= r.kinds
     assert r.one("PrometheusRule")["apiVersion"] == "monitoring.coreos.com/v1"
+
+
+# --- several GPUs per pod ------------------------------------------------------------------------------
+
+
+def test_one_gpu_pod_names_no_device_list(chart):
+    env = env_of(container(render(chart, BASE).one("Deployment")["spec"]["template"]["spec"], "worker"))
+    assert "WORKER_GPU_DEVICES" not in env  # the one-GPU worker: gpu_device_index alone, as before
+    assert env["WORKER_GPU_DEVICE_INDEX"] == "0"
+
+
+@pytest.mark.parametrize("count, devices", [(2, "0,1"), (4, "0,1,2,3"), (8, "0,1,2,3,4,5,6,7")])
+def test_several_gpus_per_pod_get_a_gpu_process_each(chart, count, devices):
+    r = render(chart, BASE, {"gpu": {"count": count}, "replay": {"enabled": True}})
+    validate_all(r)
+    for kind, name in (("Deployment", "worker"), ("Job", "replay")):
+        obj = r.one(kind)
+        pod = obj["spec"]["template"]["spec"]
+        c = container(pod, name)
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == count
+        assert env_of(c)["WORKER_GPU_DEVICES"] == devices, kind

@@ -5,8 +5,9 @@ Checked on the topics and the merged /metrics: every input has exactly one resul
 bundled models applied to that input alone; both GPU processes ran batches (their series carry
 ``process="gpu-<n>"`` and ``gpu="<n>"``) and the intakes sent requests to both; /readyz waits for both.
 A kill -9 of one GPU process mid-stream stops the worker (exit 1, the log names that GPU, no process
-left, no /dev/shm segment left) and a restart loses nothing. The two-GPU rate is the bench's question
-(docs/gpu.md), never a pass/fail here.
+left, no /dev/shm segment left) and a restart loses nothing. The first test also runs on two real GPUs
+(``gpu_devices=0,1``, marker ``gpu``; skipped where fewer than two CUDA devices are visible). The two-GPU
+rate is the bench's question (docs/gpu.md), never a pass/fail here.
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ from tests.helpers import check_demo_result
 from tests.procs import (PacedProducer, TopicReader, WorkerProc, duplicates, no_leftover_workers,  # noqa: F401
                          source_coords, worker_env)
 from tests.test_processes import _interrupt_and_restart, _scrape, alive, pngs, segments_of, setup
+from worker.gpu.devices import visible_cuda_devices
 
 pytestmark = pytest.mark.slow
 K, GPUS = 2, 2
+CUDA_DEVICES, WHY_NO_CUDA = visible_cuda_devices()  # cuInit and a count: no context in this process
+TWO_GPUS = pytest.param("cuda", "0,1", id="two-gpus", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(CUDA_DEVICES < 2, reason=f"needs two CUDA devices, sees "
+                                                                 f"{CUDA_DEVICES}: {WHY_NO_CUDA or 'one'}")])
 
 
 def series(metrics: str, name: str) -> dict[tuple[str, str], float]:
@@ -53,15 +59,17 @@ def intake_pids(proc: WorkerProc) -> list[int]:
     raise AssertionError(f"no 'intakes started' in the log:\n{proc.log_tail()}")
 
 
-@pytest.mark.timeout(180)
-async def test_two_gpu_processes_share_the_work_every_result_exact(broker, topics, tmp_path):
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("device, gpu_devices", [("cpu", f"cpu:{GPUS}"), TWO_GPUS])
+async def test_two_gpu_processes_share_the_work_every_result_exact(broker, topics, tmp_path, device, gpu_devices):
     n = 600
     await setup(broker, topics)
     values, pixels = pngs(n)
-    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_batch_size=16, gpu_devices=f"cpu:{GPUS}")
+    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_batch_size=16, device=device,
+                     gpu_devices=gpu_devices)
     async with TopicReader(broker.bootstrap, topics["output"]) as out:
         worker = WorkerProc(env, tmp_path / "w.log").start()
-        await worker.wait_ready(90)
+        await worker.wait_ready(180 if device == "cuda" else 90)  # two CUDA contexts and sessions to warm
         status, ready = worker.probe("/readyz")
         assert status == 200 and ready["gpus"] == GPUS and ready["gpus_ready"] == GPUS, ready
         assert len(gpu_pids(worker)) == GPUS

@@ -92,8 +92,25 @@ a credential to pass (SASL, or a TLS Secret). TLS with the system CAs needs only
 {{- if and .Values.replay.enabled (eq (include "gpu-worker.replayGroupId" .) .Values.kafka.groupId) }}
 {{- fail (printf "replay.groupId=%q is the live consumer group: a replay must use its own group so that it never moves the live group's offsets" .Values.kafka.groupId) }}
 {{- end }}
+{{- if and (gt (int .Values.gpu.count) 1) (ne (int .Values.worker.gpuDeviceIndex) 0) }}
+{{- fail (printf "worker.gpuDeviceIndex=%d with gpu.count=%d: the index picks the GPU of a one-GPU pod; with several, every GPU of the pod gets a GPU process (leave gpuDeviceIndex at 0)" (int .Values.worker.gpuDeviceIndex) (int .Values.gpu.count)) }}
+{{- end }}
+{{- if and (gt (int .Values.gpu.count) 1) (eq .Values.worker.device "cpu") }}
+{{- fail (printf "gpu.count=%d with worker.device=cpu: the GPUs would idle; set worker.device to cuda (or auto)" (int .Values.gpu.count)) }}
+{{- end }}
 {{- $_ := include "gpu-worker.terminationGracePeriodSeconds" . }}
 {{- $_ := include "gpu-worker.progressDeadlineSeconds" . }}
+{{- end }}
+
+{{/* WORKER_GPU_DEVICES of a pod with gpu.count > 1: "0,1,..,count-1". The NVIDIA device plugin makes the
+pod's GPUs the container's only ones, numbered from 0, whichever cards of the node they are; a list (not
+"auto") makes a pod that got fewer GPUs than it asked fail at start with the missing index named. */}}
+{{- define "gpu-worker.gpuDevices" -}}
+{{- $ids := list }}
+{{- range $i := until (int .Values.gpu.count) }}
+{{- $ids = append $ids (toString $i) }}
+{{- end }}
+{{- join "," $ids }}
 {{- end }}
 
 {{/* The grace period: every bounded wait of a graceful stop, or the user's value if it covers the drain and
@@ -323,6 +340,10 @@ claim, the model cache, and the models emptyDir (models.source image or url). /d
   value: {{ .device | quote }}
 - name: WORKER_GPU_DEVICE_INDEX
   value: {{ int .gpuDeviceIndex | quote }}
+{{- if gt (int $.Values.gpu.count) 1 }}
+- name: WORKER_GPU_DEVICES
+  value: {{ include "gpu-worker.gpuDevices" $ | quote }}
+{{- end }}
 - name: WORKER_MAX_BATCH_SIZE
   value: {{ int .maxBatchSize | quote }}
 - name: WORKER_MAX_WAIT_MS
