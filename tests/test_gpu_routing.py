@@ -147,3 +147,34 @@ def test_cpu_devices_are_a_test_aid_for_device_cpu_only() -> None:
     assert resolve(parse("cpu:2"), "cpu", 0, never) == [GpuDevice(0), GpuDevice(1)]
     with pytest.raises(ConfigError, match="set device=cpu"):
         resolve(parse("cpu:2"), "cuda", 0, never)
+
+
+# --- probes and metrics over several GPU processes ---------------------------------------------------------
+def test_readiness_waits_for_every_gpu_process_and_finds_the_intakes_after_them() -> None:
+    from worker.ipc.board import WIDTH, Row, intake_row
+    from worker.supervisor import ProcessHealth
+
+    board = [0.0] * (WIDTH * (2 + 3))  # two GPU processes, three intakes
+    health = ProcessHealth(board, intakes=3, gpus=2)
+    for i in (1, 2, 3):
+        Row(board, intake_row(i, 2)).set(joined=True, broker_ok=True)
+    Row(board, 0).set(ready=True)
+    ok, checks = health.readiness()
+    assert not ok and checks["gpus_ready"] == 1 and checks["gpus"] == 2 and checks["intakes_joined"] == 3
+    Row(board, 1).set(ready=True)
+    assert health.readiness()[0]
+    assert [intake_row(i, 1) for i in (1, 2, 3)] == [1, 2, 3]  # one GPU: the board as it always was
+
+
+def test_merged_metrics_label_each_gpu_process_with_its_device() -> None:
+    from worker.metrics import Metrics, merge_expositions
+
+    g0, g1, intake = Metrics(), Metrics(), Metrics()
+    g0.batch_size.observe(8)
+    g1.batch_size.observe(4)
+    intake.gpu_requests.labels(gpu="1").inc(4)
+    text = merge_expositions({"gpu-0": g0.exposition(), "gpu-1": g1.exposition(), "intake-1": intake.exposition()},
+                             {"gpu-0": {"gpu": "0"}, "gpu-1": {"gpu": "1"}}).decode()
+    assert 'worker_batch_size_sum{gpu="0",process="gpu-0"} 8.0' in text
+    assert 'worker_batch_size_sum{gpu="1",process="gpu-1"} 4.0' in text
+    assert 'worker_gpu_requests_total{gpu="1",process="intake-1"} 4.0' in text
