@@ -23,6 +23,10 @@ in-flight messages → cancel the rest (logged as cut, left uncommitted) → flu
 leave the group → stop the GPU thread. A second signal exits at once, committing nothing more. A fatal
 error (dead GPU thread, crashed stage task) takes the same path without the wait and exits non-zero.
 
+Exactly-once (``processing_guarantee``): the same life cycle, with commits that are transactions of the
+finished prefix's results and its offsets (worker.intake.transact); a revoke and the shutdown end with
+one, and a message counts as in flight until its transaction commits.
+
 Broker trouble: the clients are started with retries and backoff (the worker waits for a broker that is
 not there yet instead of crash-looping); a probe with its own timeout marks readiness false while the
 broker does not answer; publishing retries with backoff; commits are bounded and retried. Nothing of it
@@ -45,7 +49,7 @@ from aiokafka.errors import KafkaError
 
 from worker import codecs, log
 from worker.intake.commit import BROKER_TIMEOUT_S, Committer
-from worker.errors import FatalError
+from worker.errors import ConfigError, FatalError
 from worker.intake.consume import Backpressure, LivePlan, Load, Plan, ProgressClock, RebalanceHooks
 from worker.gpu.thread import GpuThread
 from worker.intake.handle import MessageHandler
@@ -54,7 +58,9 @@ from worker.intake.publish import Publisher
 from worker.health import HealthState
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec
-from worker.settings import Settings
+from worker.intake.transact import (TRANSACTION_TIMEOUT_MS, TransactionalCommitter, TransactionalPublisher,
+                                   transactional_id)
+from worker.settings import ProcessingGuarantee, Settings
 
 HEARTBEAT_S = 1.0  # the loop's beat for /healthz, and how often message_deadline_s is checked
 
@@ -62,8 +68,10 @@ HEARTBEAT_S = 1.0  # the loop's beat for /healthz, and how often message_deadlin
 class Worker:
     def __init__(self, settings: Settings, pipeline: PipelineSpec, gpu: GpuThread,
                  metrics: Metrics | None = None, plan: Plan | None = None,
-                 health: HealthState | None = None) -> None:
+                 health: HealthState | None = None, intake_index: int = 1) -> None:
         self.settings = settings
+        self.intake_index = intake_index  # part of the transactional id (exactly-once)
+        self.exactly_once = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
         self.pipeline = pipeline
         self.gpu = gpu
         self.metrics = metrics or Metrics()
@@ -87,8 +95,13 @@ class Worker:
         self._stop = asyncio.Event()
         self._signals = 0
         self._fatal: BaseException | None = None
-        self.committer = Committer(lambda: self.consumer, self.tracker, self.metrics, self.health,
-                                   group=self.plan.group_id)
+        if self.exactly_once:  # commits are transactions of results and offsets (worker.intake.transact)
+            self.committer: Committer = TransactionalCommitter(
+                lambda: self.consumer, lambda: self.publisher, self.tracker, self.metrics, self.health,
+                self.plan.group_id, self.fail)
+        else:
+            self.committer = Committer(lambda: self.consumer, self.tracker, self.metrics, self.health,
+                                       group=self.plan.group_id)
         self._log = log.get("worker")
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -127,13 +140,30 @@ class Worker:
             auto_offset_reset=s.auto_offset_reset, session_timeout_ms=s.session_timeout_ms,
             max_poll_interval_ms=s.max_poll_interval_ms, fetch_max_bytes=s.fetch_max_bytes,
             max_partition_fetch_bytes=s.max_partition_fetch_bytes, fetch_max_wait_ms=s.fetch_max_wait_ms,
+            isolation_level="read_committed" if self.exactly_once else "read_uncommitted",
             **s.kafka_common())
+        if self.exactly_once:
+            self.publisher = self._transactional_publisher()
+            return
         self.publisher = Publisher(
             AIOKafkaProducer(client_id=s.client_id, acks="all", linger_ms=s.producer_linger_ms,
                              max_request_size=s.producer_max_request_size, max_batch_size=1 << 20,
                              compression_type=codecs.producer_compression(s.output_compression),
                              **s.kafka_common()),
             s.producer_max_pending, on_broker_trouble=self._broker_trouble)
+
+    def _transactional_publisher(self) -> TransactionalPublisher:
+        s = self.settings
+        producer = AIOKafkaProducer(
+            client_id=s.client_id, acks="all", enable_idempotence=True, linger_ms=s.producer_linger_ms,
+            transactional_id=transactional_id(self.plan.group_id, self.intake_index),
+            transaction_timeout_ms=TRANSACTION_TIMEOUT_MS, max_request_size=s.producer_max_request_size,
+            max_batch_size=1 << 20, compression_type=codecs.producer_compression(s.output_compression),
+            **s.kafka_common())
+        # A cycle before the interval once half of max_in_flight waits in it: staged outputs count as in
+        # flight (a message is finished when its transaction commits), so the interval must not cap throughput.
+        return TransactionalPublisher(producer, s.producer_max_request_size, cycle_at=s.max_in_flight // 2,
+                                      on_broker_trouble=self._broker_trouble)
 
     async def _connect(self, backoff: tuple[float, float] = (0.5, 10.0)) -> bool:
         """Start producer and consumer, retrying with backoff while the broker is unreachable or stalls
@@ -144,7 +174,7 @@ class Worker:
             try:
                 if not await self._unless_stopped(self._start_clients()):
                     return False  # a signal while connecting: nothing was consumed, nothing to drain
-            except FatalError as exc:  # UnwritableTopic: no retry helps
+            except (FatalError, ConfigError) as exc:  # UnwritableTopic; no transactions: no retry helps
                 self.fail(exc)
                 return False
             except (KafkaError, OSError, asyncio.TimeoutError) as exc:
@@ -350,7 +380,8 @@ class Worker:
                 return
 
     def _load(self) -> Load:
-        return Load(self.tracker.in_flight(), self.in_flight_bytes + self._held_bytes, self.tracker.span())
+        staged = len(self.publisher.staged) if self.exactly_once else 0  # finished, not yet committed
+        return Load(self.tracker.in_flight() + staged, self.in_flight_bytes + self._held_bytes, self.tracker.span())
 
     def _started(self) -> Load:
         return Load(self.tracker.in_flight(), self.in_flight_bytes)
@@ -479,6 +510,8 @@ class Worker:
                 for task in leftover:
                     task.cancel()
                 self.tracker.forget(tp)
+                if self.exactly_once:
+                    self.publisher.forget(tp)
             self._drop_held(assigned)
             self.health.joined = True
             if self.backpressure.paused and assigned:
@@ -531,6 +564,8 @@ class Worker:
         self.committer.forget_lag(revoked)
         for tp in revoked:
             self.tracker.forget(tp)
+            if self.exactly_once:
+                self.publisher.forget(tp)
             self._tasks_by_tp.pop(tp, None)
         self._log.info("partitions revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
                        unfinished_left_uncommitted=sum(len(v) for v in cut.values()), cut_offsets=cut or None)

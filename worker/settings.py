@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,29 @@ from worker.errors import ConfigError
 
 ENV_PREFIX = "WORKER_"
 SECRET_FIELDS = frozenset({"sasl_password", "ssl_keyfile_password"})
+
+
+class ProcessingGuarantee(str, enum.Enum):
+    """What a consumer of the output topics may rely on (docs/guarantees.md)."""
+
+    AT_LEAST_ONCE = "at-least-once"  # commit after the ack: a crash can repeat results, never lose one
+    EXACTLY_ONCE = "exactly-once"  # results and input offsets in one Kafka transaction (read_committed)
+
+    @classmethod
+    def parse(cls, raw: object) -> ProcessingGuarantee:
+        if isinstance(raw, cls):
+            return raw
+        for member in cls:
+            if isinstance(raw, str) and raw.strip().lower() == member.value:
+                return member
+        raise ConfigError(f"processing_guarantee={raw!r} is not one of {', '.join(m.value for m in cls)} "
+                          f"(flag --processing-guarantee or env {ENV_PREFIX}PROCESSING_GUARANTEE)")
+
+    def __repr__(self) -> str:  # --help prints defaults with repr
+        return repr(self.value)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -156,6 +180,13 @@ class Settings:
                "restart redoes it. Keep it above the longest a healthy message can take (decode, GPU "
                "queue behind max_in_flight, batch, publish retries: docs/guarantees.md). 0: off.")
     commit_interval_ms: int = _opt(1000, "How often finished offsets are committed.")
+    processing_guarantee: ProcessingGuarantee = _opt(
+        ProcessingGuarantee.AT_LEAST_ONCE,
+        "at-least-once: offsets committed after the results' acks (a crash may repeat some results). "
+        "exactly-once: each commit cycle writes the finished prefix's results and DLQ records and the input "
+        "offsets in one Kafka transaction (one transactional producer per intake), so consumers reading "
+        "with isolation_level=read_committed see each input's result once, even across kill -9; needs a "
+        "broker with transactions (not the embedded tansu). One of: at-least-once, exactly-once.")
     drain_timeout_s: float = _opt(20.0, "On SIGTERM, how long in-flight work may take to finish.")
     rebalance_timeout_s: float = _opt(10.0, "On partition revoke, how long in-flight work may take.")
     # --- Operations -----------------------------------------------------------------------
@@ -166,6 +197,10 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
+        try:  # the typed value from here on, whether it came as a flag, a variable or an override
+            object.__setattr__(self, "processing_guarantee", ProcessingGuarantee.parse(self.processing_guarantee))
+        except ConfigError as exc:
+            problems.append(str(exc))
         for name in ("max_batch_size", "max_in_flight", "commit_interval_ms", "producer_max_pending", "ipc_slots",
                      "ipc_slot_bytes", "max_jpeg_scans"):
             if getattr(self, name) < 1:

@@ -73,7 +73,8 @@ async def _run(index: int, settings: Settings, plan: Any, conns: list[Any], link
                        on_sent=[metrics.gpu_requests.labels(gpu=d).inc for d in gpus])
     metrics.gpu_decoding.set(1 if decodes_on_device else 0)
     health = HealthState(models_ready=True)
-    worker = Worker(settings, pipeline_for(settings), client, metrics=metrics, plan=plan, health=health)
+    worker = Worker(settings, pipeline_for(settings), client, metrics=metrics, plan=plan, health=health,
+                    intake_index=index)
     client.on_fatal = worker.fail
     await client.start()
     snapshot = os.path.join(run_dir, f"metrics-intake-{index}.prom")

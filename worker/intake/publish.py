@@ -142,6 +142,7 @@ class Record:
     value: bytes
     key: bytes | None
     headers: Headers
+    source: Source | None = None  # the input it is for (exactly-once stages it under that offset)
 
 
 def result_record(source: Source, pipeline: PipelineSpec, outputs: Sequence[dict[str, Any]], *,
@@ -167,7 +168,7 @@ def result_record(source: Source, pipeline: PipelineSpec, outputs: Sequence[dict
     headers = [("content-type", b"application/json"), *source.headers()]
     if correlation_id is not None:
         headers.append(("correlation-id", correlation_id.encode()))
-    return Record(orjson.dumps(doc), source.key, headers)
+    return Record(orjson.dumps(doc), source.key, headers, source)
 
 
 def dlq_record(source: Source, value: bytes | None, original_headers: Sequence[tuple[str, bytes]] | None,
@@ -183,7 +184,7 @@ def dlq_record(source: Source, value: bytes | None, original_headers: Sequence[t
         ("worker-version", __version__.encode()),
         ("worker-host", HOST.encode()),
     ]
-    return Record(value or b"", source.key, headers)
+    return Record(value or b"", source.key, headers, source)
 
 
 def dlq_record_without_value(source: Source, value: bytes | None,
@@ -193,7 +194,8 @@ def dlq_record_without_value(source: Source, value: bytes | None,
     ``dlq-value-omitted`` header that says so (the input is still in its topic at source-offset)."""
     record = dlq_record(source, None, original_headers, error)
     note = f"{len(value or b'')} bytes; the record with it was refused: {type(refused).__name__}: {refused}"
-    return Record(b"", record.key, [*record.headers, ("dlq-value-omitted", note.encode("utf-8", "replace")[:1000])])
+    return Record(b"", record.key, [*record.headers, ("dlq-value-omitted", note.encode("utf-8", "replace")[:1000])],
+                  source)
 
 
 class Publisher:
