@@ -99,7 +99,7 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
         images = bench_images(opts.count, opts.unique, opts.seed)
         distinct = list(dict.fromkeys(images))  # keeps order, one per distinct object's value
         result["images"] = describe(images)
-        reduced = settings.decoder in ("cpu-reduced", "nvimgcodec")
+        reduced = settings.decoder in ("cpu-reduced", "nvimgcodec", "hybrid")
         inputs = [decode_message(b, None, pipeline, settings.max_bytes, settings.max_pixels, reduced).inputs
                   for b in distinct]
 
@@ -107,7 +107,7 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
             threads = opts.decode_threads or [1, settings.decode_threads]
             say(f"decode capacity: threads {threads}, decoders cpu and cpu-reduced")
             await part("decode", lambda: decode_capacity(distinct, pipeline, settings, threads))
-            if settings.decoder == "nvimgcodec":
+            if settings.decodes_on_gpu:
                 say(f"decode capacity: nvImageCodec + resize kernel, batches of {settings.max_batch_size}")
                 rows = await part("decode_gpu", lambda: device_decode_capacity(
                     distinct, pipeline, settings, settings.max_batch_size, opts.ceiling_seconds))
@@ -124,7 +124,7 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
         if "gpu_thread" not in opts.skip:
             say(f"GPU thread alone: {opts.count} pre-decoded images")
             encoded = ([inspect_message(b, None, settings.max_bytes, settings.max_pixels) for b in distinct]
-                       if settings.decoder == "nvimgcodec" else [])
+                       if settings.decodes_on_gpu else [])
             await part("gpu_thread", lambda: gpu_thread_ceiling(settings, pipeline, inputs, opts.count, encoded))
 
         if "worker" not in opts.skip:

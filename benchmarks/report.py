@@ -111,7 +111,7 @@ def analysis(result: dict, settings: Settings) -> dict:
     if result.get("gpu_thread"):
         caps["GPU thread alone"] = result["gpu_thread"]["images_per_s"]
     for row in result.get("decode", []):
-        if row["decoder"] == "nvimgcodec" == settings.decoder:
+        if row["decoder"] == "nvimgcodec" and settings.decodes_on_gpu:
             caps[f"decode (nvimgcodec, batch {row['batch_size']})"] = row["images_per_s"]
         elif row["decoder"] == settings.decoder and row["threads"] == settings.decode_threads:
             caps[f"decode ({row['decoder']}, {row['threads']} threads)"] = row["images_per_s"]

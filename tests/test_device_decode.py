@@ -408,3 +408,97 @@ def test_cpu_reference_of_a_jpeg_row_is_what_opencv_gives():
     (row, *_), = [decode_encoded(_encoded(data), PIPELINE, 1 << 24, 1 << 26)]
     np.testing.assert_array_equal(row, cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
                                   if PIPELINE.models[0].preprocess.color == "rgb" else image)
+
+
+# --- decoder=hybrid: an intake's free decode threads take JPEGs, the rest go to the card -------------
+
+class _RecordingGpu:
+    """Stands in for the GPU client: records each request and answers it as poison (to the DLQ), so the
+    handler finishes without a result to build."""
+
+    decodes_on_device = True
+
+    def __init__(self) -> None:
+        self.requests: list[InferenceRequest] = []
+
+    async def put(self, request: InferenceRequest) -> None:
+        self.requests.append(request)
+        request.future.set_exception(ModelRejectedInput("answered by the test"))
+
+
+class _NullPublisher:
+    async def publish(self, topic, record) -> None:
+        pass
+
+
+async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends_bytes_otherwise(
+        monkeypatch, settings):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import worker.intake.handle as handle_module
+    from worker.intake.handle import MessageHandler
+    from worker.policy.offsets import OffsetTracker
+
+    release = threading.Event()
+    real = handle_module.decode_encoded
+
+    def slow_decode(*args, **kwargs):
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(handle_module, "decode_encoded", slow_decode)
+    settings = settings.replace(decoder="hybrid", decode_workers=1)
+    gpu = _RecordingGpu()
+    counts = {"published": 0, "dead_lettered": 0, "failed": 0}
+    failures: list[BaseException] = []
+    pool = ThreadPoolExecutor(1)
+    handler = MessageHandler(settings, PIPELINE, gpu, _NullPublisher(), OffsetTracker(), Metrics(), counts, pool,
+                             failures.append)
+    jpeg = encode(synth_image(np.random.default_rng(3), 96, 64, 3), "jpeg")
+    png = encode(synth_image(np.random.default_rng(4), 96, 64, 3), "png")
+    msgs = [SimpleNamespace(topic="in", partition=0, offset=i, timestamp=0, key=None, value=v, headers=[])
+            for i, v in enumerate([jpeg, jpeg, jpeg])]
+    from aiokafka import TopicPartition
+    tp = TopicPartition("in", 0)
+    try:
+        first = asyncio.create_task(handler.handle(tp, msgs[0]))
+        while handler._cpu_busy == 0:  # the first JPEG holds the one decode thread
+            await asyncio.sleep(0.001)
+        await handler.handle(tp, msgs[1])  # no thread free: its bytes go to the card
+        release.set()
+        await first
+        await handler.handle(tp, msgs[2])  # the thread is free again: decoded here
+        png_msg = SimpleNamespace(topic="in", partition=0, offset=3, timestamp=0, key=None, value=png, headers=[])
+        await handler.handle(tp, png_msg)  # not a JPEG: always the CPU, as with nvimgcodec
+    finally:
+        pool.shutdown()
+    assert not failures
+    by_offset = {r.context["offset"]: r for r in gpu.requests}
+    assert by_offset[1].encoded is not None and by_offset[1].inputs is None
+    for offset in (0, 2, 3):
+        req = by_offset[offset]
+        assert req.encoded is None and req.inputs[0].shape == PIPELINE.models[0].preprocess.hwc_shape
+    assert counts["dead_lettered"] == 4 and handler._cpu_busy == 0
+
+
+async def test_nvimgcodec_alone_never_decodes_jpegs_on_the_cpu(settings):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aiokafka import TopicPartition
+
+    from worker.intake.handle import MessageHandler
+    from worker.policy.offsets import OffsetTracker
+
+    gpu = _RecordingGpu()
+    pool = ThreadPoolExecutor(4)
+    handler = MessageHandler(settings.replace(decoder="nvimgcodec"), PIPELINE, gpu, _NullPublisher(), OffsetTracker(),
+                             Metrics(), {"published": 0, "dead_lettered": 0, "failed": 0}, pool, lambda exc: None)
+    jpeg = encode(synth_image(np.random.default_rng(3), 96, 64, 3), "jpeg")
+    try:
+        for i in range(3):
+            msg = SimpleNamespace(topic="in", partition=0, offset=i, timestamp=0, key=None, value=jpeg, headers=[])
+            await handler.handle(TopicPartition("in", 0), msg)
+    finally:
+        pool.shutdown()
+    assert [r.encoded is not None for r in gpu.requests] == [True, True, True]

@@ -93,7 +93,7 @@ def verify(collected: Collected, images: list[tuple[str, bytes]], coords: list[t
     """Every result against the bundled models applied to that input alone, without ONNX Runtime: the
     input decoded by the CPU path into each model's rows, then the models' reference functions (NumPy,
     float64) on those rows. Exact with the CPU decoders (the worker decoded the same rows); with
-    decoder=nvimgcodec JPEGs were decoded on the GPU (within 1-2 levels of OpenCV), so values are
+    decoder=nvimgcodec or hybrid JPEGs were decoded on the GPU (within 1-2 levels of OpenCV), so values are
     compared to 2 levels and the hash bits are not. Returns (results checked, problems)."""
     from worker.decode.message import decode_message
     from worker.models.bundled import channel_means_reference, gray_thumbnail_reference
@@ -102,26 +102,33 @@ def verify(collected: Collected, images: list[tuple[str, bytes]], coords: list[t
     pipeline = pipeline_for(settings)
     if [m.name for m in pipeline.models] != ["channel_means", "gray_thumbnail"]:
         return 0, []  # another pipeline: no reference to check against
-    on_gpu = settings.decoder == "nvimgcodec"
-    reduced = settings.decoder == "cpu-reduced"
+    on_gpu = settings.decodes_on_gpu
+    # decoder=hybrid: each image was decoded either on the card (full size, resized there) or by an intake's
+    # decode thread (cpu-reduced); a result is right if it matches the reference of either path.
+    modes = [True] if settings.decoder == "cpu-reduced" else [False, True] if settings.decoder == "hybrid" else [False]
     problems: list[str] = []
     checked = 0
     for (name, data), coord in zip(images, coords):
         doc = collected.results.get(coord)
         if doc is None:
             continue
-        rgb, gray = decode_message(data, None, pipeline, settings.max_bytes, settings.max_pixels, reduced).inputs
-        means = channel_means_reference(rgb.astype(np.float32).transpose(2, 0, 1)[None])[0]
-        thumb = gray_thumbnail_reference(gray[..., 0].astype(np.float32)[None, None])
         outputs = doc["models"]
         got_means = np.array(outputs["channel_means"]["outputs"]["means"]["data"], np.float32)
         got_thumb = np.array(outputs["gray_thumbnail"]["outputs"]["thumbnail"]["data"], np.float32)
         got_hash = np.array(outputs["gray_thumbnail"]["outputs"]["ahash"]["data"], np.uint8)
         tolerance = 2.0 if on_gpu else 1e-3
-        if not (np.allclose(got_means, means, rtol=0, atol=tolerance)
-                and np.allclose(got_thumb, thumb["thumbnail"][0], rtol=0, atol=tolerance)
-                and (on_gpu or np.array_equal(got_hash, thumb["ahash"][0]))):
-            problems.append(f"{name} at {coord}: means {got_means} vs {means}")
+        wanted = []
+        for reduced in modes:
+            rgb, gray = decode_message(data, None, pipeline, settings.max_bytes, settings.max_pixels, reduced).inputs
+            means = channel_means_reference(rgb.astype(np.float32).transpose(2, 0, 1)[None])[0]
+            thumb = gray_thumbnail_reference(gray[..., 0].astype(np.float32)[None, None])
+            wanted.append(means)
+            if (np.allclose(got_means, means, rtol=0, atol=tolerance)
+                    and np.allclose(got_thumb, thumb["thumbnail"][0], rtol=0, atol=tolerance)
+                    and (on_gpu or np.array_equal(got_hash, thumb["ahash"][0]))):
+                break
+        else:
+            problems.append(f"{name} at {coord}: means {got_means} vs {' or '.join(map(str, wanted))}")
         checked += 1
     return checked, problems
 

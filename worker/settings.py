@@ -48,6 +48,10 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+# decoder values that send JPEGs to the GPU process as bytes (nvImageCodec decodes them there)
+GPU_DECODERS = ("nvimgcodec", "hybrid")
+
+
 @dataclass(frozen=True)
 class Settings:
     # --- Kafka -----------------------------------------------------------------------------
@@ -141,10 +145,12 @@ class Settings:
            "and committer) feeding the one GPU-owning process through shared memory. 0: derived from the "
            "CPUs this process may use (1 on a machine of up to 2).")
     decoder: str = _opt(
-        "cpu", "Image decoder: cpu (OpenCV), cpu-reduced (DCT-domain downscaled JPEG decode), or nvimgcodec "
+        "cpu", "Image decoder: cpu (OpenCV), cpu-reduced (DCT-domain downscaled JPEG decode), nvimgcodec "
                "(nvImageCodec on the GPU thread, resized on the device; images it cannot decode go to OpenCV; "
-               "without a GPU, nvImageCodec or NVRTC: cpu-reduced).",
-        ("cpu", "cpu-reduced", "nvimgcodec"),
+               "without a GPU, nvImageCodec or NVRTC: cpu-reduced), or hybrid (nvimgcodec, and each intake's "
+               "idle decode threads take JPEGs too, cpu-reduced: decode on the card shares the SMs with "
+               "inference, so CPU cores that would idle raise throughput).",
+        ("cpu", "cpu-reduced", "nvimgcodec", "hybrid"),
     )
     max_bytes: int = _opt(20_000_000, "Largest accepted message value in bytes; larger ones go to the DLQ.")
     max_pixels: int = _opt(
@@ -243,6 +249,12 @@ class Settings:
         from worker.policy.cpus import intake_processes_for, usable_cpus
 
         return self.intake_processes or intake_processes_for(usable_cpus())
+
+    @property
+    def decodes_on_gpu(self) -> bool:
+        """JPEGs are sent to the GPU process as bytes and decoded there (all of them, or with hybrid,
+        those no intake decode thread is free for)."""
+        return self.decoder in GPU_DECODERS
 
     @property
     def decode_threads(self) -> int:

@@ -44,6 +44,7 @@ from worker.decode.resize_kernel import SOURCE_DTYPE, ResizeKernel, fill_sources
 from worker.errors import ConfigError, PoisonMessage, UndecodableImage
 from worker.decode.message import Encoded, decode_encoded, size_mismatch
 from worker.models.spec import PipelineSpec
+from worker.settings import GPU_DECODERS
 
 _log = log.get(__name__)
 
@@ -268,7 +269,7 @@ class NvImageCodecDecoder:
 
 def decoder_factory(settings: Any, pipeline: PipelineSpec) -> Any:
     """The GpuThread's ``device_decoder`` factory for ``settings.decoder``, or None (CPU decoding)."""
-    if settings.decoder != "nvimgcodec":
+    if settings.decoder not in GPU_DECODERS:
         return None
 
     def make(runtime: Any, engines: Sequence[Any], max_batch: int) -> NvImageCodecDecoder:
