@@ -288,3 +288,43 @@ async def test_kill_9_five_times_at_least_once_loses_nothing_and_shows_its_dupli
           f"(inputs with more than one record: {sum(1 for i in range(n) if results[i] + dead[i] > 1)})")
     assert lost == []
     assert set(results) == set(range(n)) - poison and set(dead) == poison
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("broker", ["kafka"], indirect=True)
+async def test_a_fenced_intake_stops_loudly_and_its_successor_keeps_exactly_once(broker, topics, tmp_path):
+    """A second worker of the same group on the same host takes the same transactional ids: its
+    InitProducerId fences the first, whose next transaction fails with a fenced producer; the first exits 1
+    naming it, the second carries on, and read_committed still shows one record per input."""
+    n, partitions = 800, 4
+    await create_topics(broker.bootstrap, [(topics["input"], partitions), (topics["output"], partitions),
+                                           (topics["dlq"], 1)])
+    env = worker_env(broker.bootstrap, topics, processing_guarantee="exactly-once", max_in_flight=64)
+    values, poison = _inputs(n)
+    first = WorkerProc(env, tmp_path / "first.log", name="first").start()
+    await first.wait_ready(90)
+    feed = asyncio.create_task(PacedProducer(broker.bootstrap, topics["input"], values, partitions, rate=80).run())
+    try:
+        await asyncio.sleep(3.0)
+        second = WorkerProc(env, tmp_path / "second.log", name="second").start()
+        code = await asyncio.to_thread(first.wait, 60)
+        log = first.log_path.read_text()
+        assert code == 1, first.log_tail()
+        assert "transaction failed; stopping" in log and "fenced" in log, first.log_tail()
+        coords = await asyncio.wait_for(feed, 120)
+        deadline = time.monotonic() + 120
+        while await _committed_total(broker.bootstrap, topics, partitions) < len(coords):
+            assert second.alive(), second.log_tail()
+            assert time.monotonic() < deadline, second.log_tail()
+            await asyncio.sleep(0.5)
+    finally:
+        feed.cancel()
+    assert second.stop(60) == 0, second.log_tail()
+    results = await read_committed(broker.bootstrap, topics["output"])
+    dead = await read_committed(broker.bootstrap, topics["dlq"])
+    per = Counter(source_coords(r) for r in [*results, *dead])
+    print(f"\nfenced: {len(results)} results + {len(dead)} DLQ records for {n} inputs; "
+          f"inputs with != 1 record: {sum(1 for c in coords if per[c] != 1)}")
+    assert all(per[c] == 1 for c in coords) and len(per) == len(coords)
