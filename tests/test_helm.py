@@ -760,3 +760,16 @@ def test_several_gpus_per_pod_get_a_gpu_process_each(chart, count, devices):
         c = container(pod, name)
         assert c["resources"]["limits"]["nvidia.com/gpu"] == count
         assert env_of(c)["WORKER_GPU_DEVICES"] == devices, kind
+
+
+def test_processing_guarantee_reaches_the_worker_as_its_setting(chart):
+    from worker.settings import ProcessingGuarantee, load
+
+    _, worker = worker_pod(render(chart, BASE))
+    assert env_of(worker)["WORKER_PROCESSING_GUARANTEE"] == "at-least-once"
+    _, worker = worker_pod(render(chart, BASE, {"worker": {"processingGuarantee": "exactly-once"}}))
+    env = env_of(worker)
+    assert load(environ=env).processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
+    with pytest.raises(helm.HelmValuesError) as exc:
+        render(chart, BASE, {"worker": {"processingGuarantee": "exactly_once"}})
+    assert "/worker/processingGuarantee" in str(exc.value)

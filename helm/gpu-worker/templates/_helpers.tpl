@@ -362,6 +362,8 @@ claim, the model cache, and the models emptyDir (models.source image or url). /d
   value: {{ int .ipcSlotBytes | quote }}
 - name: WORKER_COMMIT_INTERVAL_MS
   value: {{ int .commitIntervalMs | quote }}
+- name: WORKER_PROCESSING_GUARANTEE
+  value: {{ .processingGuarantee | default "at-least-once" | quote }}
 {{- with (include "gpu-worker.maxInFlightBytes" $) }}
 - name: WORKER_MAX_IN_FLIGHT_BYTES
   value: {{ . | quote }}
