@@ -176,7 +176,7 @@ def _fake_decoder(max_batch: int = 8) -> tuple[NvImageCodecDecoder, FakeRuntime,
     dec.fallbacks, dec._nv, dec._decoder, dec._params, dec._kernel = 0, nv, nv, None, kernel
     dec._tables = [np.zeros(max_batch, SOURCE_DTYPE) for _ in engines]
     dec._device_tables = [SimpleNamespace(ptr=0x900000 + i) for i in range(len(engines))]
-    dec._host_rows, dec._free, dec._last = None, [], None
+    dec._pinned_free, dec._free, dec._last = [], [], None
     return dec, rt, kernel
 
 
@@ -195,30 +195,48 @@ def test_rows_follow_request_order_across_gpu_decoded_fallback_and_poison_images
 
     kept, rejected = dec.decode(items)
 
-    assert kept == [0, 1, 3, 4, 5, 6]  # rows 0..5 in request order
+    # rows: the CPU-decoded images first (the PNG, the JPEG nvImageCodec refused, the pool's), in request
+    # order, then the three decoded on the device
+    assert kept == [1, 4, 6, 0, 3, 5]
     assert [i for i, _ in rejected] == [2]
     assert dec._last.fallbacks == 2  # counted per batch too: the GPU thread reports it as a metric
     assert isinstance(rejected[0][1], UndecodableImage)
     assert dec.fallbacks == 2  # the PNG, and the JPEG nvImageCodec could not parse
-    # per model: one table copy and one launch for the three GPU-decoded JPEGs, rows 0, 2, 4
+    # per model: one table copy and one launch for the three GPU-decoded JPEGs, rows 3, 4, 5
     tables = [(dst, src.view(SOURCE_DTYPE)) for dst, src in rt.copies if 0x900000 <= dst < 0x900010]
     assert len(tables) == len(kernel.launches) == len(PIPELINE.models)
     for (dst, table), (sources, count, out, pre), engine in zip(tables, kernel.launches, dec.engines):
         assert sources == dst and count == 3 and out == engine.device_input and pre is engine.spec.preprocess
-        assert table["row"].tolist() == [0, 2, 4]
+        assert table["row"].tolist() == [3, 4, 5]
         assert table["height"].tolist() == [60, 60, 60] and table["width"].tolist() == [80, 80, 80]
         assert table["pitch"].tolist() == [240, 240, 240]
-    # fallback images: OpenCV's pre-processed pixels, copied into their own rows of every model
+    # CPU-decoded images: OpenCV's pre-processed pixels, rows 0..2 of every model in one copy
     want_png = decode_encoded(_encoded(png), PIPELINE, 1 << 24, 1 << 26)
     want_jpeg = decode_encoded(_encoded(jpeg[2]), PIPELINE, 1 << 24, 1 << 26)
     for m, engine in enumerate(dec.engines):
-        row_bytes = int(np.prod(engine.spec.preprocess.hwc_shape))
-        copies = {dst: src for dst, src in rt.copies if engine.device_input <= dst < engine.device_input + 0x100000}
-        base = engine.device_input
-        assert sorted(copies) == [base + row_bytes, base + 3 * row_bytes, base + 5 * row_bytes]
-        np.testing.assert_array_equal(copies[base + row_bytes].reshape(-1), want_png[m].reshape(-1))
-        np.testing.assert_array_equal(copies[base + 3 * row_bytes].reshape(-1), want_jpeg[m].reshape(-1))
-        np.testing.assert_array_equal(copies[base + 5 * row_bytes].reshape(-1), pooled[m].reshape(-1))
+        copies = [(dst, src) for dst, src in rt.copies if engine.device_input <= dst < engine.device_input + 0x100000]
+        assert len(copies) == 1 and copies[0][0] == engine.device_input
+        rows = copies[0][1]
+        assert rows.shape == (3, *engine.spec.preprocess.hwc_shape)
+        for got, want in zip(rows, (want_png[m], want_jpeg[m], pooled[m])):
+            np.testing.assert_array_equal(got.reshape(-1), want.reshape(-1))
+
+
+def test_cpu_decoded_rows_keep_their_pinned_set_until_released():
+    dec, rt, _ = _fake_decoder()
+    pooled = tuple(np.full(m.preprocess.hwc_shape, 9, np.uint8) for m in PIPELINE.models)
+    first = dec.stage([pooled])
+    second = dec.stage([pooled])  # staged while the first is in flight: its own rows
+    assert first.pinned is not None and second.pinned is not None
+    assert all(a is not b for a, b in zip(first.pinned, second.pinned))
+    first_set = first.pinned
+    dec.release(first)
+    assert first.pinned is None  # handed back on release ...
+    third = dec.stage([pooled])
+    assert third.pinned is first_set
+    dec.release(second)
+    dec.release(third)
+    assert len(dec._pinned_free) == 2  # ... and reused: two sets were ever made
 
 
 def test_decoded_images_are_held_for_the_next_batch_and_passed_back_for_reuse():

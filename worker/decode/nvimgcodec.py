@@ -75,7 +75,8 @@ class Staged:
     kept: list[int] = field(default_factory=list)  # item indices, in row order
     rejected: list[tuple[int, PoisonMessage]] = field(default_factory=list)
     sources: list[tuple[int, int, int, int]] = field(default_factory=list)  # device images: ptr, pitch, h, w
-    host_rows: list[tuple[int, Sequence[np.ndarray]]] = field(default_factory=list)  # (row, per-model arrays)
+    host_rows: int = 0  # rows 0..host_rows-1: decoded on the CPU, already in ``pinned``
+    pinned: list[np.ndarray] | None = None  # per model, pinned rows (from the decoder's pool) until ``release``
     images: list[Any] = field(default_factory=list)  # nvImageCodec images, alive until ``release``
     fallbacks: int = 0  # JPEGs nvImageCodec could not decode, decoded by OpenCV instead
     host_s: float = 0.0
@@ -104,7 +105,11 @@ class NvImageCodecDecoder:
         self._tables = [runtime.host_buffer((max_batch,), SOURCE_DTYPE) for _ in self.engines]
         self._device_tables = [runtime.device_buffer(max_batch * SOURCE_DTYPE.itemsize, f"resize table {i}")
                                for i in range(len(self.engines))]
-        self._host_rows: list[np.ndarray] | None = None  # pinned, made on the first row copied from the host
+        # Pinned row sets for images decoded on the CPU (the intakes' pools, OpenCV fallbacks): ``stage``
+        # copies them in while the device still runs the previous batch, ``write`` sends each model's
+        # rows in one copy. A set belongs to one Staged batch until ``release`` (a prefetched batch and
+        # the running one each hold one), so a pending copy never reads rows being refilled.
+        self._pinned_free: list[list[np.ndarray]] = []
         # Decoded images must outlive the kernels that read them: a Staged batch holds them until the
         # GPU thread has synchronised and calls ``release``; released images go back to nvImageCodec
         # as buffers to reuse instead of allocating (and freeing) per batch.
@@ -159,7 +164,7 @@ class NvImageCodecDecoder:
         """Decode the Encoded ``items`` with nvImageCodec (device images, ordered before the stream's
         next work), OpenCV for what it cannot; touches no batch row, so it may run while the stream still
         executes the previous batch. The other items (one pre-processed array per model, decoded by the
-        pool) pass through."""
+        pool) and OpenCV's fallbacks are copied into pinned rows here, ahead of the device ones."""
         started = time.perf_counter()
         streams: list[Any] = []
         positions: list[int] = []
@@ -177,10 +182,11 @@ class NvImageCodecDecoder:
             for i, image in zip(positions, self._decode_streams(streams)):
                 images[i] = image
             staged.decoded = self._decode_done()
+        host: list[tuple[int, Sequence[np.ndarray]]] = []  # (item, per-model arrays) decoded on the CPU
+        gpu: list[tuple[int, tuple[int, int, int, int]]] = []  # (item, device image)
         for i, (item, image) in enumerate(zip(items, images)):
             if not isinstance(item, Encoded):
-                staged.host_rows.append((len(staged.kept), item))
-                staged.kept.append(i)
+                host.append((i, item))
                 continue
             if image is not None:
                 staged.images.append(image)
@@ -190,8 +196,7 @@ class NvImageCodecDecoder:
                     continue
                 cai = image.__cuda_array_interface__
                 pitch = (cai.get("strides") or (image.shape[1] * 3, 3, 1))[0]
-                staged.sources.append((int(cai["data"][0]), int(pitch), int(image.shape[0]), int(image.shape[1])))
-                staged.kept.append(i)
+                gpu.append((i, (int(cai["data"][0]), int(pitch), int(image.shape[0]), int(image.shape[1]))))
                 continue
             try:  # nvImageCodec could not: OpenCV, exactly as decoder=cpu would (same verdict, same reason)
                 arrays = decode_encoded(item, self.pipeline, self.max_bytes, self.max_pixels)
@@ -200,16 +205,30 @@ class NvImageCodecDecoder:
                 continue
             self.fallbacks += 1
             staged.fallbacks += 1
-            staged.host_rows.append((len(staged.kept), arrays))
-            staged.kept.append(i)
+            host.append((i, arrays))
+        # Rows: the CPU-decoded images first (one copy per model), then the device-decoded ones.
+        staged.kept = [i for i, _ in host] + [i for i, _ in gpu]
+        staged.sources = [src for _, src in gpu]
+        if host:
+            staged.pinned = self._pinned_free.pop() if self._pinned_free else [
+                self.runtime.host_buffer((self.max_batch, *e.spec.preprocess.hwc_shape), np.uint8)
+                for e in self.engines]
+            try:
+                for row, (_, arrays) in enumerate(host):
+                    for e, pinned in enumerate(staged.pinned):
+                        np.copyto(pinned[row], arrays[e].reshape(pinned[row].shape))
+            except BaseException:
+                self.release(staged)  # the row set goes back to the pool
+                raise
+            staged.host_rows = len(host)
         staged.host_s = time.perf_counter() - started
         return staged
 
     def write(self, staged: Staged) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:
         """Queue the resize of the staged device images and the copies of the host rows into every
         model's input rows, in item order. Returns (indices of the items in rows 0..k-1; rejected)."""
-        host_rows = {row for row, _ in staged.host_rows}
-        gpu_rows = [row for row in range(len(staged.kept)) if row not in host_rows]
+        h = staged.host_rows
+        gpu_rows = list(range(h, h + len(staged.sources)))
         if staged.decoded is not None:  # the resize reads what the decode stream wrote
             self.runtime.wait_for(staged.decoded)
         for e, engine in enumerate(self.engines):
@@ -218,10 +237,11 @@ class NvImageCodecDecoder:
                 filled = fill_sources(self._tables[e], staged.sources, gpu_rows, pre)
                 self.runtime.to_device(self._device_tables[e].ptr, filled.view(np.uint8), "resize table")
                 self._kernel.launch(self._device_tables[e].ptr, len(staged.sources), engine.device_input, pre)
-            for row, arrays in staged.host_rows:
-                self._copy_host_row(e, row, arrays[e], engine)
+            if h:
+                assert staged.pinned is not None
+                self.runtime.to_device(engine.device_input, staged.pinned[e][:h], "host-decoded images")
         _log.debug("gpu_decode_queued", images=len(staged.kept) + len(staged.rejected), on_gpu=len(staged.sources),
-                   host_rows=len(staged.host_rows), rejected=len(staged.rejected),
+                   host_rows=h, rejected=len(staged.rejected),
                    stage_ms=round(staged.host_s * 1000, 3))
         return staged.kept, staged.rejected
 
@@ -231,6 +251,9 @@ class NvImageCodecDecoder:
         self._free.extend(staged.images)
         del self._free[: max(0, len(self._free) - 2 * self.max_batch)]
         staged.images = []
+        if staged.pinned is not None:
+            self._pinned_free.append(staged.pinned)
+            staged.pinned = None
 
     def _decode_streams(self, streams: list[Any]) -> list[Any]:
         """nvImageCodec over the batch; None where an image failed. Reuses released images' buffers."""
@@ -256,15 +279,6 @@ class NvImageCodecDecoder:
         if not getattr(self.runtime, "decode_stream_handle", 0):
             return None  # one stream: decode and resize are in order already
         return self.runtime.decode_done()
-
-    def _copy_host_row(self, model: int, row: int, array: np.ndarray, engine: Any) -> None:
-        """An image decoded on the CPU (the pool, or OpenCV after nvImageCodec failed) into its device row."""
-        if self._host_rows is None:
-            self._host_rows = [self.runtime.host_buffer((self.max_batch, *e.spec.preprocess.hwc_shape), np.uint8)
-                                   for e in self.engines]
-        host = self._host_rows[model][row]  # its own pinned row: an async copy reads it later
-        np.copyto(host, array.reshape(host.shape))
-        self.runtime.to_device(engine.device_input + row * host.nbytes, host, "host-decoded image")
 
 
 def decoder_factory(settings: Any, pipeline: PipelineSpec) -> Any:
