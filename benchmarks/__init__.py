@@ -17,6 +17,8 @@ One module per thing measured:
 - ``round_trip``: the broker's own round trip (produce -> consume, no worker) and the latency bound of
   the 50%-load run that uses it.
 - ``cpu_time``: CPU per thread group and per process, counted from the first message.
+- ``decode_overlap`` (run alone: ``python -m benchmarks.decode_overlap``): a device experiment, whether
+  nvImageCodec's decode overlaps inference on the card (it does not: docs/benchmarks.md).
 
 ``corpus`` makes the images and the topics; ``loadgen`` is the producer/collector that runs in child
 processes so that it does not share the worker's interpreter lock; ``report`` prints the table and writes

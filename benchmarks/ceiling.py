@@ -178,9 +178,11 @@ async def _metrics_caught_up(metrics: Metrics, images: int, timeout_s: float = 1
 
 
 async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs: Inputs, count: int,
-                             encoded: Sequence[Any] = ()) -> dict:
+                             encoded: Sequence[Any] = (), rows: bool = False) -> dict:
     """The real GpuThread fed ``count`` requests at once: full batches, no Kafka. Pre-decoded images, or,
-    with ``encoded`` (decoder=nvimgcodec), checked JPEG bytes that the GPU thread decodes itself."""
+    with ``encoded`` (decoder=nvimgcodec), checked JPEG bytes that the GPU thread decodes itself; with
+    ``rows`` too, the GPU decoder is running but every request brings rows decoded on the CPU (what
+    decoder=hybrid's intake-decoded share costs the GPU process)."""
     loop = asyncio.get_running_loop()
     metrics = Metrics()
     runtime = create_runtime(settings)
@@ -190,7 +192,7 @@ async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs:
     await gpu.start()
 
     def request(j: int, fut: asyncio.Future) -> InferenceRequest:
-        if gpu.decodes_on_device:
+        if gpu.decodes_on_device and not rows:
             return InferenceRequest(None, fut, loop, encoded=encoded[j % len(encoded)])
         return InferenceRequest(inputs[j % len(inputs)], fut, loop)
 

@@ -126,6 +126,10 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
             encoded = ([inspect_message(b, None, settings.max_bytes, settings.max_pixels) for b in distinct]
                        if settings.decodes_on_gpu else [])
             await part("gpu_thread", lambda: gpu_thread_ceiling(settings, pipeline, inputs, opts.count, encoded))
+            if settings.decoder == "hybrid":
+                say(f"GPU thread alone: {opts.count} rows decoded on the CPU, the GPU decoder running")
+                await part("gpu_thread_rows", lambda: gpu_thread_ceiling(settings, pipeline, inputs, opts.count,
+                                                                         encoded, rows=True))
 
         if "worker" not in opts.skip:
             say(f"worker, preloaded backlog of {opts.count}")

@@ -1,0 +1,234 @@
+"""Does nvImageCodec's JPEG decode overlap ResNet-50 inference on the card? (a device experiment)
+
+Why it exists: with ``decoder=nvimgcodec`` the GPU thread decodes batch N+1 while the device runs batch N,
+and yet the GPU thread alone reached only ~0.68x the engine API. This separates the parts, one batch of
+``--batch`` 640x480 JPEGs at a time, on a thread that takes the device like the GPU thread:
+
+- ``infer_alone``: ``enqueue_resident`` + synchronize (the rows already decoded on the device);
+- ``decode_alone``: stage + write + synchronize; ``decode_parts_alone`` splits the host time into
+  CodeStream creation, the ``Decoder.decode`` call and reading each image's device pointer;
+- ``decode_beside_infer``: the decode call made right after the inference was enqueued (same thread);
+- ``gpu_thread_pattern``: what GpuThread does per batch (write, enqueue, stage the next, synchronize);
+- ``decode_thread``: a second thread of the process (the same primary context pushed there) decodes
+  while the first only writes, enqueues and synchronizes: does a second host thread buy overlap?
+- ``infer_alone_cuda_graph``: ONNX Runtime's CUDA graph (``enable_cuda_graph``), inference alone.
+
+``NONBLOCK=1`` creates the runtime's streams with CU_STREAM_NON_BLOCKING (to rule out implicit
+synchronisation with the legacy default stream). Run on the GPU machine:
+``python3 -m benchmarks.decode_overlap --json out.json``. Results: docs/benchmarks.md ("decode and
+inference on one card").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def _nonblocking_streams() -> None:
+    import pycuda.driver as cuda
+
+    make = cuda.Stream
+    cuda.Stream = lambda *a, **k: make(1)  # CU_STREAM_NON_BLOCKING; CudaRuntime.start calls cuda.Stream()
+
+
+def run(batch: int, seconds: float) -> dict[str, Any]:
+    from worker import log
+    from worker.decode.message import inspect_message
+    from worker.decode.nvimgcodec import NvImageCodecDecoder
+    from worker.engines import create_engine, create_runtime
+    from worker.models import resnet50_pipeline_path
+    from worker.models.spec import load_pipeline
+    from worker.samples import encode, synth_image
+    from worker.settings import Settings
+
+    log.configure("console", "warning")
+    settings = Settings().replace(device="cuda", decoder="nvimgcodec", max_batch_size=batch)
+    pipeline = load_pipeline(resnet50_pipeline_path())
+    rng = np.random.default_rng(0)
+    jpegs = [encode(synth_image(rng, 640, 480, 3), "jpeg", 90) for _ in range(256)]
+    encoded = [inspect_message(b, None, settings.max_bytes, settings.max_pixels) for b in jpegs]
+    batches = [[encoded[(k * batch + j) % len(encoded)] for j in range(batch)] for k in range(4)]
+    out: dict[str, Any] = {"batch": batch, "nonblocking_streams": os.environ.get("NONBLOCK") == "1"}
+
+    rt = create_runtime(settings)
+    rt.start()
+    eng = create_engine(pipeline.models[0], settings)
+    eng.activate(rt, batch)
+    dec = NvImageCodecDecoder(rt, [eng], batch, pipeline, settings.max_bytes, settings.max_pixels)
+    dec.warm_up()
+    nv = dec._nv
+
+    def loop(name: str, step: Callable[[int], None], secs: float = seconds) -> dict[str, Any]:
+        step(0)
+        rt.synchronize()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < secs:
+            step(n)
+            n += 1
+        rt.synchronize()
+        wall = time.perf_counter() - t0
+        out[name] = {"batches": n, "ms_per_batch": round(1000 * wall / n, 2), "images_per_s": round(n * batch / wall)}
+        print(name, out[name], flush=True)
+        return out[name]
+
+    def timed_decode(items: list) -> tuple[list, tuple[float, ...]]:
+        t0 = time.perf_counter()
+        streams = [nv.CodeStream(it.data) for it in items]
+        t1 = time.perf_counter()
+        images = list(dec._decoder.decode(streams, params=dec._params, cuda_stream=rt.decode_stream_handle))
+        t2 = time.perf_counter()
+        for im in images:
+            im.__cuda_array_interface__["data"][0]
+        return images, (t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+    def mean_ms(parts: list[tuple[float, ...]]) -> list[float]:
+        return [round(1000 * float(np.mean([p[k] for p in parts])), 2) for k in range(len(parts[0]))]
+
+    staged = dec.stage(batches[0])
+    dec.write(staged)
+    rt.synchronize()
+
+    def infer(i: int) -> None:
+        collect = eng.enqueue_resident(batch)
+        rt.synchronize()
+        collect()
+
+    loop("infer_alone", infer)
+    dec.release(staged)
+
+    def decode_only(i: int) -> None:
+        dec.decode(batches[i % 4])
+        rt.synchronize()
+
+    loop("decode_alone", decode_only)
+    parts: list[tuple[float, ...]] = []
+
+    def decode_parts(i: int) -> None:
+        parts.append(timed_decode(batches[i % 4])[1])
+        rt.decode_stream.synchronize()
+
+    loop("decode_parts_alone", decode_parts)["parts_ms"] = dict(zip(("codestream", "decode_call", "pointers"),
+                                                                     mean_ms(parts)))
+    parts.clear()
+
+    def beside(i: int) -> None:
+        collect = eng.enqueue_resident(batch)
+        _, p = timed_decode(batches[i % 4])
+        t = time.perf_counter()
+        rt.synchronize()
+        parts.append((*p, time.perf_counter() - t))
+        collect()
+
+    loop("decode_beside_infer", beside)["parts_ms"] = dict(zip(("codestream", "decode_call", "pointers", "sync"),
+                                                               mean_ms(parts)))
+    nxt = [dec.stage(batches[0])]
+
+    def gpu_thread_pattern(i: int) -> None:
+        cur = nxt[0]
+        dec.write(cur)
+        collect = eng.enqueue_resident(batch)
+        nxt[0] = dec.stage(batches[(i + 1) % 4])
+        rt.synchronize()
+        collect()
+        dec.release(cur)
+
+    loop("gpu_thread_pattern", gpu_thread_pattern)
+    rt.synchronize()
+    dec.release(nxt[0])
+
+    # A second host thread decoding (experiment only: the product keeps one thread on the device).
+    rt._check_thread = lambda: None  # the decode thread records its event on the decode stream
+    lock, ready, stop = threading.Lock(), queue.Queue(maxsize=2), threading.Event()
+    decode_ms: list[float] = []
+
+    def decoder_thread() -> None:
+        import pycuda.driver as cuda
+
+        rt._context.push()
+        try:
+            k = 0
+            while not stop.is_set():
+                t = time.perf_counter()
+                with lock:
+                    s = dec.stage(batches[k % 4])
+                decode_ms.append(1000 * (time.perf_counter() - t))
+                k += 1
+                while not stop.is_set():
+                    try:
+                        ready.put(s, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+            rt.decode_stream.synchronize()
+        finally:
+            cuda.Context.pop()
+
+    thread = threading.Thread(target=decoder_thread, daemon=True)
+    thread.start()
+    waits: list[float] = []
+
+    def threaded(i: int) -> None:
+        t = time.perf_counter()
+        s = ready.get()
+        waits.append(1000 * (time.perf_counter() - t))
+        dec.write(s)
+        collect = eng.enqueue_resident(batch)
+        rt.synchronize()
+        collect()
+        with lock:
+            dec.release(s)
+
+    row = loop("decode_thread", threaded, seconds * 1.5)
+    stop.set()
+    thread.join()
+    row["decode_stage_ms"] = round(float(np.mean(decode_ms)), 2)
+    row["gpu_thread_wait_ms"] = round(float(np.mean(waits)), 2)
+    dec.close()
+    eng.deactivate()
+
+    try:
+        spec = dataclasses.replace(pipeline.models[0], extra={"cuda_provider_options": {"enable_cuda_graph": "1"}})
+        graph = create_engine(spec, settings)
+        graph.activate(rt, batch)
+
+        def infer_graph(i: int) -> None:
+            collect = graph.enqueue_resident(batch)
+            rt.synchronize()
+            collect()
+
+        loop("infer_alone_cuda_graph", infer_graph)
+        graph.deactivate()
+    except Exception as exc:  # noqa: BLE001 - recorded; the other rows stand
+        out["infer_alone_cuda_graph"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+    rt.stop()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    if os.environ.get("NONBLOCK") == "1":
+        _nonblocking_streams()
+    from benchmarks.own_thread import on_own_thread
+
+    result = on_own_thread(lambda: run(args.batch, args.seconds), "bench-decode-overlap")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
