@@ -61,3 +61,36 @@ def test_cli_flags_reach_settings():
     s = settings_mod.load(vars(args), environ={})
     assert s.max_wait_ms == 2.5 and s.device == "cpu"
     assert isinstance(args, argparse.Namespace)
+
+
+def test_choices_become_enum_members_wherever_they_enter():
+    from worker.choices import Choice, Decoder, Device, LogLevel, SaslMechanism
+
+    s = settings_mod.load({"decoder": "hybrid"}, environ={"WORKER_DEVICE": " CPU ", "WORKER_LOG_LEVEL": "Debug",
+                                                        "WORKER_SASL_MECHANISM": "scram-sha-256"})
+    assert s.decoder is Decoder.HYBRID and s.device is Device.CPU and s.log_level is LogLevel.DEBUG
+    assert s.sasl_mechanism is SaslMechanism.SCRAM_SHA_256
+    assert s.decoder == "hybrid" and f"{s.decoder}" == "hybrid" and {"hybrid": 1}[s.decoder] == 1
+    assert s.decodes_on_gpu and settings_mod.GPU_DECODERS == ("nvimgcodec", "hybrid")
+    replaced = s.replace(decoder="cpu-reduced")  # callers and tests pass plain strings
+    assert replaced.decoder is Decoder.CPU_REDUCED and not replaced.decodes_on_gpu
+    import dataclasses
+
+    for f in dataclasses.fields(settings_mod.Settings):  # every field with choices is typed, default included
+        if f.metadata.get("choices"):
+            assert isinstance(getattr(settings_mod.Settings(), f.name), Choice), f.name
+
+
+def test_a_bad_choice_names_its_flag_variable_and_values():
+    with pytest.raises(ConfigError, match=r"decoder='gpu' is not one of cpu, cpu-reduced, nvimgcodec, hybrid "
+                                          r"\(flag --decoder or env WORKER_DECODER\)"):
+        settings_mod.load({}, environ={"WORKER_DECODER": "gpu"})
+    with pytest.raises(ConfigError, match=r"ort_batch_shapes='any' is not one of max, pow2 .*"
+                                          r"; log_format='xml' is not one of auto, json, console"):
+        settings_mod.Settings().replace(log_format="xml", ort_batch_shapes="any")
+
+
+def test_kafka_options_are_plain_strings():
+    opts = settings_mod.load({}, environ={"WORKER_SECURITY_PROTOCOL": "sasl_plaintext"}).kafka_common()
+    assert type(opts["security_protocol"]) is str and opts["security_protocol"] == "SASL_PLAINTEXT"
+    assert type(opts["sasl_mechanism"]) is str and opts["sasl_mechanism"] == "PLAIN"

@@ -71,7 +71,7 @@ def check_codecs(table: Mapping[str, tuple[Encode, Decode]] | None = None) -> li
 
 def producer_compression(setting: str) -> str | None:
     """The AIOKafkaProducer ``compression_type`` for the output_compression setting."""
-    return None if setting == "none" else setting
+    return None if setting == "none" else str(setting)  # aiokafka gets the plain name, not the enum member
 
 
 def explain(exc: BaseException) -> BaseException:

@@ -9,47 +9,42 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import enum
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.choices import (
+    ENV_PREFIX,
+    BatchShapes,
+    Choice,
+    Compression,
+    CudnnSearch,
+    Decoder,
+    Device,
+    LogFormat,
+    LogLevel,
+    OffsetReset,
+    ProcessingGuarantee,
+    SaslMechanism,
+    SecurityProtocol,
+)
 from worker.errors import ConfigError
 
-ENV_PREFIX = "WORKER_"
+__all__ = ["ENV_PREFIX", "GPU_DECODERS", "SECRET_FIELDS", "BatchShapes", "Compression", "CudnnSearch", "Decoder",
+           "Device", "LogFormat", "LogLevel", "OffsetReset", "ProcessingGuarantee", "SaslMechanism",
+           "SecurityProtocol", "Settings", "add_arguments", "load"]
 SECRET_FIELDS = frozenset({"sasl_password", "ssl_keyfile_password"})
 
 
-class ProcessingGuarantee(str, enum.Enum):
-    """What a consumer of the output topics may rely on (docs/guarantees.md)."""
-
-    AT_LEAST_ONCE = "at-least-once"  # commit after the ack: a crash can repeat results, never lose one
-    EXACTLY_ONCE = "exactly-once"  # results and input offsets in one Kafka transaction (read_committed)
-
-    @classmethod
-    def parse(cls, raw: object) -> ProcessingGuarantee:
-        if isinstance(raw, cls):
-            return raw
-        for member in cls:
-            if isinstance(raw, str) and raw.strip().lower() == member.value:
-                return member
-        raise ConfigError(f"processing_guarantee={raw!r} is not one of {', '.join(m.value for m in cls)} "
-                          f"(flag --processing-guarantee or env {ENV_PREFIX}PROCESSING_GUARANTEE)")
-
-    def __repr__(self) -> str:  # --help prints defaults with repr
-        return repr(self.value)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _opt(default: Any, help: str, choices: type[Choice] | None = None) -> Any:
+    """A field; ``choices`` is the enum its value is parsed into (the field's type)."""
+    return field(default=default, metadata={"help": help, "enum": choices,
+                                            "choices": choices.values() if choices else None})
 
 
 # decoder values that send JPEGs to the GPU process as bytes (nvImageCodec decodes them there)
-GPU_DECODERS = ("nvimgcodec", "hybrid")
+GPU_DECODERS = tuple(d for d in Decoder if d.on_gpu)
 
 
 @dataclass(frozen=True)
@@ -61,15 +56,15 @@ class Settings:
     dlq_topic: str = _opt("images.dlq", "Dead-letter topic for poison messages (payload + error headers).")
     group_id: str = _opt("gpu-worker", "Consumer group id.")
     client_id: str = _opt("gpu-worker", "Kafka client id (shows up in broker logs and quotas).")
-    auto_offset_reset: str = _opt(
-        "earliest", "Where a group with no committed offset starts.", ("earliest", "latest")
+    auto_offset_reset: OffsetReset = _opt(
+        OffsetReset.EARLIEST, "Where a group with no committed offset starts.", OffsetReset
     )
-    security_protocol: str = _opt(
-        "PLAINTEXT", "Kafka security protocol.", ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    security_protocol: SecurityProtocol = _opt(
+        SecurityProtocol.PLAINTEXT, "Kafka security protocol.", SecurityProtocol
     )
-    sasl_mechanism: str = _opt(
-        "PLAIN", "SASL mechanism (OAUTHBEARER and GSSAPI need token/Kerberos support the worker does not have yet).",
-        ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+    sasl_mechanism: SaslMechanism = _opt(
+        SaslMechanism.PLAIN, "SASL mechanism (OAUTHBEARER and GSSAPI need token/Kerberos support the worker does not have yet).",
+        SaslMechanism
     )
     sasl_username: str = _opt("", "SASL user name.")
     sasl_password: str = _opt("", "SASL password (masked in logs).")
@@ -90,13 +85,13 @@ class Settings:
                  "reads rather than dozens of loop round trips. 0: asyncio's and aiokafka's defaults.")
     producer_linger_ms: int = _opt(5, "Producer linger: how long a result batch waits to fill.")
     producer_max_request_size: int = _opt(10485760, "Largest produce request (results and DLQ records).")
-    output_compression: str = _opt(
-        "none", "Compression of the result and DLQ record batches we write (input batches of every codec are "
+    output_compression: Compression = _opt(
+        Compression.NONE, "Compression of the result and DLQ record batches we write (input batches of every codec are "
                 "read whatever this says). none by default: aiokafka compresses on the event loop that feeds "
                 "the GPU, and any consumer can read the results, even one without snappy/lz4/zstd libraries. "
                 "Where bytes matter, zstd: the demo's 1.3 KB JSON results shrink 5x for ~7 us a result "
                 "(snappy 3x, ~6 us; lz4 4x, ~60 us; gzip 5x, ~140 us). DLQ payloads are images: they barely "
-                "shrink.", ("none", "gzip", "snappy", "lz4", "zstd"))
+                "shrink.", Compression)
     producer_max_pending: int = _opt(
         2048, "Most result/DLQ records sent but not yet acknowledged; past it sends wait."
     )
@@ -104,9 +99,8 @@ class Settings:
     pipeline: str = _opt(
         "", "Model pipeline file (YAML). Empty: the bundled demo pipeline (exact-function models)."
     )
-    device: str = _opt(
-        "auto", "Where inference runs: auto (CUDA if usable, else CPU), cuda, or cpu.",
-        ("auto", "cuda", "cpu"),
+    device: Device = _opt(
+        Device.AUTO, "Where inference runs: auto (CUDA if usable, else CPU), cuda, or cpu.", Device
     )
     gpu_device_index: int = _opt(0, "CUDA device index of the one GPU process (when gpu_devices is empty).")
     gpu_devices: str = _opt(
@@ -117,14 +111,14 @@ class Settings:
     max_batch_size: int = _opt(32, "Largest micro-batch sent to the models.")
     max_wait_ms: float = _opt(5.0, "Longest a request waits for its micro-batch to fill.")
     ort_arena: bool = _opt(True, "ONNX Runtime CUDA provider: use its memory arena.")
-    ort_cudnn_search: str = _opt(
-        "HEURISTIC", "ONNX Runtime cuDNN convolution algorithm search.", ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+    ort_cudnn_search: CudnnSearch = _opt(
+        CudnnSearch.HEURISTIC, "ONNX Runtime cuDNN convolution algorithm search.", CudnnSearch
     )
-    ort_batch_shapes: str = _opt(
-        "max", "ONNX Runtime CUDA provider: batch shapes a session runs at. max: every batch padded to "
+    ort_batch_shapes: BatchShapes = _opt(
+        BatchShapes.MAX, "ONNX Runtime CUDA provider: batch shapes a session runs at. max: every batch padded to "
                "max_batch_size (one shape; ORT re-prepares its convolutions whenever the batch shape "
                "changes, ~100 ms for ResNet-50 on an H200); pow2: padded to the next power of two (less "
-               "padding, but a change of shape between batches costs that again).", ("max", "pow2")
+               "padding, but a change of shape between batches costs that again).", BatchShapes
     )
     engine_cache_dir: str = _opt(
         "", "Where TensorRT engines built from ONNX files are cached. Empty: ~/.cache/gpu-worker/engines."
@@ -144,13 +138,13 @@ class Settings:
         0, "Intake processes (each an aiokafka consumer in the group, with its own decode pool, publisher "
            "and committer) feeding the one GPU-owning process through shared memory. 0: derived from the "
            "CPUs this process may use (1 on a machine of up to 2).")
-    decoder: str = _opt(
-        "cpu", "Image decoder: cpu (OpenCV), cpu-reduced (DCT-domain downscaled JPEG decode), nvimgcodec "
+    decoder: Decoder = _opt(
+        Decoder.CPU, "Image decoder: cpu (OpenCV), cpu-reduced (DCT-domain downscaled JPEG decode), nvimgcodec "
                "(nvImageCodec on the GPU thread, resized on the device; images it cannot decode go to OpenCV; "
                "without a GPU, nvImageCodec or NVRTC: cpu-reduced), or hybrid (nvimgcodec, and each intake's "
                "idle decode threads take JPEGs too, cpu-reduced: decode on the card shares the SMs with "
                "inference, so CPU cores that would idle raise throughput).",
-        ("cpu", "cpu-reduced", "nvimgcodec", "hybrid"),
+        Decoder,
     )
     max_bytes: int = _opt(20_000_000, "Largest accepted message value in bytes; larger ones go to the DLQ.")
     max_pixels: int = _opt(
@@ -192,21 +186,24 @@ class Settings:
         "exactly-once: each commit cycle writes the finished prefix's results and DLQ records and the input "
         "offsets in one Kafka transaction (one transactional producer per intake), so consumers reading "
         "with isolation_level=read_committed see each input's result once, even across kill -9; needs a "
-        "broker with transactions (not the embedded tansu). One of: at-least-once, exactly-once.")
+        "broker with transactions (not the embedded tansu).", ProcessingGuarantee)
     drain_timeout_s: float = _opt(20.0, "On SIGTERM, how long in-flight work may take to finish.")
     rebalance_timeout_s: float = _opt(10.0, "On partition revoke, how long in-flight work may take.")
     # --- Operations -----------------------------------------------------------------------
     http_port: int = _opt(8080, "Port of /healthz, /readyz and /metrics. 0: no HTTP server.")
-    log_format: str = _opt("auto", "Log format: auto (console on a terminal, else JSON), json, console.",
-                           ("auto", "json", "console"))
-    log_level: str = _opt("info", "Log level.", ("debug", "info", "warning", "error"))
+    log_format: LogFormat = _opt(LogFormat.AUTO, "Log format: auto (console on a terminal, else JSON), json, console.",
+                                 LogFormat)
+    log_level: LogLevel = _opt(LogLevel.INFO, "Log level.", LogLevel)
 
     def __post_init__(self) -> None:
         problems = []
-        try:  # the typed value from here on, whether it came as a flag, a variable or an override
-            object.__setattr__(self, "processing_guarantee", ProcessingGuarantee.parse(self.processing_guarantee))
-        except ConfigError as exc:
-            problems.append(str(exc))
+        for f in dataclasses.fields(self):  # the typed value from here on: flag, variable, override or replace
+            kind = f.metadata.get("enum")
+            if kind is not None:
+                try:
+                    object.__setattr__(self, f.name, kind.parse(getattr(self, f.name), f.name))
+                except ConfigError as exc:
+                    problems.append(str(exc))
         for name in ("max_batch_size", "max_in_flight", "commit_interval_ms", "producer_max_pending", "ipc_slots",
                      "ipc_slot_bytes", "max_jpeg_scans"):
             if getattr(self, name) < 1:
@@ -227,10 +224,6 @@ class Settings:
             problems.append(
                 f"resume_in_flight={self.resume_in_flight} must not exceed max_in_flight={self.max_in_flight}"
             )
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                problems.append(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}")
         if problems:
             raise ConfigError("invalid settings: " + "; ".join(problems))
 
@@ -254,7 +247,7 @@ class Settings:
     def decodes_on_gpu(self) -> bool:
         """JPEGs are sent to the GPU process as bytes and decoded there (all of them, or with hybrid,
         those no intake decode thread is free for)."""
-        return self.decoder in GPU_DECODERS
+        return self.decoder.on_gpu
 
     @property
     def decode_threads(self) -> int:
@@ -264,6 +257,7 @@ class Settings:
         return self.decode_workers or decode_threads_for(usable_cpus(), self.intakes)
 
     def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes``; plain strings for choice fields are parsed as at load."""
         return dataclasses.replace(self, **changes)
 
     def masked(self) -> dict[str, Any]:
@@ -278,9 +272,9 @@ class Settings:
         """Connection and security options shared by consumer, producer and admin client."""
         opts: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers,
-            "security_protocol": self.security_protocol,
+            "security_protocol": self.security_protocol.value,
         }
-        if self.security_protocol in ("SSL", "SASL_SSL"):
+        if self.security_protocol.uses_tls:
             from aiokafka.helpers import create_ssl_context
 
             opts["ssl_context"] = create_ssl_context(
@@ -289,8 +283,8 @@ class Settings:
                 keyfile=self.ssl_keyfile or None,
                 password=self.ssl_keyfile_password or None,
             )
-        if self.security_protocol.startswith("SASL"):
-            opts["sasl_mechanism"] = self.sasl_mechanism
+        if self.security_protocol.uses_sasl:
+            opts["sasl_mechanism"] = self.sasl_mechanism.value
             opts["sasl_plain_username"] = self.sasl_username or None
             opts["sasl_plain_password"] = self.sasl_password or None
         return opts
@@ -332,7 +326,7 @@ def add_arguments(parser: argparse.ArgumentParser, exclude: frozenset[str] = fro
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            metavar=(f.type if isinstance(f.type, str) else f.type.__name__).upper(),
+            metavar="STR" if choices else (f.type if isinstance(f.type, str) else f.type.__name__).upper(),
             help=f"{f.metadata['help']}{extra} [env {_env_name(f.name)}; default {f.default!r}]",
         )
 

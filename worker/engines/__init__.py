@@ -6,12 +6,15 @@ Nothing here imports CUDA, pycuda or TensorRT at module level: a machine without
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from worker import log
 from worker.engines.base import CpuRuntime, DeviceRuntime, InferenceEngine
 from worker.errors import ConfigError
 from worker.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 __all__ = ["CpuRuntime", "DeviceRuntime", "InferenceEngine", "create_engine", "create_runtime", "cuda_unusable"]
 
@@ -39,7 +42,7 @@ def cuda_unusable(device_index: int = 0) -> str:
     return ""
 
 
-def create_runtime(settings: Any) -> DeviceRuntime:
+def create_runtime(settings: Settings) -> DeviceRuntime:
     """The device runtime for ``settings.device``: auto (CUDA if usable, else CPU), cuda, or cpu."""
     if settings.device == "cpu":
         return CpuRuntime()
@@ -54,7 +57,7 @@ def create_runtime(settings: Any) -> DeviceRuntime:
     return CpuRuntime()
 
 
-def create_engine(spec: ModelSpec, settings: Any) -> InferenceEngine:
+def create_engine(spec: ModelSpec, settings: Settings) -> InferenceEngine:
     """The engine of ``spec.backend``; nothing is loaded until ``activate``."""
     if spec.backend == "onnxruntime":
         from worker.engines.onnxruntime import OnnxRuntimeEngine

@@ -29,7 +29,7 @@ import io
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from worker import log
 from worker.engines.base import Collector, DeviceRuntime, Outputs
 from worker.errors import ConfigError, DeviceError, EngineLoadError
 from worker.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 _log = log.get(__name__)
 
@@ -104,7 +107,7 @@ def numpy_type(ort_type: str, what: str) -> np.dtype:
 class OnnxRuntimeEngine:
     """One ONNX model on the runtime's device (CPU provider, or CUDA provider on our stream)."""
 
-    def __init__(self, spec: ModelSpec, settings: Any) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
         self.settings = settings
         self.output_names: list[str] = []
@@ -210,7 +213,7 @@ def load_cuda_libraries() -> list[str]:
     return loaded
 
 
-def cuda_provider_options(settings: Any, runtime: Any, spec: ModelSpec | None = None) -> dict[str, str]:
+def cuda_provider_options(settings: Settings, runtime: Any, spec: ModelSpec | None = None) -> dict[str, str]:
     """CUDA provider options; a model's ``cuda_provider_options`` (pipeline file) may add more, e.g.
     ``use_tf32: 0`` for float32-exact convolutions, but not change the device or the stream."""
     options = {
@@ -220,7 +223,7 @@ def cuda_provider_options(settings: Any, runtime: Any, spec: ModelSpec | None = 
         "user_compute_stream": str(runtime.stream_handle),
         "has_user_compute_stream": "1",
         "do_copy_in_default_stream": "1",
-        "cudnn_conv_algo_search": settings.ort_cudnn_search,
+        "cudnn_conv_algo_search": settings.ort_cudnn_search.value,
         # Grow the arena by what is asked, not to the next power of two: the batch shapes repeat, so
         # the arena settles after the warm-up batches without holding twice what it needs.
         "arena_extend_strategy": "kSameAsRequested",
@@ -234,7 +237,7 @@ def cuda_provider_options(settings: Any, runtime: Any, spec: ModelSpec | None = 
     return options
 
 
-def run_options(settings: Any, runtime: Any) -> Any:
+def run_options(settings: Settings, runtime: Any) -> Any:
     import onnxruntime as ort
 
     options = ort.RunOptions()
@@ -246,7 +249,7 @@ def run_options(settings: Any, runtime: Any) -> Any:
     return options
 
 
-def cuda_session(model_bytes: bytes, spec: ModelSpec, settings: Any, runtime: Any, what: str = "") -> Any:
+def cuda_session(model_bytes: bytes, spec: ModelSpec, settings: Settings, runtime: Any, what: str = "") -> Any:
     """An InferenceSession on the CUDA provider, running on the runtime's stream."""
     import onnxruntime as ort
 
@@ -284,7 +287,7 @@ class DevicePreprocessor:
     """``preprocessing_only_model`` on the CUDA provider, on our stream, reading the uint8 batch at
     ``src`` and writing the normalised tensor straight into ``dst`` (a TensorRT input buffer)."""
 
-    def __init__(self, spec: ModelSpec, settings: Any, runtime: Any, src: int, dst: int) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings, runtime: Any, src: int, dst: int) -> None:
         from worker.models.graph import INPUT_NAME, PREPROCESS_OUTPUT, preprocessing_only_model
 
         pre = spec.preprocess
@@ -344,7 +347,7 @@ class _Output:
 class _CudaBinding:
     """The CUDA half of OnnxRuntimeEngine: session on our stream, IO bound to our buffers."""
 
-    def __init__(self, spec: ModelSpec, settings: Any, runtime: Any, model: Any, output_names: list[str],
+    def __init__(self, spec: ModelSpec, settings: Settings, runtime: Any, model: Any, output_names: list[str],
                  max_batch: int) -> None:
         self.spec, self.runtime = spec, runtime
         self.output_names = output_names
@@ -379,7 +382,7 @@ class _CudaBinding:
         self.binding = self.session.io_binding()
         self.run_options = run_options(settings, runtime)
         self.buckets = ([self.fixed_batch] if self.fixed_batch
-                        else batch_buckets(max_batch, getattr(settings, "ort_batch_shapes", "max")))
+                        else batch_buckets(max_batch, settings.ort_batch_shapes))
         self._warm_up()
 
     def _bind(self, rows: int) -> None:

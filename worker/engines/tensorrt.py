@@ -41,7 +41,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from worker import log
 from worker.engines.base import Collector, DeviceRuntime, Outputs
 from worker.errors import ConfigError, DeviceError, EngineLoadError
 from worker.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 _log = log.get(__name__)
 PLAN_SUFFIXES = (".engine", ".plan", ".trt")
@@ -95,7 +98,7 @@ def engine_cache_key(onnx_bytes: bytes, trt_version: str, gpu_name: str, compute
     return h.hexdigest()[:32]
 
 
-def default_cache_dir(settings: Any) -> Path:
+def default_cache_dir(settings: Settings) -> Path:
     return Path(settings.engine_cache_dir or Path.home() / ".cache" / "gpu-worker" / "engines").expanduser()
 
 
@@ -171,7 +174,7 @@ def _to_float16(model: Any, name: str) -> Any:
 
 
 class TensorRTEngine:
-    def __init__(self, spec: ModelSpec, settings: Any) -> None:
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.spec = spec
         self.settings = settings
         self.output_names: list[str] = []
@@ -369,7 +372,7 @@ class TensorRTEngine:
         else:
             opt = int(self.spec.extra.get("opt_batch", max_batch))
             profile = (1, min(max(opt, 1), max_batch), max_batch)
-        workspace = int(getattr(self.settings, "trt_workspace_bytes", 0) or 0)
+        workspace = self.settings.trt_workspace_bytes
         if workspace < 0:
             raise ConfigError(f"trt_workspace_bytes={workspace}: give a size in bytes, or 0 for TensorRT's default")
         flags = (("fp16",) if fp16 else ()) + ((f"workspace={workspace}",) if workspace else ())
