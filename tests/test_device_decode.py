@@ -455,7 +455,7 @@ async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends
     from concurrent.futures import ThreadPoolExecutor
 
     import worker.intake.handle as handle_module
-    from worker.intake.handle import MessageHandler
+    from worker.intake.handle import HYBRID_QUEUE_PER_THREAD, MessageHandler
     from worker.policy.offsets import OffsetTracker
 
     release = threading.Event()
@@ -466,7 +466,7 @@ async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends
         return real(*args, **kwargs)
 
     monkeypatch.setattr(handle_module, "decode_encoded", slow_decode)
-    settings = settings.replace(decoder="hybrid", decode_workers=1)
+    settings = settings.replace(decoder="hybrid", decode_workers=1)  # room for HYBRID_QUEUE_PER_THREAD
     gpu = _RecordingGpu()
     counts = {"published": 0, "dead_lettered": 0, "failed": 0}
     failures: list[BaseException] = []
@@ -475,29 +475,29 @@ async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends
                              failures.append)
     jpeg = encode(synth_image(np.random.default_rng(3), 96, 64, 3), "jpeg")
     png = encode(synth_image(np.random.default_rng(4), 96, 64, 3), "png")
+    room = HYBRID_QUEUE_PER_THREAD
     msgs = [SimpleNamespace(topic="in", partition=0, offset=i, timestamp=0, key=None, value=v, headers=[])
-            for i, v in enumerate([jpeg, jpeg, jpeg])]
+            for i, v in enumerate([jpeg] * (room + 2) + [png])]
     from aiokafka import TopicPartition
     tp = TopicPartition("in", 0)
     try:
-        first = asyncio.create_task(handler.handle(tp, msgs[0]))
-        while handler._cpu_busy == 0:  # the first JPEG holds the one decode thread
+        held = [asyncio.create_task(handler.handle(tp, m)) for m in msgs[:room]]
+        while handler._cpu_busy < room:  # the first JPEGs fill the pool's room (one decoding, the rest queued)
             await asyncio.sleep(0.001)
-        await handler.handle(tp, msgs[1])  # no thread free: its bytes go to the card
+        await handler.handle(tp, msgs[room])  # no room: its bytes go to the card
         release.set()
-        await first
-        await handler.handle(tp, msgs[2])  # the thread is free again: decoded here
-        png_msg = SimpleNamespace(topic="in", partition=0, offset=3, timestamp=0, key=None, value=png, headers=[])
-        await handler.handle(tp, png_msg)  # not a JPEG: always the CPU, as with nvimgcodec
+        await asyncio.gather(*held)
+        await handler.handle(tp, msgs[room + 1])  # room again: decoded here
+        await handler.handle(tp, msgs[room + 2])  # not a JPEG: always the CPU, as with nvimgcodec
     finally:
         pool.shutdown()
     assert not failures
     by_offset = {r.context["offset"]: r for r in gpu.requests}
-    assert by_offset[1].encoded is not None and by_offset[1].inputs is None
-    for offset in (0, 2, 3):
+    assert by_offset[room].encoded is not None and by_offset[room].inputs is None
+    for offset in [*range(room), room + 1, room + 2]:
         req = by_offset[offset]
         assert req.encoded is None and req.inputs[0].shape == PIPELINE.models[0].preprocess.hwc_shape
-    assert counts["dead_lettered"] == 4 and handler._cpu_busy == 0
+    assert counts["dead_lettered"] == room + 3 and handler._cpu_busy == 0
 
 
 async def test_nvimgcodec_alone_never_decodes_jpegs_on_the_cpu(settings):
