@@ -35,16 +35,21 @@ fi
 if [ "$what" != tests ]; then
   # BENCH_VARIANTS: "name:bench flags;name:bench flags", each the whole command line of one
   # `python3 -m benchmarks` run; BENCH_EXTRA is appended to every variant. Default: the issue-11 bench
-  # (docs/benchmarks.md, "process model": nvImageCodec decoding on the GPU, K intakes and N workers swept)
-  # as fp32, then the fp16 row (resnet50_fp16: no sweeps, no baseline).
-  common="--device cuda --count 8000 --max-batch-size 128 --max-wait-ms 5 --decoder nvimgcodec --decode-workers 0"
+  # (docs/benchmarks.md, "process model") with decoder=hybrid (JPEGs on the card, and on the intakes' free
+  # decode threads), K intakes and N workers swept, as fp32; the fp16 row (resnet50_fp16: no sweeps, no
+  # baseline); and decoder=nvimgcodec alone (card decoding only) for comparison, worker row only.
+  common="--device cuda --count 8000 --max-batch-size 128 --max-wait-ms 5 --decode-workers 0"
   common+=" --decode-threads 16 --rates 0.5 --rate-seconds 4 --ceiling-seconds 1.5"
-  fp32="fp32:--pipeline resnet50 $common --baseline-count 200 --sweep-intakes 1,2,4,8 --sweep-replicas 3"
-  fp32+=" --sweep-count 6000 --skip decode"
-  fp16="fp16:--pipeline resnet50_fp16 $common --baseline-count 0 --skip decode,baseline,sweeps"
-  IFS=';' read -ra variants <<< "${BENCH_VARIANTS:-$fp32;$fp16}"
+  fp32="fp32:--pipeline resnet50 $common --decoder hybrid --baseline-count 100 --sweep-intakes 1,2,4,8"
+  fp32+=" --sweep-replicas 3 --sweep-count 4000 --skip decode"
+  fp16="fp16:--pipeline resnet50_fp16 $common --decoder hybrid --baseline-count 0 --skip decode,baseline,sweeps"
+  card="card:--pipeline resnet50 $common --decoder nvimgcodec --baseline-count 0"
+  card+=" --skip decode,baseline,sweeps,rates,round_trip,broker"
+  IFS=';' read -ra variants <<< "${BENCH_VARIANTS:-$fp32;$fp16;$card}"
   for variant in "${variants[@]}"; do
     name=${variant%%:*}
+    # BENCH_ONLY="fp32 card": only those variants (one device call each keeps every call under its limit)
+    if [ -n "${BENCH_ONLY:-}" ] && [[ " $BENCH_ONLY " != *" $name "* ]]; then continue; fi
     # PROFILE=name: that variant under py-spy (only samples holding the GIL, per thread, raw collapsed stacks)
     prof=()
     if [ "${PROFILE:-}" = "$name" ] && [ -x /tmp/site/bin/py-spy ]; then
