@@ -85,8 +85,24 @@ async def test_first_message_hook_reads_this_process_cpu_once_a_message_was_cons
     await asyncio.sleep(0.01)
     assert not task.done() and hook.at_first is None  # nothing consumed yet: still looking
     worker.counts["consumed"] = 3
-    await asyncio.wait_for(task, 5)
+    for _ in range(500):
+        if hook.at_first is not None:
+            break
+        await asyncio.sleep(0.01)
     assert hook.at_first is not None and hook.at_first >= 0
+    worker.counts["published"] = 2  # the event loop's own CPU is read as messages finish
+    for _ in range(500):
+        if hook.finished_at_last == 2:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
     report = hook.report(worker, 0)
     assert report["pid"] == os.getpid() and report["consumed"] == 3
     assert report["cpu_at_first_message_s"] == hook.at_first
+    assert report["loop_finished"] == 2 and report["loop_cpu_s"] >= 0
+
+
+def test_intake_cpu_gives_the_event_loops_share_per_finished_message():
+    reports = [{"pid": 10, "cpu_at_first_message_s": 1.0, "consumed": 4000, "loop_cpu_s": 0.4, "loop_finished": 4000}]
+    out = cpu_time.intake_cpu({10: 5.0}, reports)
+    assert out["processes"][0]["loop_ms_per_message"] == pytest.approx(0.1)

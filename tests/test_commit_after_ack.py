@@ -44,7 +44,12 @@ async def test_no_commit_before_ack(settings, monkeypatch):
         sends.append(topic)
         await never.wait()
 
+    async def publish_many_without_ack(self, topic, records):  # results go out as batches (issue 11)
+        sends.extend(topic for _ in records)
+        await never.wait()
+
     monkeypatch.setattr(publish.Publisher, "publish", publish_without_ack)
+    monkeypatch.setattr(publish.Publisher, "publish_many", publish_many_without_ack)
     workers: list = []
     task = asyncio.create_task(serve(settings, worker_out=workers))
     while len(sends) < 20:  # every message decoded, inferred and handed to the producer

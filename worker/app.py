@@ -1,7 +1,8 @@
 """Wires the stages: consume → decode pool → GPU thread → publish → offsets → commit.
 
-One asyncio task per in-flight message carries it through every stage; the number of such tasks is
-bounded by ``max_in_flight``, their value bytes by ``max_in_flight_bytes``, and the finished entries the
+One asyncio task per partition per poll carries that poll's records of the partition through every
+stage (worker.intake.handle: per poll, not per record); the messages in flight are bounded by
+``max_in_flight``, their value bytes by ``max_in_flight_bytes``, and the finished entries the
 offset tracker keeps behind an unfinished offset by ``max_uncommitted_span`` (backpressure pauses the
 partitions at any of them), so every queue between stages is bounded too. A message unfinished past
 ``message_deadline_s`` (of progress time: not while the broker is away) is a fatal error. A message is
@@ -91,6 +92,8 @@ class Worker:
         self.counts = {"consumed": 0, "published": 0, "dead_lettered": 0, "failed": 0}
         self._tasks: set[asyncio.Task] = set()
         self._tasks_by_tp: dict[TopicPartition, set[asyncio.Task]] = {}
+        # started (in the tracker) and not yet in a task: launched as one task per partition (_launch)
+        self._starting: dict[TopicPartition, list[tuple[Any, int]]] = {}
         self._revoking: set[TopicPartition] = set()
         self._stop = asyncio.Event()
         self._signals = 0
@@ -342,7 +345,7 @@ class Worker:
         out: dict[str, list[int]] = {}
         for tp, owned in self._tasks_by_tp.items():
             for task in owned & tasks:
-                out.setdefault(f"{tp.topic}:{tp.partition}", []).append(getattr(task, "offset", -1))
+                out.setdefault(f"{tp.topic}:{tp.partition}", []).extend(getattr(task, "offsets", ()))
         return {k: sorted(v) for k, v in out.items()}
 
     # --- consume -------------------------------------------------------------------------
@@ -355,6 +358,7 @@ class Worker:
         as room comes, or alone when nothing else is in flight."""
         while True:
             self._start_held()
+            self._launch()
             load = self._load()
             flip = self.backpressure.update(load)
             if flip is not None:
@@ -371,8 +375,10 @@ class Worker:
                     if not self.plan.accept(tp, msg.offset):
                         continue
                     if self._throttle is not None:
+                        self._launch()  # nothing started waits in _starting across an await
                         await self._throttle(1)
                     self._offer(tp, msg)
+            self._launch()
             self._set_gauges()
             if self.plan.complete(self._positions()):
                 self._log.info("plan complete")
@@ -421,27 +427,43 @@ class Worker:
         self.metrics.waiting_bytes.set(self._held_bytes)
         self.metrics.uncommitted_span.set(self.tracker.span())
 
-    def _start_message(self, tp: TopicPartition, msg: Any) -> asyncio.Task | None:
-        """Start one message's task, unless its partition is no longer ours (a revoke ran while the
-        loop awaited) or the tracker says the offset is already in flight or committed."""
+    def _start_message(self, tp: TopicPartition, msg: Any) -> bool:
+        """Start one message, unless its partition is no longer ours (a revoke ran while the loop
+        awaited) or the tracker says the offset is already in flight or committed. It joins its
+        partition's batch of this poll, which ``_launch`` turns into a task before the loop awaits."""
         if tp in self._revoking or tp not in self.consumer.assignment():
-            return None
+            return False
         generation = self.tracker.start(tp, msg.offset, self._progress())
         if generation is None:
-            return None
-        self.counts["consumed"] += 1
-        self.metrics.consumed.inc()
+            return False
         size = _size(msg)
         self.in_flight_bytes += size
         self.peak_in_flight_bytes = max(self.peak_in_flight_bytes, self.in_flight_bytes)
-        task = asyncio.create_task(self.handler.handle(tp, msg, generation))
-        task.offset = msg.offset  # type: ignore[attr-defined] - for the log of what a drain or revoke cut
+        self._starting.setdefault(tp, []).append((msg, generation))
+        return True
+
+    def _launch(self) -> None:
+        """One task per partition for the messages started since the last launch."""
+        if not self._starting:
+            return
+        starting, self._starting = self._starting, {}
+        n = 0
+        for tp, items in starting.items():
+            n += len(items)
+            self._start_task(tp, items)
+        self.counts["consumed"] += n
+        self.metrics.consumed.inc(n)
+
+    def _start_task(self, tp: TopicPartition, items: list[tuple[Any, int]]) -> asyncio.Task:
+        size = sum(_size(m) for m, _ in items)
+        task = asyncio.create_task(self.handler.handle_batch(tp, items))
+        task.offsets = [m.offset for m, _ in items]  # type: ignore[attr-defined] - for the log of what was cut
         self._tasks.add(task)
         owned = self._tasks_by_tp.setdefault(tp, set())
         owned.add(task)
 
         def _done(t: asyncio.Task) -> None:
-            # The message's bytes go with its task, however it ended (finished, failed, cut).
+            # The messages' bytes go with their task, however it ended (finished, failed, cut).
             self.in_flight_bytes -= size
             self._tasks.discard(t)
             owned.discard(t)

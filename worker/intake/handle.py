@@ -1,19 +1,27 @@
-"""One message through every stage: decode pool → GPU thread → result (or DLQ record) acknowledged.
+"""The records of one partition from one poll, through every stage: decode pool → GPU → results (or DLQ
+records) acknowledged.
 
-``MessageHandler.handle`` is the body of the asyncio task the worker starts per consumed message. It
-returns only after the broker acknowledged the message's result or DLQ record, and only then marks
-the offset finished in the tracker; every other way out leaves it unfinished, so never committed:
+``MessageHandler.handle_batch`` is the body of the asyncio task the worker starts per partition per poll
+(issue 11, "per poll, not per record": one task, one pool submission per decode thread, one produce batch
+per output partition and their acks awaited together, instead of a task, a pool round trip, a send and
+an ack wait per record; on the demo pipeline that was most of the event loop's CPU per message). Each
+record still has its own outcome, and a record's offset is marked finished in the tracker only after
+the broker acknowledged its result or DLQ record; every other way out leaves it unfinished, so never
+committed:
 
 - a ``PoisonMessage`` (bad input, or a model failing on it alone) → DLQ record, then finished;
 - a ``RetriableError`` (device error) → counted and logged, left unfinished: a restart redoes it;
 - any other ``WorkerError`` or an unexpected exception → ``fail``: the worker stops, non-zero.
+
+A cancelled batch (drain cut, revoke) leaves every record of it not yet finished unfinished; batches
+never mix partitions, so a cut on revoke touches only the partitions let go.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
@@ -26,14 +34,31 @@ from worker.decode.message import (Decoded, Encoded, decode_encoded, decode_mess
 from worker.gpu.thread import GpuThread
 from worker.gpu.requests import InferenceRequest
 from worker.policy.offsets import OffsetTracker
-from worker.intake.publish import (Publisher, RecordTooLarge, Source, dlq_record, dlq_record_without_value,
+from worker.intake.publish import (Publisher, Record, RecordTooLarge, Source, dlq_record, dlq_record_without_value,
                                  result_record)
+from worker.intake.pool import chunks, run_each
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings
 
 
-HYBRID_QUEUE_PER_THREAD = 4
+class Job:
+    """One record's way through a batch."""
+
+    __slots__ = ("msg", "generation", "where", "decoded", "future", "result", "error")
+
+    def __init__(self, msg: Any, generation: int | None) -> None:
+        self.msg = msg
+        self.generation = generation
+        self.where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+        self.decoded: Decoded | Encoded | None = None
+        self.future: asyncio.Future | None = None  # the GPU's answer
+        self.result: Any = None
+        self.error: BaseException | None = None  # PoisonMessage or RetriableError: this record only
+
+    def source(self) -> Source:
+        m = self.msg
+        return Source(m.topic, m.partition, m.offset, m.timestamp, m.key)
 
 
 class MessageHandler:
@@ -51,94 +76,169 @@ class MessageHandler:
         self.fail = fail
         # decoder=nvimgcodec falls back to cpu-reduced where the GPU thread could not start a decoder
         self._reduced = settings.decoder in ("cpu-reduced", "nvimgcodec", "hybrid")
-        # decoder=hybrid: a JPEG is decoded here while the pool has room, else on the card. The card's JPEG
-        # decode shares the SMs with inference (measured on an H200: decode beside ResNet-50 adds ~6 ms per
-        # 128 images to the batch), so each image a CPU core decodes is card time won. Room: a few queued
-        # per thread (a decode takes 1-3 ms), so that the threads stay busy between polls; the rest of a
-        # poll goes to the card at once.
-        self._cpu_slots = settings.decode_threads * HYBRID_QUEUE_PER_THREAD if settings.decoder == "hybrid" else 0
+        # decoder=hybrid: a JPEG is decoded here while a decode thread is free, else on the card. The
+        # card's JPEG decode shares the SMs with inference (measured on an H200: decode beside ResNet-50
+        # adds ~6 ms per 128 images to the batch), so each image a free CPU core decodes is card time won.
+        self._cpu_slots = settings.decode_threads if settings.decoder == "hybrid" else 0
         self._cpu_busy = 0
+        self._threads = max(1, settings.decode_threads)
         self._log = log.get("worker")
 
     async def handle(self, tp: TopicPartition, msg: Any, generation: int | None = None) -> None:
-        s = self.settings
-        loop = asyncio.get_running_loop()
+        await self.handle_batch(tp, [(msg, generation)])
+
+    async def handle_batch(self, tp: TopicPartition, items: Sequence[tuple[Any, int | None]]) -> None:
         consumed_at = time.monotonic()
-        source = Source(msg.topic, msg.partition, msg.offset, msg.timestamp, msg.key)
-        where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
+        jobs = [Job(msg, generation) for msg, generation in items]
         try:
-            try:
-                decoded: Decoded | Encoded
-                future = loop.create_future()
-                if self.gpu.decodes_on_device:
-                    decoded = await self.check(msg)
-                    if gpu_decodable(decoded) and self._cpu_busy >= self._cpu_slots:
-                        request = InferenceRequest(None, future, loop, where, encoded=decoded)
-                    else:  # OpenCV in the pool, as decoder=cpu; the GPU thread copies the rows in
-                        self._cpu_busy += 1
-                        try:
-                            inputs = await self.in_pool(decode_encoded, decoded, self.pipeline, s.max_bytes,
-                                                        s.max_pixels)
-                        finally:
-                            self._cpu_busy -= 1
-                        request = InferenceRequest(inputs, future, loop, where)
-                else:
-                    decoded = await self.in_pool(decode_message, msg.value, msg.headers, self.pipeline,
-                                                 s.max_bytes, s.max_pixels, self._reduced, s.max_jpeg_scans)
-                    request = InferenceRequest(decoded.inputs, future, loop, where)
-                self.metrics.decode_seconds.observe(decoded.decode_s)
-                await self.gpu.put(request)
-                result = await future
-            except PoisonMessage as exc:
-                await self.dead_letter(source, msg, exc, where)
+            if self.gpu.decodes_on_device:
+                await self._check_and_put(jobs)
             else:
-                self.metrics.queue_seconds.observe(result.queue_s)
-                record = result_record(
-                    source, self.pipeline, result.outputs,
-                    image={"width": decoded.width, "height": decoded.height, "format": decoded.format},
-                    correlation_id=decoded.correlation_id, batch_size=result.batch_size,
-                    postprocessed=result.postprocessed,
-                    timings_s={"decode": decoded.decode_s, "queue": result.queue_s,
-                               "inference": result.inference_s, "end_to_end": time.monotonic() - consumed_at})
-                try:
-                    await self.publisher.publish(s.output_topic, record)
-                except RecordTooLarge as exc:
-                    # The result can never be sent (huge model outputs): the input goes to the DLQ instead.
-                    await self.dead_letter(source, msg, PoisonMessage(str(exc), reason="result_too_large"), where)
-                else:
-                    self.metrics.published.inc()
-                    self.counts["published"] += 1
-            self.metrics.end_to_end_seconds.observe(time.monotonic() - consumed_at)
-            self.tracker.finish(tp, msg.offset, generation)
-        except RetriableError as exc:
-            # Not finished, so never committed: a restart redoes it. Device errors also stop the worker.
-            self.counts["failed"] += 1
-            self.metrics.failed.labels(type(exc).__name__).inc()
-            self._log.error("message failed (retriable; offset left uncommitted)", error=str(exc), **where)
+                await self._decode_and_put(jobs)
+            for job in jobs:
+                if job.future is not None:
+                    try:
+                        job.result = await job.future
+                    except (PoisonMessage, RetriableError) as exc:
+                        job.error = exc
+            await self._publish(tp, jobs, consumed_at)
         except asyncio.CancelledError:
             raise
         except WorkerError as exc:
             self.fail(exc)
         except Exception as exc:  # noqa: BLE001 - a bug must stop the worker, not skip the message
-            self._log.exception("unexpected error handling message", **where)
+            self._log.exception("unexpected error handling messages", topic=tp.topic, partition=tp.partition,
+                                offsets=[j.msg.offset for j in jobs])
             self.fail(exc)
 
-    async def in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
-        self.metrics.decode_queue_depth.inc()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
-        finally:
-            self.metrics.decode_queue_depth.dec()
+    # --- to the GPU ------------------------------------------------------------------------
+    async def _decode_and_put(self, jobs: list[Job]) -> None:
+        """Decode on the CPU: one pool submission per decode thread (not per record), each chunk handed
+        to the GPU as soon as it is decoded."""
+        s = self.settings
+        args = (self.pipeline, s.max_bytes, s.max_pixels, self._reduced, s.max_jpeg_scans)
+        submitted = [(part, self._submit(run_each, decode_message, [(j.msg.value, j.msg.headers, *args) for j in part]))
+                     for part in chunks(jobs, self._threads)]
+        for part, future in submitted:
+            for job, out in zip(part, await future):
+                if isinstance(out, BaseException):
+                    self._failed_decode(job, out)
+                    continue
+                job.decoded = out
+                await self._put(job, InferenceRequest(out.inputs, None, None, job.where))  # type: ignore[arg-type]
 
-    async def check(self, msg: Any) -> Encoded:
+    async def _check_and_put(self, jobs: list[Job]) -> None:
+        """The GPU decodes: header checks here (a JSON envelope in the pool), the bytes to the GPU; with
+        decoder=hybrid a JPEG is decoded here instead while a decode thread is free."""
+        s = self.settings
+        on_cpu: list[tuple[Job, asyncio.Future]] = []
+        for job in jobs:
+            try:
+                encoded = await self._check(job.msg)
+            except (PoisonMessage, RetriableError) as exc:
+                job.error = exc
+                continue
+            job.decoded = encoded
+            if gpu_decodable(encoded) and self._cpu_busy >= self._cpu_slots:
+                await self._put(job, InferenceRequest(None, None, None, job.where, encoded=encoded))  # type: ignore[arg-type]
+            else:  # OpenCV in the pool, as decoder=cpu; the GPU thread copies the rows in
+                self._cpu_busy += 1
+                future = self._submit(decode_encoded, encoded, self.pipeline, s.max_bytes, s.max_pixels)
+                future.add_done_callback(self._cpu_freed)
+                on_cpu.append((job, future))
+        for job, future in on_cpu:
+            try:
+                inputs = await future
+            except (PoisonMessage, RetriableError) as exc:
+                self._failed_decode(job, exc)
+                continue
+            await self._put(job, InferenceRequest(inputs, None, None, job.where))  # type: ignore[arg-type]
+
+    async def _check(self, msg: Any) -> Encoded:
         """Header checks before the GPU thread decodes: ~8 us for a raw image, done right here on the
         event loop (a pool round trip costs more than that); a JSON envelope (base64 of up to max_bytes)
         goes to the pool."""
         s = self.settings
         if is_envelope(msg.value, msg.headers):
-            return await self.in_pool(inspect_message, msg.value, msg.headers, s.max_bytes, s.max_pixels,
+            return await self._submit(inspect_message, msg.value, msg.headers, s.max_bytes, s.max_pixels,
                                       s.max_jpeg_scans)
         return inspect_message(msg.value, msg.headers, s.max_bytes, s.max_pixels, s.max_jpeg_scans)
+
+    def _failed_decode(self, job: Job, exc: BaseException) -> None:
+        if not isinstance(exc, (PoisonMessage, RetriableError)):
+            raise exc  # a bug or a fatal error: handle_batch stops the worker
+        job.error = exc
+
+    async def _put(self, job: Job, request: InferenceRequest) -> None:
+        loop = asyncio.get_running_loop()
+        request.future = job.future = loop.create_future()
+        request.loop = loop
+        self.metrics.decode_seconds.observe(job.decoded.decode_s)  # type: ignore[union-attr]
+        await self.gpu.put(request)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        self.metrics.decode_queue_depth.inc()
+        future = asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+        future.add_done_callback(self._depth_dec)
+        return future
+
+    def _depth_dec(self, _future: asyncio.Future) -> None:
+        self.metrics.decode_queue_depth.dec()
+
+    def _cpu_freed(self, _future: asyncio.Future) -> None:
+        self._cpu_busy -= 1
+
+    # --- results -----------------------------------------------------------------------------
+    async def _publish(self, tp: TopicPartition, jobs: list[Job], consumed_at: float) -> None:
+        """Results of the batch as one group (their acks awaited together), then the DLQ records; each
+        record's offset finished after its own acknowledgement."""
+        s = self.settings
+        now = time.monotonic()
+        done: list[Job] = []
+        results: list[Job] = []
+        records: list[Record] = []
+        for job in jobs:
+            if job.result is not None:
+                records.append(self._result(job, now - consumed_at))
+                results.append(job)
+            elif isinstance(job.error, RetriableError):
+                # Not finished, so never committed: a restart redoes it. Device errors also stop the worker.
+                self.counts["failed"] += 1
+                self.metrics.failed.labels(type(job.error).__name__).inc()
+                self._log.error("message failed (retriable; offset left uncommitted)", error=str(job.error),
+                                **job.where)
+        if records:
+            refused = await publish_all(self.publisher, s.output_topic, records)
+            published = 0
+            for job, too_large in zip(results, refused):
+                if too_large is not None:
+                    # The result can never be sent (huge model outputs): the input goes to the DLQ instead.
+                    job.error = PoisonMessage(str(too_large), reason="result_too_large")
+                else:
+                    published += 1
+                    done.append(job)
+            self.metrics.published.inc(published)
+            self.counts["published"] += published
+        for job in jobs:
+            if isinstance(job.error, PoisonMessage):
+                await self.dead_letter(job.source(), job.msg, job.error, job.where)
+                done.append(job)
+        end = time.monotonic()
+        for job in done:
+            self.metrics.end_to_end_seconds.observe(end - consumed_at)
+            self.tracker.finish(tp, job.msg.offset, job.generation)
+
+    def _result(self, job: Job, elapsed_s: float) -> Record:
+        result, decoded = job.result, job.decoded
+        assert decoded is not None
+        self.metrics.queue_seconds.observe(result.queue_s)
+        return result_record(
+            job.source(), self.pipeline, result.outputs,
+            image={"width": decoded.width, "height": decoded.height, "format": decoded.format},
+            correlation_id=decoded.correlation_id, batch_size=result.batch_size,
+            postprocessed=result.postprocessed,
+            timings_s={"decode": decoded.decode_s, "queue": result.queue_s,
+                       "inference": result.inference_s, "end_to_end": elapsed_s})
 
     async def dead_letter(self, source: Source, msg: Any, exc: PoisonMessage, where: dict) -> None:
         """Publish the DLQ record; if the original value makes it too large to send, send it without."""
@@ -153,3 +253,18 @@ class MessageHandler:
                                                                        refused))
         self.metrics.dead_lettered.labels(exc.reason).inc()
         self.counts["dead_lettered"] += 1
+
+
+async def publish_all(publisher: Any, topic: str, records: list[Record]) -> list[RecordTooLarge | None]:
+    """``publisher.publish_many`` where the publisher has it (test doubles may have only ``publish``)."""
+    many = getattr(publisher, "publish_many", None)
+    if many is not None:
+        return await many(topic, records)
+    out: list[RecordTooLarge | None] = []
+    for record in records:
+        try:
+            await publisher.publish(topic, record)
+            out.append(None)
+        except RecordTooLarge as exc:
+            out.append(exc)
+    return out

@@ -34,6 +34,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooL
 
 from worker import __version__, log
 from worker.errors import PublishFailed, UnwritableTopic, WorkerError
+from worker.intake.partitions import by_partition
 from worker.models.postprocess import postprocess
 from worker.models.spec import PipelineSpec
 
@@ -280,6 +281,93 @@ class Publisher:
                                   retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff[1])
+
+    async def publish_many(self, topic: str, records: Sequence[Record]) -> list[RecordTooLarge | None]:
+        """``publish`` of each record, by produce batches: the records grouped by the partition the
+        producer's partitioner gives each (``by_partition``), one ``send_batch`` per group and the acks
+        awaited together (one future per batch, not one send, future and await per record: issue 11).
+        Returns, per record, None once acknowledged or the ``RecordTooLarge`` that ``publish`` raised.
+
+        Any failure of a batch (broker away, a record too large for it, ...) sends its records again one
+        by one through ``publish``, which retries, judges and refuses exactly as for a single record;
+        a batch that reached the broker before failing may so be written twice (at-least-once, as a
+        retried single send). While publishing is failing, records go that way from the start."""
+        out: list[RecordTooLarge | None] = [None] * len(records)
+        alone: list[int] = []
+        sent: list[tuple[asyncio.Future, list[int]]] = []
+        if self._failing_since is not None or self._closing:
+            alone = list(range(len(records)))
+        else:
+            try:
+                await self._send_batches(topic, records, sent, alone)
+            except KafkaError:
+                placed = {i for _, idx in sent for i in idx}
+                alone = sorted(set(range(len(records))) - placed)
+        if sent:
+            acked = False
+            for future, idx in sent:
+                try:
+                    await future
+                    acked = True
+                except KafkaError:
+                    alone.extend(idx)
+            if acked:
+                if self._on_trouble is not None:
+                    self._on_trouble(False)
+                self._acknowledged(topic)
+
+        async def one(i: int) -> None:
+            try:
+                await self.publish(topic, records[i])
+            except RecordTooLarge as exc:
+                out[i] = exc
+        if alone:
+            await asyncio.gather(*(one(i) for i in sorted(alone)))
+        return out
+
+    async def _send_batches(self, topic: str, records: Sequence[Record], sent: list[tuple[asyncio.Future, list[int]]],
+                            alone: list[int]) -> None:
+        """Queue ``records`` in produce batches, appending (ack future, record indices) to ``sent``; a
+        record that does not fit in a batch of its own goes to ``alone`` (``publish`` judges it)."""
+        producer = self._producer
+        partitions = sorted(await producer.partitions_for(topic))
+        available = list(producer.client.cluster.available_partitions_for_topic(topic) or ())
+        groups = by_partition([r.key for r in records], producer._partitioner, partitions, available)
+        for partition, indices in groups.items():
+            batch, members = producer.create_batch(), []
+            for i in indices:
+                r = records[i]
+                if batch.append(timestamp=None, key=r.key, value=r.value, headers=r.headers) is not None:
+                    members.append(i)
+                    continue
+                if members:  # full: send it, start the next
+                    await self._send_batch(topic, partition, batch, members, sent)
+                    batch, members = producer.create_batch(), []
+                    if batch.append(timestamp=None, key=r.key, value=r.value, headers=r.headers) is not None:
+                        members.append(i)
+                        continue
+                alone.append(i)
+            if members:
+                await self._send_batch(topic, partition, batch, members, sent)
+
+    async def _send_batch(self, topic: str, partition: int, batch: Any, members: list[int],
+                          sent: list[tuple[asyncio.Future, list[int]]]) -> None:
+        for _ in members:  # the same bound on unacknowledged records as ``publish``
+            await self._slots.acquire()
+        try:
+            future = await self._producer.send_batch(batch, topic, partition=partition)
+        except BaseException:
+            for _ in members:
+                self._slots.release()
+            raise
+        # Released when the ack (or a failure, or a cut of the waiting task) resolves the future, however
+        # the caller ends.
+        future.add_done_callback(lambda _f, n=len(members): self._release(n))
+        sent.append((future, members))
+
+    def _release(self, n: int) -> None:
+        for _ in range(n):
+            self._slots.release()
 
     async def _judge(self, topic: str, exc: KafkaError, attempt_at: float) -> None:
         kind, why, cause = classify(exc), f"{type(exc).__name__}: {exc}", type(exc)

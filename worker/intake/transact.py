@@ -105,6 +105,17 @@ class TransactionalPublisher(Publisher):
         if len(self.staged) >= self._cycle_at:
             self.wanted.set()
 
+    async def publish_many(self, topic: str, records: Any) -> list[RecordTooLarge | None]:
+        """Stage each (``publish``): the batch is sent by the commit cycle, in its transaction."""
+        out: list[RecordTooLarge | None] = []
+        for record in records:
+            try:
+                await self.publish(topic, record)
+                out.append(None)
+            except RecordTooLarge as exc:
+                out.append(exc)
+        return out
+
     async def flush(self) -> None:
         """Nothing is sent outside a commit cycle."""
 
