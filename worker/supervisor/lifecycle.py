@@ -1,57 +1,27 @@
-"""The process model of `worker run`, `demo`, `replay` and the bench: K intakes, a GPU process per device.
-
-```
-supervisor (this process: HTTP probes and merged /metrics, signals, shared memory, exit code)
- ├─ GPU process per device (one unless gpu_devices gives several): models, its one GPU thread
- │   (worker.gpu.process)
- └─ intake 1..K: consumer-group members with decode pools, publishers, committers (worker.intake)
-     each with a slot ring in shared memory and a pipe to every GPU process (worker.ipc); each request
-     goes to the GPU with the least outstanding work (worker.ipc.router)
-```
-
-Start-up: stale segments of a killed earlier run are unlinked; each intake's ring is created here (so
-that this process, which outlives the others, can unlink them on every exit path); the GPU process
-loads the models; the intakes start only when it is ready. A SIGTERM while the models load stops the
-GPU process and exits 0.
-
-Shutdown, by cause:
-1. SIGTERM/SIGINT: every intake gets SIGTERM and drains (its guarantees: finish or cut, flush,
-   commit, leave the group); then the GPU process is told to stop; exit 0 if every child did. A
-   second signal kills every child at once (nothing more is committed) and exits 130.
-2. An intake exits non-zero or is killed: the others are stopped as in 1 (their work is sound), and
-   the exit code is 1, so Kubernetes restarts the pod. (A restart of the one intake alone would also
-   keep the guarantees; stopping the pod keeps one simple rule: a death is loud.)
-3. A GPU process exits or fails (any of them, with several): the intakes see its link end (or its
-   failure message), fail every waiting message without committing it, and exit 1; exit 1. The log
-   names the GPU.
-4. Every intake exits 0 by itself (a replay reached its end): the GPU process is stopped, exit 0.
-Shared memory is unlinked in every case; children die with this process (PR_SET_PDEATHSIG).
-"""
+"""The Supervisor's life: start the GPU processes and the intakes, watch them, stop them (worker.supervisor
+says in which order, and why)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from worker import errors, log
 from worker.gpu.devices import GpuDevice, describe, parse, resolve, visible_cuda_devices
-from worker.health import STALE_AFTER_S, HealthServer
+from worker.health import HealthServer
 from worker.ipc import shm
-from worker.ipc.board import Row, intake_row, new_board
-from worker.metrics import merge_expositions
+from worker.ipc.board import new_board
 from worker.settings import Settings
+from worker.supervisor.health import ProcessHealth
+from worker.supervisor.rundir import MergedMetrics, RunDir
 
 GPU_STOP_TIMEOUT_S = 30.0
 POLL_S = 0.1
@@ -66,62 +36,6 @@ class Outcome:
     reports: list[dict[str, Any]] = field(default_factory=list)  # the intakes' IntakeHooks.report
 
 
-class ProcessHealth:
-    """``/healthz`` and ``/readyz`` over every process (the board), for worker.health.make_app. Models are
-    ready only when every GPU process is warm: a pod with one GPU still loading is not ready."""
-
-    def __init__(self, board: Any, intakes: int, gpus: int = 1) -> None:
-        self.board = board
-        self.intakes = intakes
-        self.gpus = gpus
-        self.children_alive = lambda: False
-
-    def _gpu_rows(self) -> list[Row]:
-        return [Row(self.board, g) for g in range(self.gpus)]
-
-    def _intake_rows(self) -> list[Row]:
-        return [Row(self.board, intake_row(i, self.gpus)) for i in range(1, self.intakes + 1)]
-
-    def liveness(self, now: float | None = None) -> tuple[bool, dict]:
-        now = time.monotonic() if now is None else now
-        gpu_age = max(now - r.get("beat") for r in self._gpu_rows())  # the stalest GPU process
-        ages = [now - r.get("beat") for r in self._intake_rows()]
-        checks = {"models_ready": all(bool(r.get("ready")) for r in self._gpu_rows()),
-                  "gpu_heartbeat_age_s": round(gpu_age, 3),
-                  "intake_heartbeat_age_s": round(max(ages), 3) if ages else None,
-                  "processes_alive": self.children_alive()}
-        ok = (checks["models_ready"] and checks["processes_alive"] and gpu_age < STALE_AFTER_S
-              and all(a < STALE_AFTER_S for a in ages))
-        return ok, checks
-
-    def readiness(self) -> tuple[bool, dict]:
-        rows = self._intake_rows()
-        warm = sum(bool(r.get("ready")) for r in self._gpu_rows())
-        checks = {"models_ready": warm == self.gpus, "gpus_ready": warm, "gpus": self.gpus,
-                  "intakes_joined": sum(bool(r.get("joined")) for r in rows), "intakes": self.intakes,
-                  "broker_reachable": all(bool(r.get("broker_ok")) for r in rows)}
-        ok = checks["models_ready"] and checks["intakes_joined"] == self.intakes and checks["broker_reachable"]
-        return ok, checks
-
-
-class MergedMetrics:
-    """``/metrics``: every process's latest snapshot, labelled by process (and GPU processes' series, when
-    there are several, by ``gpu``: their device index, as DCGM's exporter labels a card)."""
-
-    def __init__(self, run_dir: str, labels: dict[str, dict[str, str]] | None = None) -> None:
-        self.run_dir = Path(run_dir)
-        self.labels = labels or {}
-
-    def exposition(self) -> bytes:
-        texts = {}
-        for path in sorted(self.run_dir.glob("metrics-*.prom")):
-            try:
-                texts[path.stem.removeprefix("metrics-")] = path.read_bytes()
-            except OSError:
-                continue
-        return merge_expositions(texts, self.labels)
-
-
 class Supervisor:
     def __init__(self, settings: Settings, plan: Any = None, intakes: int | None = None, hooks: Any = None,
                  engine_factory: Any = None) -> None:
@@ -133,7 +47,8 @@ class Supervisor:
         self.ctx = mp.get_context("spawn")
         self.token = shm.creator_token()
         self.run_id = uuid.uuid4().hex[:8]
-        self.run_dir = tempfile.mkdtemp(prefix="gpuworker-run-")
+        self.rundir = RunDir()
+        self.run_dir = self.rundir.path  # the children write their snapshots, counts and reports here
         self.devices = resolve(parse(settings.gpu_devices), settings.device, settings.gpu_device_index,
                                visible_cuda_devices)
         several = len(self.devices) > 1
@@ -185,8 +100,8 @@ class Supervisor:
                 code = await self._watch()
         finally:
             code = await self._stop_all(code)
-            counts = self._counts()
-            reports = self._reports()
+            counts = self.rundir.counts()
+            reports = self.rundir.reports()
             self.final_metrics = self.metrics.exposition()  # the children's last snapshots (the bench reads it)
             self._cleanup()
             if server is not None:
@@ -352,32 +267,13 @@ class Supervisor:
                 code = 1
         return code
 
-    def _counts(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for path in Path(self.run_dir).glob("counts-*.json"):
-            try:
-                for name, n in json.loads(path.read_text()).items():
-                    total[name] = total.get(name, 0) + int(n)
-            except (OSError, ValueError):
-                continue
-        return total
-
-    def _reports(self) -> list[dict[str, Any]]:
-        out = []
-        for path in sorted(Path(self.run_dir).glob("report-*.json")):
-            try:
-                out.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                continue
-        return out
-
     def _cleanup(self) -> None:
         for seg in self.segments:
             seg.close()
         for name in shm.owned_by(self.token):
             if self.run_id in name:
                 shm.unlink(name)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.rundir.remove()
 
     # --- signals -------------------------------------------------------------------------
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
