@@ -53,3 +53,66 @@ def test_records_without_a_key_share_one_available_partition():
     assert len(picks) == 1  # one choice for the batch, as the partitioner makes it for no key
     assert {0, 2, 4} <= set(groups[2])
     assert by_partition([None] * 4, DefaultPartitioner(), [0, 1, 2], [1]) == {1: [0, 1, 2, 3]}
+
+
+class _Batch:
+    def __init__(self, room: int) -> None:
+        self.room, self.records = room, []
+
+    def append(self, *, timestamp, key, value, headers):
+        if len(self.records) >= self.room:
+            return None
+        self.records.append(value)
+        return object()
+
+
+class _BatchProducer:
+    """send_batch fails for the partitions in ``failing``; send (the per-record path) always succeeds."""
+
+    def __init__(self, failing=(), room=100) -> None:
+        import asyncio
+        from types import SimpleNamespace
+        self._asyncio = asyncio
+        self.failing, self.room = set(failing), room
+        self.batches, self.singles = [], []
+        self._partitioner = DefaultPartitioner()
+        self.client = SimpleNamespace(cluster=SimpleNamespace(available_partitions_for_topic=lambda t: {0, 1, 2}))
+
+    async def partitions_for(self, topic):
+        return {0, 1, 2}
+
+    def create_batch(self):
+        return _Batch(self.room)
+
+    async def send_batch(self, batch, topic, *, partition):
+        future = self._asyncio.get_running_loop().create_future()
+        if partition in self.failing:
+            from aiokafka.errors import KafkaTimeoutError
+            future.set_exception(KafkaTimeoutError())
+        else:
+            self.batches.append((partition, list(batch.records)))
+            future.set_result(None)
+        return future
+
+    async def send(self, topic, value, key=None, headers=None):
+        self.singles.append(value)
+        future = self._asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+async def test_publish_many_sends_by_batches_and_a_failed_batch_record_by_record():
+    from worker.intake.publish import Publisher, Record
+    keys = [f"k{i}".encode() for i in range(30)]
+    failing = DefaultPartitioner()(keys[0], [0, 1, 2], [0, 1, 2])
+    producer = _BatchProducer(failing={failing}, room=4)  # small batches: a full one is sent, a new one begun
+    pub = Publisher(producer, max_pending=8)
+    records = [Record(b"v%d" % i, k, []) for i, k in enumerate(keys)]
+    out = await pub.publish_many("results", records)
+    assert out == [None] * len(records)
+    in_batches = [v for _, values in producer.batches for v in values]
+    expected_alone = {r.value for r in records if DefaultPartitioner()(r.key, [0, 1, 2], [0, 1, 2]) == failing}
+    assert set(producer.singles) == expected_alone  # the failed partition's records, each alone
+    assert sorted(in_batches + producer.singles) == sorted(r.value for r in records)
+    assert all(len(values) <= 4 for _, values in producer.batches)
+    assert pub._slots._value == 8  # every slot given back
