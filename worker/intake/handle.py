@@ -42,6 +42,9 @@ from worker.models.spec import PipelineSpec
 from worker.settings import Settings
 
 
+HYBRID_QUEUE_PER_THREAD = 4
+
+
 class Job:
     """One record's way through a batch."""
 
@@ -76,10 +79,12 @@ class MessageHandler:
         self.fail = fail
         # decoder=nvimgcodec falls back to cpu-reduced where the GPU thread could not start a decoder
         self._reduced = settings.decoder in ("cpu-reduced", "nvimgcodec", "hybrid")
-        # decoder=hybrid: a JPEG is decoded here while a decode thread is free, else on the card. The
-        # card's JPEG decode shares the SMs with inference (measured on an H200: decode beside ResNet-50
-        # adds ~6 ms per 128 images to the batch), so each image a free CPU core decodes is card time won.
-        self._cpu_slots = settings.decode_threads if settings.decoder == "hybrid" else 0
+        # decoder=hybrid: a JPEG is decoded here while the pool has room, else on the card. The card's JPEG
+        # decode shares the SMs with inference (measured on an H200: decode beside ResNet-50 adds ~6 ms per
+        # 128 images to the batch), so each image a CPU core decodes is card time won. Room: a few queued
+        # per thread (a decode takes 1-3 ms), so that the threads stay busy between polls; the rest of a
+        # poll goes to the card at once.
+        self._cpu_slots = settings.decode_threads * HYBRID_QUEUE_PER_THREAD if settings.decoder == "hybrid" else 0
         self._cpu_busy = 0
         self._threads = max(1, settings.decode_threads)
         self._log = log.get("worker")
