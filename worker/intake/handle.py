@@ -100,13 +100,22 @@ class MessageHandler:
                 await self._check_and_put(jobs)
             else:
                 await self._decode_and_put(jobs)
-            for job in jobs:
-                if job.future is not None:
+            await self._publish(tp, [j for j in jobs if j.future is None], consumed_at)  # failed before the GPU
+            # Results published as they come, a group per wake-up (the GPU answers a batch at once): one
+            # record the GPU never answers must not hold its batch-mates' results and offsets back.
+            waiting = {job.future: job for job in jobs if job.future is not None}
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                group = []
+                for future in done:
+                    job = waiting.pop(future)
                     try:
-                        job.result = await job.future
+                        job.result = future.result()
                     except (PoisonMessage, RetriableError) as exc:
                         job.error = exc
-            await self._publish(tp, jobs, consumed_at)
+                    group.append(job)
+                group.sort(key=lambda j: j.msg.offset)
+                await self._publish(tp, group, consumed_at)
         except asyncio.CancelledError:
             raise
         except WorkerError as exc:
