@@ -101,7 +101,7 @@ async def test_the_workers_revoke_hook_removes_the_series():
         pass
 
     worker = types.SimpleNamespace(
-        metrics=metrics, committer=committer, tracker=tracker, _revoking=set(), _tasks_by_tp={},
+        metrics=metrics, committer=committer, tracker=tracker, _revoking=set(), _tasks_by_tp={}, exactly_once=False,
         settings=types.SimpleNamespace(rebalance_timeout_s=1.0), publisher=types.SimpleNamespace(flush=flush),
         _describe=lambda tasks: {}, commit=committer.commit,
         _log=types.SimpleNamespace(info=lambda *a, **k: None, warning=lambda *a, **k: None))
