@@ -100,22 +100,29 @@ class MessageHandler:
                 await self._check_and_put(jobs)
             else:
                 await self._decode_and_put(jobs)
-            await self._publish(tp, [j for j in jobs if j.future is None], consumed_at)  # failed before the GPU
-            # Results published as they come, a group per wake-up (the GPU answers a batch at once): one
-            # record the GPU never answers must not hold its batch-mates' results and offsets back.
-            waiting = {job.future: job for job in jobs if job.future is not None}
-            while waiting:
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                group = []
-                for future in done:
-                    job = waiting.pop(future)
-                    try:
-                        job.result = future.result()
-                    except (PoisonMessage, RetriableError) as exc:
-                        job.error = exc
-                    group.append(job)
-                group.sort(key=lambda j: j.msg.offset)
-                await self._publish(tp, group, consumed_at)
+            # Results published as they come, a group per wake-up (the GPU answers a batch at once), each
+            # group on its own: one record the GPU never answers, or one group whose ack is slow, must not
+            # hold its batch-mates' results and offsets back.
+            failed = [j for j in jobs if j.future is None]  # poison (or retriable) before the GPU
+            publishing = [asyncio.ensure_future(self._publish(tp, failed, consumed_at))] if failed else []
+            try:
+                waiting = {job.future: job for job in jobs if job.future is not None}
+                while waiting:
+                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    group = []
+                    for future in done:
+                        job = waiting.pop(future)
+                        try:
+                            job.result = future.result()
+                        except (PoisonMessage, RetriableError) as exc:
+                            job.error = exc
+                        group.append(job)
+                    group.sort(key=lambda j: j.msg.offset)
+                    publishing.append(asyncio.ensure_future(self._publish(tp, group, consumed_at)))
+                await asyncio.gather(*publishing)
+            finally:
+                for task in publishing:  # a cut batch (drain, revoke) or a failure cuts its groups too
+                    task.cancel()
         except asyncio.CancelledError:
             raise
         except WorkerError as exc:
