@@ -35,7 +35,7 @@ from worker.gpu.thread import GpuThread
 from worker.gpu.requests import InferenceRequest
 from worker.policy.offsets import OffsetTracker
 from worker.intake.publish import (Publisher, Record, RecordTooLarge, Source, dlq_record, dlq_record_without_value,
-                                 result_record)
+                                   publish_each, result_record)
 from worker.intake.pool import chunks, run_each
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec
@@ -281,11 +281,4 @@ async def publish_all(publisher: Any, topic: str, records: list[Record]) -> list
     many = getattr(publisher, "publish_many", None)
     if many is not None:
         return await many(topic, records)
-    out: list[RecordTooLarge | None] = []
-    for record in records:
-        try:
-            await publisher.publish(topic, record)
-            out.append(None)
-        except RecordTooLarge as exc:
-            out.append(exc)
-    return out
+    return await publish_each(publisher, topic, records)

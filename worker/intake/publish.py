@@ -199,6 +199,20 @@ def dlq_record_without_value(source: Source, value: bytes | None,
                   source)
 
 
+async def publish_each(publisher: Any, topic: str, records: Sequence[Record]) -> list[RecordTooLarge | None]:
+    """``publisher.publish`` of each record in turn: per record None once it is published (or staged), or
+    the ``RecordTooLarge`` it raised. For publishers that send one record at a time (test doubles, the
+    transactional publisher, which stages records for its commit cycle)."""
+    out: list[RecordTooLarge | None] = []
+    for record in records:
+        try:
+            await publisher.publish(topic, record)
+            out.append(None)
+        except RecordTooLarge as exc:
+            out.append(exc)
+    return out
+
+
 class Publisher:
     def __init__(self, producer: AIOKafkaProducer, max_pending: int,
                  on_broker_trouble: Callable[[bool], None] | None = None,

@@ -38,7 +38,7 @@ from worker import log
 from worker.errors import ConfigError, FatalError
 from worker.health import HealthState
 from worker.intake.commit import BROKER_TIMEOUT_S, Committer, _names
-from worker.intake.publish import HOST, _TOO_LARGE, Publisher, Record, RecordTooLarge
+from worker.intake.publish import HOST, _TOO_LARGE, Publisher, Record, RecordTooLarge, publish_each
 from worker.metrics import Metrics
 from worker.policy.offsets import OffsetTracker
 from worker.policy.transactions import StagedOutputs, plan_transaction
@@ -107,14 +107,7 @@ class TransactionalPublisher(Publisher):
 
     async def publish_many(self, topic: str, records: Any) -> list[RecordTooLarge | None]:
         """Stage each (``publish``): the batch is sent by the commit cycle, in its transaction."""
-        out: list[RecordTooLarge | None] = []
-        for record in records:
-            try:
-                await self.publish(topic, record)
-                out.append(None)
-            except RecordTooLarge as exc:
-                out.append(exc)
-        return out
+        return await publish_each(self, topic, records)
 
     async def flush(self) -> None:
         """Nothing is sent outside a commit cycle."""
