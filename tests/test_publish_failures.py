@@ -238,7 +238,7 @@ async def test_a_worker_whose_output_topic_cannot_be_written_stops_and_commits_n
 
     real = AIOKafkaProducer
     monkeypatch.setattr(Publisher, "check_topics", unchecked)
-    monkeypatch.setattr("worker.app.AIOKafkaProducer", lambda **kw: real(**{**kw, "request_timeout_ms": 1000}))
+    monkeypatch.setattr("worker.intake.clients.AIOKafkaProducer", lambda **kw: real(**{**kw, "request_timeout_ms": 1000}))
     await create_topics(settings.bootstrap_servers, [(settings.input_topic, 2), (settings.dlq_topic, 1)])
     await produce(settings.bootstrap_servers, settings.input_topic, _pngs(10), 2)
     settings = settings.replace(output_topic=BAD)

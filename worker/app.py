@@ -10,7 +10,9 @@ finished only when the broker acknowledged its result or its DLQ record; only fi
 committed.
 
 The stages of one message live in worker.intake.handle; commits (and their order) and the broker probe
-in worker.intake.commit. This module is the life cycle around them.
+in worker.intake.commit; the Kafka clients (made, connected with retries, closed within bounds) in
+worker.intake.clients; the rebalance hooks in worker.intake.rebalance (both mixins of ``Worker``). This
+module is the life cycle around them.
 
 Revoke (``_on_revoked``, awaited by aiokafka before it rejoins, so before any other member can own the
 partitions): no new records for them (aiokafka returns none during a rebalance) → wait up to
@@ -41,32 +43,31 @@ import time
 import os
 import signal
 from collections import deque
-from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker import codecs, log
 from worker.intake.commit import BROKER_TIMEOUT_S, Committer
-from worker.errors import ConfigError, FatalError
+from worker.errors import FatalError
 from worker.intake.consume import Backpressure, LivePlan, Load, Plan, ProgressClock, RebalanceHooks
 from worker.gpu.thread import GpuThread
 from worker.intake.handle import MessageHandler
 from worker.policy.offsets import OffsetTracker
-from worker.intake.publish import Publisher
 from worker.health import HealthState
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec
-from worker.intake.transact import (TRANSACTION_TIMEOUT_MS, TransactionalCommitter, TransactionalPublisher,
-                                   transactional_id)
+from worker.intake.clients import ClientsMixin
+from worker.intake.rebalance import RebalanceMixin
+from worker.intake.transact import TransactionalCommitter
 from worker.settings import ProcessingGuarantee, Settings
 
 HEARTBEAT_S = 1.0  # the loop's beat for /healthz, and how often message_deadline_s is checked
 
 
-class Worker:
+class Worker(ClientsMixin, RebalanceMixin):
     def __init__(self, settings: Settings, pipeline: PipelineSpec, gpu: GpuThread,
                  metrics: Metrics | None = None, plan: Plan | None = None,
                  health: HealthState | None = None, intake_index: int = 1) -> None:
@@ -135,120 +136,6 @@ class Worker:
         finally:
             await self._shutdown(stages)
         return self.exit_code
-
-    def _new_clients(self) -> None:
-        s = self.settings
-        self.consumer = AIOKafkaConsumer(
-            group_id=self.plan.group_id, client_id=s.client_id, enable_auto_commit=False,
-            auto_offset_reset=s.auto_offset_reset, session_timeout_ms=s.session_timeout_ms,
-            max_poll_interval_ms=s.max_poll_interval_ms, fetch_max_bytes=s.fetch_max_bytes,
-            max_partition_fetch_bytes=s.max_partition_fetch_bytes, fetch_max_wait_ms=s.fetch_max_wait_ms,
-            isolation_level="read_committed" if self.exactly_once else "read_uncommitted",
-            **s.kafka_common())
-        if self.exactly_once:
-            self.publisher = self._transactional_publisher()
-            return
-        self.publisher = Publisher(
-            AIOKafkaProducer(client_id=s.client_id, acks="all", linger_ms=s.producer_linger_ms,
-                             max_request_size=s.producer_max_request_size, max_batch_size=1 << 20,
-                             compression_type=codecs.producer_compression(s.output_compression),
-                             **s.kafka_common()),
-            s.producer_max_pending, on_broker_trouble=self._broker_trouble)
-
-    def _transactional_publisher(self) -> TransactionalPublisher:
-        s = self.settings
-        producer = AIOKafkaProducer(
-            client_id=s.client_id, acks="all", enable_idempotence=True, linger_ms=s.producer_linger_ms,
-            transactional_id=transactional_id(self.plan.group_id, self.intake_index),
-            transaction_timeout_ms=TRANSACTION_TIMEOUT_MS, max_request_size=s.producer_max_request_size,
-            max_batch_size=1 << 20, compression_type=codecs.producer_compression(s.output_compression),
-            **s.kafka_common())
-        # A cycle before the interval once half of max_in_flight waits in it: staged outputs count as in
-        # flight (a message is finished when its transaction commits), so the interval must not cap throughput.
-        return TransactionalPublisher(producer, s.producer_max_request_size, cycle_at=s.max_in_flight // 2,
-                                      on_broker_trouble=self._broker_trouble)
-
-    async def _connect(self, backoff: tuple[float, float] = (0.5, 10.0)) -> bool:
-        """Start producer and consumer, retrying with backoff while the broker is unreachable or stalls
-        (not ready meanwhile), and check that the output and DLQ topics can be written. Returns False
-        if a stop came first, or after ``fail`` when a topic cannot be written (nothing consumed)."""
-        delay = backoff[0]
-        while True:
-            try:
-                if not await self._unless_stopped(self._start_clients()):
-                    return False  # a signal while connecting: nothing was consumed, nothing to drain
-            except (FatalError, ConfigError) as exc:  # UnwritableTopic; no transactions: no retry helps
-                self.fail(exc)
-                return False
-            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
-                self._broker_trouble(True)
-                self._log.warning("broker unreachable; retrying", error=f"{type(exc).__name__}: {exc}",
-                                  bootstrap_servers=self.settings.bootstrap_servers, retry_in_s=delay)
-            else:
-                self._broker_trouble(False)
-                return True
-            await self._close_clients()
-            try:
-                await asyncio.wait_for(self._stop.wait(), timeout=delay)
-            except asyncio.TimeoutError:
-                pass
-            if self._stop.is_set():
-                return False
-            delay = min(delay * 2, backoff[1])
-            self._new_clients()  # aiokafka clients are not restartable after a failed start
-
-    async def _start_clients(self) -> None:
-        await asyncio.wait_for(self.publisher.start(), timeout=30)
-        await asyncio.wait_for(self.consumer.start(), timeout=30)
-        check = getattr(self.publisher, "check_topics", None)  # test doubles may have none
-        if check is not None:
-            await check([self.settings.output_topic, self.settings.dlq_topic])
-        self.publisher.on_stalled = self.health.publish_stalled
-
-    async def _unless_stopped(self, coro: Awaitable[Any]) -> bool:
-        """Await ``coro`` unless a stop comes first (a connection attempt to a broker that stalls can take
-        30 s, a SIGTERM must not wait for it): then cancel it and return False. Its errors propagate."""
-        attempt = asyncio.ensure_future(coro)
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({attempt, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if attempt.done():
-            attempt.result()
-            return True
-        attempt.cancel()
-        await asyncio.wait({attempt}, timeout=5)
-        if attempt.done() and not attempt.cancelled() and attempt.exception() is not None:
-            self._log.info("connection attempt ended by the stop", error=repr(attempt.exception()))
-        return False
-
-    async def _bounded(self, what: str, coro: Awaitable[Any], timeout: float) -> bool:
-        """Await ``coro`` for at most ``timeout`` s on a path that must go on (shutdown, closing clients):
-        a failure or a timeout is logged, not raised. So is a CancelledError that comes out of the
-        awaited code while this task is not being cancelled: aiokafka 0.14's ``consumer.stop()`` during
-        a broker outage re-raises the one of its own fetch task (cancelled while sleeping its retry
-        backoff), which used to end a SIGTERM in a traceback and exit 1."""
-        try:
-            await asyncio.wait_for(coro, timeout=timeout)
-            return True
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # we are being cancelled: not ours to swallow
-            self._log.warning(f"{what} failed",
-                              error="the client re-raised the cancellation of one of its own tasks")
-        except Exception as exc:  # noqa: BLE001 - the path must go on
-            self._log.warning(f"{what} failed", error=f"{type(exc).__name__}: {exc}")
-        return False
-
-    async def _close_clients(self) -> None:
-        if not await self._bounded("consumer close", self.consumer.stop(), 10):
-            # It stopped half way (before closing its connections): close them, bounded too.
-            client = getattr(self.consumer, "_client", None)
-            if client is not None:
-                await self._bounded("consumer connections close", client.close(), 5)
-        await self._bounded("producer close", self.publisher.stop(), 10)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -520,77 +407,6 @@ class Worker:
 
     def _broker_trouble(self, trouble: bool) -> None:
         self.health.broker_state(not trouble)
-
-    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """aiokafka only logs a listener's exception and carries on: here it is fatal instead."""
-        try:
-            self.metrics.rebalances.labels("assigned").inc()
-            for tp in assigned:
-                # A new ownership: no state of an earlier one may survive (revoke forgets, but a lost
-                # membership can skip straight here on some paths).
-                leftover = self._tasks_by_tp.get(tp, set())
-                for task in leftover:
-                    task.cancel()
-                self.tracker.forget(tp)
-                if self.exactly_once:
-                    self.publisher.forget(tp)
-            self._drop_held(assigned)
-            self.health.joined = True
-            if self.backpressure.paused and assigned:
-                self.consumer.pause(*assigned)  # aiokafka forgets pauses on reassignment
-            self._log.info("partitions assigned",
-                           partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in assigned))
-        except Exception as exc:  # noqa: BLE001
-            self._log.exception("partition assignment hook failed")
-            self.fail(exc)
-
-    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        try:
-            self._drop_held(revoked)  # fetched, never started: the next owner reads them again
-            await self._release(revoked)
-        except Exception as exc:  # noqa: BLE001 - aiokafka would log it and rejoin half-released
-            self._log.exception("partition revoke hook failed")
-            self.fail(exc)
-        finally:
-            self._revoking -= revoked
-
-    async def _release(self, revoked: set[TopicPartition]) -> None:
-        """Wait (bounded) for the revoked partitions' in-flight work, cut the rest, flush, commit, let go.
-
-        1. no new work for them: aiokafka returns no records during a rebalance, and ``_start_message``
-           refuses partitions in ``_revoking`` (the consume loop may sit in an await with a fetched batch);
-        2. wait up to ``rebalance_timeout_s`` for their message tasks;
-        3. cancel what is still running: those offsets stay uncommitted and the next owner redoes them;
-        4. flush the producer (bounded), so that every record of ours for these partitions is on the
-           broker before we let go: after the rebalance none of ours can land behind the next owner's
-           commits;
-        5. commit the finished prefix (bounded);
-        6. forget them: their generation ends, so a late ``finish`` cannot move a later ownership.
-        """
-        self.metrics.rebalances.labels("revoked").inc()
-        self._revoking |= revoked
-        tasks = set().union(*(self._tasks_by_tp.get(tp, set()) for tp in revoked)) if revoked else set()
-        if tasks:
-            _, tasks = await asyncio.wait(tasks, timeout=self.settings.rebalance_timeout_s)
-        cut = self._describe(tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
-        if revoked:
-            try:
-                await asyncio.wait_for(self.publisher.flush(), timeout=BROKER_TIMEOUT_S)
-            except (KafkaError, asyncio.TimeoutError) as exc:
-                self._log.warning("producer flush on revoke failed", error=f"{type(exc).__name__}: {exc}")
-        await self.commit(revoked)
-        self.committer.forget_lag(revoked)
-        for tp in revoked:
-            self.tracker.forget(tp)
-            if self.exactly_once:
-                self.publisher.forget(tp)
-            self._tasks_by_tp.pop(tp, None)
-        self._log.info("partitions revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
-                       unfinished_left_uncommitted=sum(len(v) for v in cut.values()), cut_offsets=cut or None)
 
 
 def _size(msg: Any) -> int:
