@@ -108,8 +108,9 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
                          dlq_topic=topics.dlq, group_id=topics.group, http_port=0)
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     ready = loadgen.new_event()
+    progress = loadgen.new_counter()
     collector = loadgen.start(loadgen.collector_main, bootstrap, topics.output, topics.dlq, expected,
-                              str(work / "collected.json"), ready, timeout_s)
+                              str(work / "collected.json"), ready, timeout_s, progress)
     while not ready.is_set():
         if not collector.is_alive():
             raise RuntimeError(f"bench collector exited with {collector.exitcode} before it was ready")
@@ -141,7 +142,11 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         if children not in done:
             children.cancel()
             raise RuntimeError(f"the worker stopped early: {[r.result().exit_code for r in runs if r.done()]}")
-        children.result()  # a child's failure or time-out
+        try:
+            children.result()  # a child's failure or time-out
+        except (RuntimeError, TimeoutError) as exc:  # how far it got tells a stall at the end from none at all
+            raise RuntimeError(f"{exc}; results and DLQ records collected: {progress.value} of {expected}, "
+                               f"{time.monotonic() - t_ready:.0f} s after the worker was ready") from exc
         sampler.cancel()
         # read as the last result arrived: the window from t_ready (the old count, kept to compare), and
         # each intake's CPU by pid for the count from its first message

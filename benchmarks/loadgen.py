@@ -30,6 +30,11 @@ def new_event() -> Any:
     return _CTX.Event()
 
 
+def new_counter() -> Any:
+    """A shared integer a child updates as it goes (the collector's count, read when a run fails)."""
+    return _CTX.Value("q", 0)
+
+
 async def join(proc: Any, timeout_s: float) -> None:
     """Wait for a child without blocking the event loop (the worker may be running on it)."""
     deadline = time.monotonic() + timeout_s
@@ -46,14 +51,14 @@ async def join(proc: Any, timeout_s: float) -> None:
 # --- collector --------------------------------------------------------------------------------------
 
 def collector_main(bootstrap: str, output_topic: str, dlq_topic: str, expected: int, out_path: str,
-                   ready: Any, timeout_s: float) -> None:
-    collected = asyncio.run(_collect(bootstrap, output_topic, dlq_topic, expected, ready, timeout_s))
+                   ready: Any, timeout_s: float, progress: Any = None) -> None:
+    collected = asyncio.run(_collect(bootstrap, output_topic, dlq_topic, expected, ready, timeout_s, progress))
     with open(out_path, "w") as f:
         json.dump(collected, f)
 
 
 async def _collect(bootstrap: str, output_topic: str, dlq_topic: str, expected: int, ready: Any,
-                   timeout_s: float) -> dict:
+                   timeout_s: float, progress: Any = None) -> dict:
     from aiokafka import AIOKafkaConsumer
 
     topics = [t for t in (output_topic, dlq_topic) if t]  # no dlq_topic: the broker's own round trip
@@ -78,6 +83,8 @@ async def _collect(bootstrap: str, output_topic: str, dlq_topic: str, expected: 
                         continue
                     seen.add(key)
                     raw.append((key, tp.topic == dlq_topic, now, rec.value if tp.topic != dlq_topic else b""))
+            if progress is not None:
+                progress.value = len(seen)  # a run that stalls says how far it got
     finally:
         await consumer.stop()
     rows = []
