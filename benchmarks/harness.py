@@ -99,7 +99,7 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
         images = bench_images(opts.count, opts.unique, opts.seed)
         distinct = list(dict.fromkeys(images))  # keeps order, one per distinct object's value
         result["images"] = describe(images)
-        reduced = settings.decoder in ("cpu-reduced", "nvimgcodec", "hybrid")
+        reduced = settings.cpu_decode_reduced
         inputs = [decode_message(b, None, pipeline, settings.max_bytes, settings.max_pixels, reduced).inputs
                   for b in distinct]
 

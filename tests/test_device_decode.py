@@ -473,7 +473,7 @@ async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends
     pool = ThreadPoolExecutor(1)
     handler = MessageHandler(settings, PIPELINE, gpu, _NullPublisher(), OffsetTracker(), Metrics(), counts, pool,
                              failures.append)
-    jpeg = encode(synth_image(np.random.default_rng(3), 96, 64, 3), "jpeg")
+    jpeg = encode(synth_image(np.random.default_rng(3), 640, 480, 3), "jpeg")  # downscaled 4x by cpu-reduced
     png = encode(synth_image(np.random.default_rng(4), 96, 64, 3), "png")
     room = HYBRID_QUEUE_PER_THREAD
     msgs = [SimpleNamespace(topic="in", partition=0, offset=i, timestamp=0, key=None, value=v, headers=[])
@@ -497,6 +497,17 @@ async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends
     for offset in [*range(room), room + 1, room + 2]:
         req = by_offset[offset]
         assert req.encoded is None and req.inputs[0].shape == PIPELINE.models[0].preprocess.hwc_shape
+    # the JPEGs decoded here are decoded downscaled (cpu-reduced), the PNG full size
+    encoded_jpeg = inspect_message(jpeg, None, settings.max_bytes, settings.max_pixels)
+    reduced = decode_encoded(encoded_jpeg, PIPELINE, settings.max_bytes, settings.max_pixels, True)
+    full = decode_encoded(encoded_jpeg, PIPELINE, settings.max_bytes, settings.max_pixels, False)
+    assert any(not np.array_equal(a, b) for a, b in zip(reduced, full))  # the two paths differ here
+    for got, want in zip(by_offset[0].inputs, reduced):
+        np.testing.assert_array_equal(got, want)
+    png_full = decode_encoded(inspect_message(png, None, settings.max_bytes, settings.max_pixels), PIPELINE,
+                              settings.max_bytes, settings.max_pixels, False)
+    for got, want in zip(by_offset[room + 2].inputs, png_full):
+        np.testing.assert_array_equal(got, want)
     assert counts["dead_lettered"] == room + 3 and handler._cpu_busy == 0
 
 

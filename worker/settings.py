@@ -250,6 +250,12 @@ class Settings:
         return self.decoder.on_gpu
 
     @property
+    def cpu_decode_reduced(self) -> bool:
+        """JPEGs decoded on the CPU are decoded downscaled (cpu-reduced; the CPU share and the fall back of
+        the GPU decoders too)."""
+        return self.decoder is Decoder.CPU_REDUCED or self.decoder.on_gpu
+
+    @property
     def decode_threads(self) -> int:
         """Decode threads per intake: the setting, or the usable CPUs shared among the intakes."""
         from worker.policy.cpus import decode_threads_for, usable_cpus

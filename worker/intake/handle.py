@@ -78,7 +78,7 @@ class MessageHandler:
         self.decode_pool = decode_pool
         self.fail = fail
         # decoder=nvimgcodec falls back to cpu-reduced where the GPU thread could not start a decoder
-        self._reduced = settings.decoder in ("cpu-reduced", "nvimgcodec", "hybrid")
+        self._reduced = settings.cpu_decode_reduced
         # decoder=hybrid: a JPEG is decoded here while the pool has room, else on the card. The card's JPEG
         # decode shares the SMs with inference (measured on an H200: decode beside ResNet-50 adds ~6 ms per
         # 128 images to the batch), so each image a CPU core decodes is card time won. Room: a few queued
@@ -162,9 +162,12 @@ class MessageHandler:
             job.decoded = encoded
             if gpu_decodable(encoded) and self._cpu_busy >= self._cpu_slots:
                 await self._put(job, InferenceRequest(None, None, None, job.where, encoded=encoded))  # type: ignore[arg-type]
-            else:  # OpenCV in the pool, as decoder=cpu; the GPU thread copies the rows in
+            else:  # OpenCV in the pool; the GPU thread copies the rows in
+                # A JPEG here is hybrid's CPU share: decoded downscaled (cpu-reduced), the cheap way; other
+                # formats full size, as decoder=cpu would
                 self._cpu_busy += 1
-                future = self._submit(decode_encoded, encoded, self.pipeline, s.max_bytes, s.max_pixels)
+                future = self._submit(decode_encoded, encoded, self.pipeline, s.max_bytes, s.max_pixels,
+                                      gpu_decodable(encoded))
                 future.add_done_callback(self._cpu_freed)
                 on_cpu.append((job, future))
         for job, future in on_cpu:
