@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from tests.procs import PacedProducer, WorkerProc, no_leftover_workers, source_coords, worker_env  # noqa: F401
 from worker.broker import create_topics
 from worker.errors import ConfigError
-from worker.intake.publish import RecordTooLarge, Source, dlq_record, result_record
+from worker.intake.publish import RecordTooLarge, Source, dlq_record
 from worker.intake.transact import TransactionalPublisher, transactional_id
 from worker.policy.offsets import OffsetTracker
 from worker.policy.transactions import StagedOutputs, plan_transaction
@@ -249,10 +249,12 @@ async def _committed_total(bootstrap: str, topics: dict, partitions: int) -> int
         await consumer.stop()
 
 
-def _per_input(run: dict) -> tuple[Counter, Counter]:
+def _per_input(run: dict) -> tuple[Counter, Counter, list[int]]:
+    """Records per input index: results, DLQ records, and the inputs with neither (lost)."""
     results = Counter(run["by_coord"][source_coords(r)] for r in run["results"])
     dead = Counter(run["by_coord"][source_coords(r)] for r in run["dead"])
-    return results, dead
+    lost = [i for i in range(len(run["coords"])) if results[i] + dead[i] == 0]
+    return results, dead, lost
 
 
 @pytest.mark.kafka
@@ -261,10 +263,9 @@ def _per_input(run: dict) -> tuple[Counter, Counter]:
 @pytest.mark.parametrize("broker", ["kafka"], indirect=True)
 async def test_kill_9_five_times_exactly_once_every_input_has_one_record(broker, topics, tmp_path):
     run = await _kill_five_times(broker, topics, tmp_path, "exactly-once")
-    results, dead = _per_input(run)
+    results, dead, lost = _per_input(run)
     n, poison = len(run["coords"]), run["poison"]
     good = set(range(n)) - poison
-    lost = [i for i in range(n) if results[i] + dead[i] == 0]
     doubled = {i: results[i] + dead[i] for i in range(n) if results[i] + dead[i] > 1}
     written = len(await _read_all(broker.bootstrap, topics["output"]))
     print(f"  exactly-once: lost={len(lost)} duplicated={len(doubled)}; {written - len(run['results'])} result "
@@ -280,9 +281,8 @@ async def test_kill_9_five_times_exactly_once_every_input_has_one_record(broker,
 @pytest.mark.parametrize("broker", ["kafka"], indirect=True)
 async def test_kill_9_five_times_at_least_once_loses_nothing_and_shows_its_duplicates(broker, topics, tmp_path):
     run = await _kill_five_times(broker, topics, tmp_path, "at-least-once")
-    results, dead = _per_input(run)
+    results, dead, lost = _per_input(run)
     n, poison = len(run["coords"]), run["poison"]
-    lost = [i for i in range(n) if results[i] + dead[i] == 0]
     extra = sum(results.values()) + sum(dead.values()) - (n - len(lost))
     print(f"  at-least-once: lost={len(lost)} duplicates={extra} "
           f"(inputs with more than one record: {sum(1 for i in range(n) if results[i] + dead[i] > 1)})")
