@@ -225,8 +225,9 @@ class NvImageCodecDecoder:
         return staged
 
     def write(self, staged: Staged) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:
-        """Queue the resize of the staged device images and the copies of the host rows into every
-        model's input rows, in item order. Returns (indices of the items in rows 0..k-1; rejected)."""
+        """Queue the copy of the CPU-decoded rows (rows 0..h-1, one copy per model) and the resize of the
+        device images (the rows after them) into every model's input rows. Returns (the item index of each
+        row 0..k-1, CPU-decoded items first, each group in item order; rejected)."""
         h = staged.host_rows
         gpu_rows = list(range(h, h + len(staged.sources)))
         if staged.decoded is not None:  # the resize reads what the decode stream wrote
