@@ -24,10 +24,11 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from benchmarks import cpu_time, loadgen
+from benchmarks import cpu_time, loadgen, stall
 from benchmarks.corpus import Topics, preload
 from worker.settings import Settings
 from worker.supervisor import Supervisor
@@ -78,6 +79,14 @@ def _gpu_pids(sups: list[Supervisor]) -> list[int]:
     return [p.pid for p in procs if p is not None and p.pid]
 
 
+def _pids(sups: list[Supervisor], collector: Any) -> dict[str, int]:
+    """Every process of a run by name (for the stall evidence)."""
+    out = {f"gpu-{i}": pid for i, pid in enumerate(_gpu_pids(sups))}
+    out.update({f"intake-{i}": p.pid for i, p in enumerate(p for sup in sups for p in sup.intake_procs) if p.pid})
+    out["collector"] = collector.pid
+    return out
+
+
 def _children_cpu(sups: list[Supervisor]) -> dict[str, float]:
     """CPU seconds so far of the GPU processes and of the intake processes (each group summed)."""
     return {"gpu_process": sum(cpu_time.process_cpu(pid) for pid in _gpu_pids(sups)),
@@ -122,6 +131,7 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
     runs = [asyncio.create_task(sup.run()) for sup in sups]
     task = asyncio.gather(*runs)
     producer = None
+    watcher: asyncio.Task | None = None
     cpu_samples: list[tuple[float, float, float]] = []
     sampler = asyncio.create_task(_sample_cpu(sups, broker_pid, cpu_samples))
     try:
@@ -138,9 +148,12 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         if producer is not None:
             waiters.append(asyncio.create_task(loadgen.join(producer, timeout_s)))
         children = asyncio.gather(*waiters)
-        done, _ = await asyncio.wait({task, children}, return_when=asyncio.FIRST_COMPLETED)
+        watcher = asyncio.create_task(stall.watch(progress, expected, sups, lambda: _pids(sups, collector), label))
+        done, _ = await asyncio.wait({task, children, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if children not in done:
             children.cancel()
+            if watcher in done:
+                raise RuntimeError(f"the run stalled: {watcher.result()}")
             raise RuntimeError(f"the worker stopped early: {[r.result().exit_code for r in runs if r.done()]}")
         try:
             children.result()  # a child's failure or time-out
@@ -161,6 +174,8 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         outcomes = await task
     finally:
         sampler.cancel()
+        if watcher is not None:
+            watcher.cancel()
         if not task.done():
             for sup in sups:
                 sup.request_stop()

@@ -1,0 +1,69 @@
+"""A worker run that stops making progress ends early, with evidence.
+
+On the H200 a 7-intake run once sat for minutes with no result arriving and left nothing to say why;
+the device time it burned could not be had back. ``watch`` follows the collector's count of results
+and DLQ records; when it has not moved for ``stall_s`` before the run is complete, it writes what each
+worker process is doing (``py-spy dump`` of every intake and GPU process, where py-spy is installed),
+the supervisor's merged metrics and health, and returns a one-line description; the run then fails
+with it instead of waiting out its time-out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STALL_S = float(os.environ.get("BENCH_STALL_S", "60"))  # 0: no watch
+PY_SPY = shutil.which("py-spy") or next((p for p in ("/tmp/site/bin/py-spy",) if os.access(p, os.X_OK)), None)
+
+
+def stalled(changed_at: float, now: float, count: int, expected: int, stall_s: float) -> bool:
+    """Pure: the count, last changed at ``changed_at``, has stood still for ``stall_s`` short of ``expected``."""
+    return 0 < stall_s <= now - changed_at and count < expected
+
+
+def _dump(pid: int) -> str:
+    if PY_SPY is None:
+        return "(py-spy not installed)"
+    try:
+        done = subprocess.run([PY_SPY, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+        return done.stdout + done.stderr
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(py-spy failed: {exc})"
+
+
+def evidence(sups: list[Any], pids: dict[str, int], path: Path) -> None:
+    """Every worker process's stacks, then each supervisor's health and merged metrics, into ``path``."""
+    with path.open("w") as out:
+        for name, pid in pids.items():
+            out.write(f"===== {name} pid {pid}\n{_dump(pid)}\n")
+        for i, sup in enumerate(sups):
+            out.write(f"===== supervisor {i} liveness\n{json.dumps(sup.health.liveness()[1], default=str)}\n")
+            out.write(f"===== supervisor {i} readiness\n{json.dumps(sup.health.readiness()[1], default=str)}\n")
+            out.write(f"===== supervisor {i} metrics\n{sup.metrics.exposition().decode('utf-8', 'replace')}\n")
+
+
+async def watch(progress: Any, expected: int, sups: list[Any], pids: Callable[[], dict[str, int]], label: str,
+                stall_s: float = STALL_S, every_s: float = 1.0) -> str:
+    """Returns (a description of the stall) once the count stands still for ``stall_s``; never returns
+    otherwise (cancel it when the run ends)."""
+    if stall_s <= 0:
+        await asyncio.Event().wait()
+    count, changed_at = progress.value, time.monotonic()
+    while True:
+        await asyncio.sleep(every_s)
+        now = time.monotonic()
+        if progress.value != count:
+            count, changed_at = progress.value, now
+        if stalled(changed_at, now, count, expected, stall_s):
+            path = Path(os.environ.get("OUT", "/tmp")) / f"stall-{label}-{int(time.time())}.txt"
+            await asyncio.get_running_loop().run_in_executor(None, evidence, sups, pids(), path)
+            return (f"no result or DLQ record for {stall_s:.0f} s at {count} of {expected}; "
+                    f"stacks, health and metrics in {path}")
