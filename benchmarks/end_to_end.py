@@ -148,7 +148,8 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         if producer is not None:
             waiters.append(asyncio.create_task(loadgen.join(producer, timeout_s)))
         children = asyncio.gather(*waiters)
-        watcher = asyncio.create_task(stall.watch(progress, expected, sups, lambda: _pids(sups, collector), label))
+        watcher = asyncio.create_task(stall.watch(progress, expected, sups, lambda: _pids(sups, collector), label,
+                                                  bootstrap=bootstrap, topics=(topics.output, topics.dlq)))
         done, _ = await asyncio.wait({task, children, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if children not in done:
             children.cancel()
@@ -219,6 +220,9 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "results": len(results),
         "dead_lettered": len(rows) - len(results),
         "duplicates": collected["duplicates"],
+        # the collector's reads from the start after 2 s with nothing new, and the results first seen after one
+        "collector_rereads": collected.get("rereads", 0),
+        "found_after_reread": collected.get("found_after_reread", 0),
         "missing": expected - len(rows),
         "worker_counts": counts,
         "exit_code": code,

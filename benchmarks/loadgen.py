@@ -18,6 +18,8 @@ import time
 from typing import Any
 
 _CTX = multiprocessing.get_context("spawn")
+REREAD_AFTER_S = 2.0  # the collector reads its topics again from the start after this long with nothing new
+MAX_REREADS = 5
 
 
 def start(target: Any, *args: Any) -> Any:
@@ -67,21 +69,36 @@ async def _collect(bootstrap: str, output_topic: str, dlq_topic: str, expected: 
     await consumer.start()
     raw: list[tuple[bytes, bool, float, bytes]] = []
     seen: set[bytes] = set()
-    duplicates = 0
+    read: set[tuple[str, int, int]] = set()  # (topic, partition, offset) of every record taken
+    duplicates = rereads = found_after_reread = 0
     try:
         await consumer.getmany(timeout_ms=50)  # joins the topics' partitions before saying ready
         ready.set()
         deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
         while len(seen) < expected and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=100)
             now = time.monotonic()
+            if len(seen) and now - last_new > REREAD_AFTER_S and rereads < MAX_REREADS:
+                # tansu (on 16 cores) can serve a partition's later batch before an earlier one is
+                # visible; the consumer's position then passes the earlier one for good. Reading again
+                # from the start finds it (the records already taken are skipped by offset, not counted
+                # as duplicates); how many were found so is reported.
+                rereads += 1
+                await consumer.seek_to_beginning()
+                last_new = now
             for tp, records in batches.items():
                 for rec in records:
+                    if (tp.topic, tp.partition, rec.offset) in read:
+                        continue
+                    read.add((tp.topic, tp.partition, rec.offset))
+                    last_new = now
                     key = rec.key or b""
                     if key in seen:
                         duplicates += 1
                         continue
                     seen.add(key)
+                    found_after_reread += rereads > 0
                     raw.append((key, tp.topic == dlq_topic, now, rec.value if tp.topic != dlq_topic else b""))
             if progress is not None:
                 progress.value = len(seen)  # a run that stalls says how far it got
@@ -95,7 +112,8 @@ async def _collect(bootstrap: str, output_topic: str, dlq_topic: str, expected: 
             row["batch_size"] = doc.get("batch_size")
             row["timings_ms"] = doc.get("timings_ms", {})
         rows.append(row)
-    return {"rows": rows, "duplicates": duplicates, "expected": expected}
+    return {"rows": rows, "duplicates": duplicates, "expected": expected, "rereads": rereads,
+            "found_after_reread": found_after_reread}
 
 
 # --- rate-limited producer ---------------------------------------------------------------------------

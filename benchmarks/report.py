@@ -198,6 +198,10 @@ def rows(result: dict) -> list[tuple[str, ...]]:
         note = (f"{run['results']}/{run['count']} results, {run['dead_lettered']} DLQ; GPU thread busy "
                 f"{run['gpu_thread_busy_fraction']:.0%}")
         note += "; latency send->result" if run["mode"] == "rate" else "; latency consumed->published"
+        if run.get("duplicates"):
+            note += f"; {run['duplicates']} duplicates"
+        if run.get("found_after_reread"):
+            note += f"; {run['found_after_reread']} seen only after the collector re-read its topics"
         if "over_ceiling" in run:
             note += f"; {run['over_ceiling']:.2f}x ceiling"
         out.append((label, _f(run["images_per_s"]), _f(lat["p50"]), _f(lat["p95"]), _f(lat["p99"]),
