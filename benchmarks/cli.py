@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "same in float16), or a pipeline file.")
     p.add_argument("--count", type=int, default=2000, help="Images in the main worker run (default 2000).")
     p.add_argument("--unique", type=int, default=256, help="Distinct images, cycled up to --count (default 256).")
-    p.add_argument("--partitions", type=int, default=8, help="Partitions of the input topic (default 8).")
+    p.add_argument("--partitions", type=int, default=0,
+                   help="Partitions of each run's input topic (default 0: two per intake process of the run).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the generated images.")
     p.add_argument("--baseline-count", type=int, default=200,
                    help="Messages through the per-message baseline (default 200; 0 skips it).")

@@ -79,7 +79,8 @@ def environment(opts: Any, settings: Settings, pipeline: PipelineSpec) -> dict:
                      "models": [m.name for m in pipeline.models]},
         "settings": {"max_batch_size": settings.max_batch_size, "max_wait_ms": settings.max_wait_ms,
                      "decoder": settings.decoder, "decode_threads": settings.decode_threads,
-                     "max_in_flight": settings.max_in_flight, "partitions": opts.partitions,
+                     "max_in_flight": settings.max_in_flight,
+                     "partitions": opts.partitions or "2 per intake process of each run",
                      "device": settings.device},
     }
 

@@ -37,6 +37,13 @@ import numpy as np  # noqa: E402
 # OpenCV logs a multi-line error for every bad image it is given; each of those is already reported
 # by us, once, as a structured log line and a DLQ record with the reason, so its own logger stays quiet.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+# Our decode pool is the parallelism (decode_threads per intake process, sized with the intake count to
+# the CPUs the pod may use). OpenCV's own pool inside each call (a thread per core of the node, per
+# process) multiplies that by K intakes and fights the GPU process's host thread for cores.
+# WORKER_OPENCV_THREADS (default 1) is for measuring that choice; 0 leaves OpenCV's default.
+_cv_threads = int(os.environ.get("WORKER_OPENCV_THREADS", "1"))
+if _cv_threads > 0:
+    cv2.setNumThreads(_cv_threads)
 
 from worker.errors import MalformedEnvelope, UndecodableImage, UnsupportedImage  # noqa: E402
 from worker.decode.headers import (DEFAULT_MAX_JPEG_SCANS, ImageInfo, check_coded_data, check_limits,  # noqa: E402
