@@ -30,6 +30,7 @@ import numpy as np
 
 from benchmarks import cpu_time, loadgen, stall
 from benchmarks.corpus import Topics, preload
+from worker.choices import ProcessingGuarantee
 from worker.settings import Settings
 from worker.supervisor import Supervisor
 
@@ -119,7 +120,8 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
     ready = loadgen.new_event()
     progress = loadgen.new_counter()
     collector = loadgen.start(loadgen.collector_main, bootstrap, topics.output, topics.dlq, expected,
-                              str(work / "collected.json"), ready, timeout_s, progress)
+                              str(work / "collected.json"), ready, timeout_s, progress,
+                              s.processing_guarantee != ProcessingGuarantee.EXACTLY_ONCE)
     while not ready.is_set():
         if not collector.is_alive():
             raise RuntimeError(f"bench collector exited with {collector.exitcode} before it was ready")
@@ -223,6 +225,8 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         # the collector's reads from the start after 2 s with nothing new, and the results first seen after one
         "collector_rereads": collected.get("rereads", 0),
         "found_after_reread": collected.get("found_after_reread", 0),
+        # records the broker served after a later one of their partition, taken on a seek back (gaps.py)
+        "served_late": collected.get("served_late", 0),
         "missing": expected - len(rows),
         "worker_counts": counts,
         "exit_code": code,

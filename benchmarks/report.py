@@ -201,6 +201,8 @@ def rows(result: dict) -> list[tuple[str, ...]]:
         note += "; latency send->result" if run["mode"] == "rate" else "; latency consumed->published"
         if run.get("duplicates"):
             note += f"; {run['duplicates']} duplicates"
+        if run.get("served_late"):
+            note += f"; {run['served_late']} served by the broker after a later one of their partition"
         if run.get("found_after_reread"):
             note += f"; {run['found_after_reread']} seen only after the collector re-read its topics"
         if "over_ceiling" in run:
