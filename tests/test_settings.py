@@ -94,3 +94,24 @@ def test_kafka_options_are_plain_strings():
     opts = settings_mod.load({}, environ={"WORKER_SECURITY_PROTOCOL": "sasl_plaintext"}).kafka_common()
     assert type(opts["security_protocol"]) is str and opts["security_protocol"] == "SASL_PLAINTEXT"
     assert type(opts["sasl_mechanism"]) is str and opts["sasl_mechanism"] == "PLAIN"
+
+
+def test_check_crcs_is_read_and_reaches_the_consumer():
+    import asyncio
+    from types import SimpleNamespace
+
+    from worker.app import Worker
+    from worker.models import default_pipeline_path
+    from worker.models.spec import load_pipeline
+
+    assert settings_mod.load({}, environ={}).check_crcs is True  # Kafka's Java consumer's default
+    s = settings_mod.load({}, environ={"WORKER_CHECK_CRCS": "false"})
+    assert s.check_crcs is False
+
+    async def consumer_flag(settings):
+        worker = Worker(settings, load_pipeline(default_pipeline_path()), SimpleNamespace())
+        worker._new_clients()  # made, not started: no broker needed
+        return worker.consumer._check_crcs
+
+    assert asyncio.run(consumer_flag(s)) is False
+    assert asyncio.run(consumer_flag(settings_mod.load({}, environ={}))) is True

@@ -32,6 +32,7 @@ class ClientsMixin:
             auto_offset_reset=s.auto_offset_reset, session_timeout_ms=s.session_timeout_ms,
             max_poll_interval_ms=s.max_poll_interval_ms, fetch_max_bytes=s.fetch_max_bytes,
             max_partition_fetch_bytes=s.max_partition_fetch_bytes, fetch_max_wait_ms=s.fetch_max_wait_ms,
+            check_crcs=s.check_crcs,
             isolation_level="read_committed" if self.exactly_once else "read_uncommitted",
             **s.kafka_common())
         if self.exactly_once:
