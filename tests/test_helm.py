@@ -15,6 +15,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import pytest
 import yaml
 
@@ -739,6 +740,18 @@ def test_dashboard_and_rules_render_valid_objects(chart):
     validate_all(r)
     assert {"ConfigMap", "PrometheusRule"} <= r.kinds
     assert r.one("PrometheusRule")["apiVersion"] == "monitoring.coreos.com/v1"
+    rules = {rule["alert"]: rule for g in r.one("PrometheusRule")["spec"]["groups"] for rule in g["rules"]}
+    for name, rule in rules.items():  # every expression is PromQL a Prometheus would load
+        try:
+            promql_parser.parse(rule["expr"])
+        except ValueError as exc:
+            pytest.fail(f"{name}: {exc}\n{rule['expr']}")
+    with pytest.raises(ValueError):  # and the parser is strict enough to catch a slip
+        promql_parser.parse(rules["GpuWorkerPartitionsUneven"]["expr"] + ")")
+    uneven = rules["GpuWorkerPartitionsUneven"]["expr"]
+    # partitions per intake process (pod x process), compared across the live group, only while it lags
+    assert uneven.count("count by (namespace, group, pod, process) (worker_consumer_lag_messages{") == 2
+    assert 'group="' in uneven and uneven.count("(") == uneven.count(")")
 
 
 # --- several GPUs per pod ------------------------------------------------------------------------------
