@@ -49,22 +49,26 @@ def run(batch: int, seconds: float) -> dict[str, Any]:
     from worker.models import resnet50_pipeline_path
     from worker.models.spec import load_pipeline
     from worker.samples import encode, synth_image
-    from worker.settings import Settings
+    from worker.settings import load
 
     log.configure("console", "warning")
-    settings = Settings().replace(device="cuda", decoder="nvimgcodec", max_batch_size=batch)
+    # WORKER_* variables apply (WORKER_NVIMGCODEC_BACKEND, WORKER_NVIMGCODEC_OPTIONS: the decoder's A/B)
+    settings = load().replace(device="cuda", decoder="nvimgcodec", max_batch_size=batch)
     pipeline = load_pipeline(resnet50_pipeline_path())
     rng = np.random.default_rng(0)
     jpegs = [encode(synth_image(rng, 640, 480, 3), "jpeg", 90) for _ in range(256)]
     encoded = [inspect_message(b, None, settings.max_bytes, settings.max_pixels) for b in jpegs]
     batches = [[encoded[(k * batch + j) % len(encoded)] for j in range(batch)] for k in range(4)]
-    out: dict[str, Any] = {"batch": batch, "nonblocking_streams": os.environ.get("NONBLOCK") == "1"}
+    out: dict[str, Any] = {"batch": batch, "nonblocking_streams": os.environ.get("NONBLOCK") == "1",
+                           "nvimgcodec_backend": str(settings.nvimgcodec_backend),
+                           "nvimgcodec_options": settings.nvimgcodec_options}
 
     rt = create_runtime(settings)
     rt.start()
     eng = create_engine(pipeline.models[0], settings)
     eng.activate(rt, batch)
-    dec = NvImageCodecDecoder(rt, [eng], batch, pipeline, settings.max_bytes, settings.max_pixels)
+    dec = NvImageCodecDecoder(rt, [eng], batch, pipeline, settings.max_bytes, settings.max_pixels,
+                              settings.nvimgcodec_backend, settings.nvimgcodec_options)
     dec.warm_up()
     nv = dec._nv
 

@@ -24,6 +24,7 @@ from worker.decode.nvimgcodec import (
     NvImageCodecDecoder,
     decoded_size_problem,
     decoder_factory,
+    decoder_kwargs,
 )
 from worker.decode.resize_kernel import SOURCE, SOURCE_DTYPE, fill_sources
 from worker.errors import ConfigError, ModelRejectedInput, UndecodableImage
@@ -178,6 +179,23 @@ def _fake_decoder(max_batch: int = 8) -> tuple[NvImageCodecDecoder, FakeRuntime,
     dec._device_tables = [SimpleNamespace(ptr=0x900000 + i) for i in range(len(engines))]
     dec._pinned_free, dec._free, dec._last = [], [], None
     return dec, rt, kernel
+
+
+def test_nvimgcodec_backend_setting_becomes_the_decoders_backends_and_options():
+    from worker import settings as settings_mod
+
+    nv = SimpleNamespace(BackendKind=SimpleNamespace(HW_GPU_ONLY="hw", GPU_ONLY="gpu"),
+                         Backend=lambda kind: ("backend", kind))
+    assert decoder_kwargs(nv) == {}  # nvImageCodec's own choice, as before the setting
+    assert decoder_kwargs(nv, "hardware") == {"backends": [("backend", "hw")]}
+    opts = "nvjpeg_hw_decoder:preallocate_buffers=true"
+    assert decoder_kwargs(nv, "cuda", opts) == {"backends": [("backend", "gpu")], "options": opts}
+    with pytest.raises(ValueError, match="unknown nvimgcodec backend 'hybrid'"):
+        decoder_kwargs(nv, "hybrid")
+    s = settings_mod.load({}, environ={"WORKER_NVIMGCODEC_BACKEND": "Hardware", "WORKER_NVIMGCODEC_OPTIONS": opts})
+    assert decoder_kwargs(nv, s.nvimgcodec_backend, s.nvimgcodec_options)["backends"] == [("backend", "hw")]
+    with pytest.raises(ConfigError, match="nvimgcodec_backend"):
+        settings_mod.load({}, environ={"WORKER_NVIMGCODEC_BACKEND": "fast"})
 
 
 def test_rows_follow_request_order_across_gpu_decoded_fallback_and_poison_images():

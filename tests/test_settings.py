@@ -111,7 +111,11 @@ def test_check_crcs_is_read_and_reaches_the_consumer():
     async def consumer_flag(settings):
         worker = Worker(settings, load_pipeline(default_pipeline_path()), SimpleNamespace())
         worker._new_clients()  # made, not started: no broker needed
-        return worker.consumer._check_crcs
+        try:
+            return worker.consumer._check_crcs
+        finally:
+            await worker.consumer.stop()
+            await worker.publisher._producer.stop()
 
     assert asyncio.run(consumer_flag(s)) is False
     assert asyncio.run(consumer_flag(settings_mod.load({}, environ={}))) is True

@@ -115,6 +115,14 @@ class Decoder(Choice):
         return self in (Decoder.NVIMGCODEC, Decoder.HYBRID)
 
 
+class NvImageCodecBackend(Choice):
+    """Which of nvImageCodec's decoders may take the JPEGs (worker.decode.nvimgcodec.decoder_kwargs)."""
+
+    DEFAULT = "default"  # every backend, nvImageCodec's own choice per image
+    HARDWARE = "hardware"  # the card's JPEG decoder engines only (HW_GPU_ONLY); what they refuse: OpenCV
+    CUDA = "cuda"  # nvJPEG's CUDA kernels only (GPU_ONLY): they share the SMs with inference
+
+
 class ProcessingGuarantee(Choice):
     """What a consumer of the output topics may rely on (docs/guarantees.md)."""
 

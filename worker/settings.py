@@ -24,6 +24,7 @@ from worker.choices import (
     Device,
     LogFormat,
     LogLevel,
+    NvImageCodecBackend,
     OffsetReset,
     ProcessingGuarantee,
     SaslMechanism,
@@ -151,6 +152,14 @@ class Settings:
                "inference, so CPU cores that would idle raise throughput).",
         Decoder,
     )
+    nvimgcodec_backend: NvImageCodecBackend = _opt(
+        NvImageCodecBackend.DEFAULT, "With decoder nvimgcodec or hybrid: which nvImageCodec decoders may take "
+        "JPEGs: default (its own choice), hardware (the card's JPEG engines only; what they refuse is decoded "
+        "by OpenCV), cuda (nvJPEG's CUDA kernels only). Not yet measured against each other (docs/gpu.md).",
+        NvImageCodecBackend)
+    nvimgcodec_options: str = _opt(
+        "", "With decoder nvimgcodec or hybrid: nvImageCodec's options string, passed as given (its 'Codec "
+            "options': space-separated entries such as nvjpeg_hw_decoder:preallocate_buffers=true).")
     max_bytes: int = _opt(20_000_000, "Largest accepted message value in bytes; larger ones go to the DLQ.")
     max_pixels: int = _opt(
         40_000_000, "Largest accepted width*height, read from the header before decoding (bomb guard)."

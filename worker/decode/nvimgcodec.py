@@ -58,6 +58,23 @@ def import_nvimgcodec() -> Any:
     return nvimgcodec
 
 
+def decoder_kwargs(nv: Any, backend: str = "default", options: str = "") -> dict[str, Any]:
+    """``nvimgcodec.Decoder``'s keyword arguments for a ``nvimgcodec_backend`` setting and an options
+    string (pure, given the module). Why it is a setting: on the H200, decode and inference took turns on
+    the card (docs/benchmarks.md, "decode and inference on one card"); the hardware JPEG engines use no
+    SMs, and nvJPEG's per-batch buffers come from cudaMalloc/cudaFree unless preallocated (a cudaFree
+    waits for the whole device), which the options string can ask for."""
+    out: dict[str, Any] = {}
+    kinds = {"hardware": "HW_GPU_ONLY", "cuda": "GPU_ONLY"}
+    if backend in kinds:
+        out["backends"] = [nv.Backend(getattr(nv.BackendKind, kinds[backend]))]
+    elif backend != "default":
+        raise ValueError(f"unknown nvimgcodec backend {backend!r}")
+    if options:
+        out["options"] = options
+    return out
+
+
 def decoded_size_problem(encoded: Encoded, shape: Sequence[int]) -> str:
     """Why a decoded image of ``shape`` (H, W, C) does not match its header, or "" when it does."""
     mismatch = size_mismatch(encoded.info, int(shape[0]), int(shape[1]))
@@ -87,7 +104,7 @@ class NvImageCodecDecoder:
     """Decodes batches of ``Encoded`` images into the engines' device input rows (GPU thread only)."""
 
     def __init__(self, runtime: Any, engines: Sequence[Any], max_batch: int, pipeline: PipelineSpec,
-                 max_bytes: int, max_pixels: int) -> None:
+                 max_bytes: int, max_pixels: int, backend: str = "default", options: str = "") -> None:
         nvimgcodec = import_nvimgcodec()
         if runtime.kind != "cuda":
             raise ConfigError("decoder=nvimgcodec needs a CUDA device; this runtime is the CPU")
@@ -97,7 +114,9 @@ class NvImageCodecDecoder:
         self._nv = nvimgcodec
         self._kernel = ResizeKernel(runtime)
         with cuda_errors("creating the nvImageCodec decoder", runtime.device_name):
-            self._decoder = nvimgcodec.Decoder(device_id=runtime.device_index)
+            self._decoder = nvimgcodec.Decoder(device_id=runtime.device_index,
+                                               **decoder_kwargs(nvimgcodec, backend, options))
+        self.backend, self.options = str(backend), options
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=True, color_spec=nvimgcodec.ColorSpec.SRGB,
                                                sample_format=nvimgcodec.SampleFormat.I_RGB)
         # One descriptor table per model (placement depends on the model's input size): pinned host
@@ -141,6 +160,7 @@ class NvImageCodecDecoder:
 
     def _log_ready(self) -> None:
         _log.info("gpu_decoder_ready", decoder="nvimgcodec", version=getattr(self._nv, "__version__", "?"),
+                  backend=self.backend, options=self.options,
                   max_batch=self.max_batch, models=[e.spec.name for e in self.engines])
 
     def close(self) -> None:
@@ -288,6 +308,7 @@ def decoder_factory(settings: Any, pipeline: PipelineSpec) -> Any:
         return None
 
     def make(runtime: Any, engines: Sequence[Any], max_batch: int) -> NvImageCodecDecoder:
-        return NvImageCodecDecoder(runtime, engines, max_batch, pipeline, settings.max_bytes, settings.max_pixels)
+        return NvImageCodecDecoder(runtime, engines, max_batch, pipeline, settings.max_bytes, settings.max_pixels,
+                                   settings.nvimgcodec_backend, settings.nvimgcodec_options)
 
     return make
