@@ -124,4 +124,5 @@ def test_rules_and_dashboard_render_in_the_chart():
     [rule] = [o for o in objs if o["kind"] == "PrometheusRule"]
     assert rule["metadata"]["labels"]["release"] == "kps"
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert alerts == {"GpuWorkerLagGrowing", "GpuWorkerDeadLetters", "GpuWorkerDeviceErrors", "GpuWorkerNotReady"}
+    assert alerts == {"GpuWorkerLagGrowing", "GpuWorkerPartitionsUneven", "GpuWorkerDeadLetters",
+                      "GpuWorkerDeviceErrors", "GpuWorkerNotReady"}
