@@ -21,7 +21,7 @@ from benchmarks.own_thread import on_own_thread
 from benchmarks.end_to_end import percentiles
 from worker.engines import create_engine, create_runtime
 from worker.decode.message import decode_message
-from worker.intake.publish import Source, result_record
+from worker.intake.records import Source, result_record
 from worker.models.spec import PipelineSpec
 from worker.settings import Settings
 

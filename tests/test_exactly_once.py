@@ -23,7 +23,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from tests.procs import PacedProducer, WorkerProc, no_leftover_workers, source_coords, worker_env  # noqa: F401
 from worker.broker import create_topics
 from worker.errors import ConfigError
-from worker.intake.publish import RecordTooLarge, Source, dlq_record
+from worker.intake.publish import RecordTooLarge
+from worker.intake.records import Source, dlq_record
 from worker.intake.transact import TransactionalPublisher, transactional_id
 from worker.policy.offsets import OffsetTracker
 from worker.policy.transactions import StagedOutputs, plan_transaction

@@ -436,7 +436,7 @@ class FlakyProducer:
 
 
 async def test_publisher_retries_broker_trouble_with_backoff_but_not_an_oversized_record():
-    from worker.intake.publish import Record
+    from worker.intake.records import Record
 
     trouble: list[bool] = []
     producer = FlakyProducer([KafkaTimeoutError(), KafkaTimeoutError()])

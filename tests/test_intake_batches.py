@@ -102,7 +102,8 @@ class _BatchProducer:
 
 
 async def test_publish_many_sends_by_batches_and_a_failed_batch_record_by_record():
-    from worker.intake.publish import Publisher, Record
+    from worker.intake.publish import Publisher
+    from worker.intake.records import Record
     keys = [f"k{i}".encode() for i in range(30)]
     failing = DefaultPartitioner()(keys[0], [0, 1, 2], [0, 1, 2])
     producer = _BatchProducer(failing={failing}, room=4)  # small batches: a full one is sent, a new one begun

@@ -30,7 +30,8 @@ from worker.engines import create_engine
 from worker.engines.base import CpuRuntime
 from worker.errors import FatalError, PublishFailed, UnwritableTopic
 from worker.gpu.thread import GpuThread
-from worker.intake.publish import Publisher, Record, classify, topic_error, topic_name_problem
+from worker.intake.publish import Publisher, classify, topic_error, topic_name_problem
+from worker.intake.records import Record
 from worker.health import HealthState
 from worker.models import default_pipeline_path
 from worker.models.spec import load_pipeline

@@ -34,8 +34,8 @@ from worker.decode.message import (Decoded, Encoded, decode_encoded, decode_mess
 from worker.gpu.thread import GpuThread
 from worker.gpu.requests import InferenceRequest
 from worker.policy.offsets import OffsetTracker
-from worker.intake.publish import (Publisher, Record, RecordTooLarge, Source, dlq_record, dlq_record_without_value,
-                                   publish_each, result_record)
+from worker.intake.publish import Publisher, RecordTooLarge, publish_each
+from worker.intake.records import Record, Source, dlq_record, dlq_record_without_value, result_record
 from worker.intake.pool import chunks, run_each
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec

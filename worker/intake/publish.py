@@ -1,6 +1,6 @@
-"""Publish stage: result and dead-letter records, and the producer that must acknowledge them.
+"""Publish stage: the producer that must acknowledge every result and dead-letter record.
 
-``result_record`` and ``dlq_record`` are pure (record = value, key, headers). ``Publisher`` wraps the
+The records themselves are built in ``worker.intake.records`` (pure). ``Publisher`` wraps the
 aiokafka producer with a bound on unacknowledged records and retries with backoff while the broker is
 away, because a message only counts as done, and its offset as committable, once the broker has
 acknowledged its result or its DLQ record.
@@ -19,27 +19,20 @@ marked not ready (``on_stalled``); permanent ones (invalid topic name, no author
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka import errors as kafka_errors
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError
 
-from worker import __version__, log
+from worker import log
 from worker.errors import PublishFailed, UnwritableTopic, WorkerError
 from worker.intake.partitions import by_partition
-from worker.models.postprocess import postprocess
-from worker.models.spec import PipelineSpec
+from worker.intake.records import Record
 
-Headers = list[tuple[str, bytes]]
-HOST = socket.gethostname()
 _TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError)
 # Publish trouble that lasts this long without an acknowledgement marks the worker not ready; a topic
 # missing for this long is given up on (fatal). Also how long start-up waits for a topic being created.
@@ -118,85 +111,6 @@ async def topic_error(producer: AIOKafkaProducer, topic: str) -> type[KafkaError
 
 class RecordTooLarge(WorkerError):
     """The producer or the broker refuses a record for its size: retrying the same record cannot help."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a message came from; every output names it, so consumers can deduplicate on it."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    key: bytes | None
-
-    def headers(self) -> Headers:
-        return [("source-topic", self.topic.encode()), ("source-partition", str(self.partition).encode()),
-                ("source-offset", str(self.offset).encode()), ("source-timestamp", str(self.timestamp).encode())]
-
-    def where(self) -> str:
-        return f"topic={self.topic} partition={self.partition} offset={self.offset}"
-
-
-@dataclass(frozen=True)
-class Record:
-    value: bytes
-    key: bytes | None
-    headers: Headers
-    source: Source | None = None  # the input it is for (exactly-once stages it under that offset)
-
-
-def result_record(source: Source, pipeline: PipelineSpec, outputs: Sequence[dict[str, Any]], *,
-                  image: dict[str, Any], correlation_id: str | None, timings_s: dict[str, float],
-                  batch_size: int, postprocessed: Sequence[dict[str, Any]] | None = None) -> Record:
-    """The JSON result of one image: each model's post-processed outputs, source and timings.
-    ``postprocessed`` (per model, from ``postprocess_batch`` on the GPU thread) skips ``postprocess``."""
-    if postprocessed is None:
-        postprocessed = [postprocess(out, spec) for spec, out in zip(pipeline.models, outputs)]
-    doc = {
-        "source": {"topic": source.topic, "partition": source.partition, "offset": source.offset,
-                   "timestamp": source.timestamp},
-        "correlation_id": correlation_id,
-        "image": image,
-        "models": {
-            spec.name: {"version": spec.version, "outputs": post}
-            for spec, post in zip(pipeline.models, postprocessed)
-        },
-        "timings_ms": {name: round(seconds * 1000.0, 3) for name, seconds in timings_s.items()},
-        "batch_size": batch_size,
-        "worker": {"version": __version__, "host": HOST, "pid": os.getpid()},
-    }
-    headers = [("content-type", b"application/json"), *source.headers()]
-    if correlation_id is not None:
-        headers.append(("correlation-id", correlation_id.encode()))
-    return Record(orjson.dumps(doc), source.key, headers, source)
-
-
-def dlq_record(source: Source, value: bytes | None, original_headers: Sequence[tuple[str, bytes]] | None,
-               error: BaseException) -> Record:
-    """The original value and key, unchanged, with why it failed in headers (original headers kept)."""
-    reason = getattr(error, "reason", type(error).__name__)
-    headers = [
-        *(original_headers or ()),
-        ("error-class", type(error).__name__.encode()),
-        ("error-reason", str(reason).encode()),
-        ("error-message", str(error).encode("utf-8", "replace")[:4000]),
-        *source.headers(),
-        ("worker-version", __version__.encode()),
-        ("worker-host", HOST.encode()),
-    ]
-    return Record(value or b"", source.key, headers, source)
-
-
-def dlq_record_without_value(source: Source, value: bytes | None,
-                             original_headers: Sequence[tuple[str, bytes]] | None, error: BaseException,
-                             refused: BaseException) -> Record:
-    """The DLQ record when the original value itself is too large to be sent: headers only, and a
-    ``dlq-value-omitted`` header that says so (the input is still in its topic at source-offset)."""
-    record = dlq_record(source, None, original_headers, error)
-    note = f"{len(value or b'')} bytes; the record with it was refused: {type(refused).__name__}: {refused}"
-    return Record(b"", record.key, [*record.headers, ("dlq-value-omitted", note.encode("utf-8", "replace")[:1000])],
-                  source)
 
 
 async def publish_each(publisher: Any, topic: str, records: Sequence[Record]) -> list[RecordTooLarge | None]:

@@ -34,11 +34,11 @@ from aiokafka import TopicPartition
 from aiokafka import errors as E
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from worker import log
 from worker.errors import ConfigError, FatalError
 from worker.health import HealthState
 from worker.intake.commit import BROKER_TIMEOUT_S, Committer, _names
-from worker.intake.publish import HOST, _TOO_LARGE, Publisher, Record, RecordTooLarge, publish_each
+from worker.intake.publish import _TOO_LARGE, Publisher, RecordTooLarge, publish_each
+from worker.intake.records import HOST, Record
 from worker.metrics import Metrics
 from worker.policy.offsets import OffsetTracker
 from worker.policy.transactions import StagedOutputs, plan_transaction
