@@ -4,7 +4,9 @@
 # (fp32 and fp16: BENCH_VARIANTS below), `python3 -m benchmarks` from this checkout (PYTHONPATH=$PWD).
 # .gpu-extra/ (carried, git-ignored) may hold test-only wheels (pytest-asyncio, pytest-timeout) and
 # pycuda-site.tgz, a pycuda built on an earlier machine of the same image, to skip its ~100 s build.
-# Usage: bash tests/gpu/run_on_device.sh [tests|bench|all]
+# Usage: bash tests/gpu/run_on_device.sh [tests|bench|all|overlap]
+# overlap: benchmarks.decode_overlap once per nvImageCodec backend setting (OVERLAP_CASES below), to see
+# whether JPEG decode still takes turns with inference on the card (docs/gpu.md, "Not verified").
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-/tmp/out}
@@ -25,14 +27,28 @@ export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/gpu/bin:$PATH PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader | tee "$out/card.txt"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$out/card.txt"
 rc=0
-if [ "$what" != bench ]; then
+if [ "$what" = tests ] || [ "$what" = all ]; then
   # GPU_TESTS: which test files or node ids (default: all of tests/gpu)
   # shellcheck disable=SC2086 # a list of paths
   timeout 400 python3 -m pytest -m gpu ${GPU_TESTS:-tests/gpu} -q -s -rA -p no:cacheprovider > "$out/gpu-tests.log" 2>&1
   rc=$?
   tail -40 "$out/gpu-tests.log"
 fi
-if [ "$what" != tests ]; then
+if [ "$what" = overlap ]; then
+  pre="nvjpeg_hw_decoder:preallocate_buffers=true nvjpeg_hw_decoder:preallocate_batch_size=128"
+  pre+=" nvjpeg_hw_decoder:preallocate_width_hint=640 nvjpeg_hw_decoder:preallocate_height_hint=480"
+  # OVERLAP_CASES: "name:backend:options;..." (options may be empty)
+  IFS=';' read -ra cases <<< "${OVERLAP_CASES:-default:default:;hardware:hardware:;hardware-prealloc:hardware:$pre;cuda:cuda:}"
+  for case in "${cases[@]}"; do
+    IFS=':' read -r name backend options <<< "$case"
+    WORKER_NVIMGCODEC_BACKEND=$backend WORKER_NVIMGCODEC_OPTIONS="$options" timeout "${OVERLAP_TIMEOUT:-120}" \
+      python3 -m benchmarks.decode_overlap --json "$out/overlap-$name.json" > "$out/overlap-$name.log" 2>&1
+    echo "== $name (rc $?)"; tail -3 "$out/overlap-$name.log"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: round(v['ms_per_batch'], 2) for k, v in d.items() if isinstance(v, dict) and 'ms_per_batch' in v})" "$out/overlap-$name.json" 2>/dev/null
+  done
+  exit 0
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
   # BENCH_VARIANTS: "name:bench flags;name:bench flags", each the whole command line of one
   # `python3 -m benchmarks` run; BENCH_EXTRA is appended to every variant. Default: the issue-11 bench
   # (docs/benchmarks.md, "process model") with decoder=hybrid (JPEGs on the card, and on the intakes' free
