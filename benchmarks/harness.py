@@ -44,8 +44,8 @@ PARTITIONS_PER_INTAKE = 2
 def parts_for(opts: BenchOptions, settings: Settings, replicas: int = 1) -> int:
     """Input partitions of a worker run: ``--partitions``, or (0) two per intake process of the run. A
     partition is read by one intake, so 8 partitions over 7 intakes leave one intake with twice the
-    work and the run's tail on that one alone (H200, 2026-12-02: 1,709 images/s at 7 intakes against
-    3,514 at 4, where 8 partitions divide evenly)."""
+    work and the run's tail on that one alone (H200, 2026-12-02: 1,700-1,900 images/s at 7 intakes, in
+    runs with other confounds, against 3,514 at 4 on the same 8 partitions; docs/benchmarks.md)."""
     return opts.partitions or PARTITIONS_PER_INTAKE * (1 if replicas > 1 else settings.intakes) * replicas
 
 
