@@ -39,11 +39,16 @@ def _dump(pid: int) -> str:
         return f"(py-spy failed: {exc})"
 
 
-def evidence(sups: list[Any], pids: dict[str, int], path: Path) -> None:
-    """Every worker process's stacks, then each supervisor's health and merged metrics, into ``path``."""
+def stacks(pids: dict[str, int]) -> str:
+    """Every worker process's stacks (blocking: py-spy runs once per process; call off the loop)."""
+    return "".join(f"===== {name} pid {pid}\n{_dump(pid)}\n" for name, pid in pids.items())
+
+
+def evidence(sups: list[Any], dumped: str, path: Path) -> None:
+    """The processes' stacks, then each supervisor's health and merged metrics (read here, on the loop
+    that owns the supervisors), into ``path``."""
     with path.open("w") as out:
-        for name, pid in pids.items():
-            out.write(f"===== {name} pid {pid}\n{_dump(pid)}\n")
+        out.write(dumped)
         for i, sup in enumerate(sups):
             out.write(f"===== supervisor {i} liveness\n{json.dumps(sup.health.liveness()[1], default=str)}\n")
             out.write(f"===== supervisor {i} readiness\n{json.dumps(sup.health.readiness()[1], default=str)}\n")
@@ -111,7 +116,8 @@ async def watch(progress: Any, expected: int, sups: list[Any], pids: Callable[[]
             count, changed_at = progress.value, now
         if stalled(changed_at, now, count, expected, stall_s):
             path = Path(os.environ.get("OUT", "/tmp")) / f"stall-{label}-{int(time.time())}.txt"
-            await asyncio.get_running_loop().run_in_executor(None, evidence, sups, pids(), path)
+            dumped = await asyncio.get_running_loop().run_in_executor(None, stacks, pids())
+            evidence(sups, dumped, path)
             if bootstrap and topics:
                 with path.open("a") as out:
                     out.write(f"===== census of {', '.join(topics)}\n{await census(bootstrap, topics, expected)}\n")

@@ -190,7 +190,7 @@ def test_nvimgcodec_backend_setting_becomes_the_decoders_backends_and_options():
     assert decoder_kwargs(nv, "hardware") == {"backends": [("backend", "hw")]}
     opts = "nvjpeg_hw_decoder:preallocate_buffers=true"
     assert decoder_kwargs(nv, "cuda", opts) == {"backends": [("backend", "gpu")], "options": opts}
-    with pytest.raises(ValueError, match="unknown nvimgcodec backend 'hybrid'"):
+    with pytest.raises(ConfigError, match="nvimgcodec_backend='hybrid' is not one of"):
         decoder_kwargs(nv, "hybrid")
     s = settings_mod.load({}, environ={"WORKER_NVIMGCODEC_BACKEND": "Hardware", "WORKER_NVIMGCODEC_OPTIONS": opts})
     assert decoder_kwargs(nv, s.nvimgcodec_backend, s.nvimgcodec_options)["backends"] == [("backend", "hw")]
@@ -527,6 +527,40 @@ async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends
     for got, want in zip(by_offset[room + 2].inputs, png_full):
         np.testing.assert_array_equal(got, want)
     assert counts["dead_lettered"] == room + 3 and handler._cpu_busy == 0
+
+
+async def test_hybrid_gives_the_room_back_when_a_batch_is_cut_before_its_cpu_share_is_submitted(settings):
+    """A revoke or drain cancels handle_batch while it hands a JPEG to the card (the GPU's ring full):
+    the CPU share counted so far must not stay counted, or the intake's CPU share shrinks for good."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aiokafka import TopicPartition
+
+    from worker.intake.handle import HYBRID_QUEUE_PER_THREAD, MessageHandler
+    from worker.policy.offsets import OffsetTracker
+
+    class _FullGpu(_RecordingGpu):
+        async def put(self, request):  # a ring with no free slot: waits for ever
+            await asyncio.Event().wait()
+
+    settings = settings.replace(decoder="hybrid", decode_workers=1)
+    pool = ThreadPoolExecutor(1)
+    handler = MessageHandler(settings, PIPELINE, _FullGpu(), _NullPublisher(), OffsetTracker(), Metrics(),
+                             {"published": 0, "dead_lettered": 0, "failed": 0}, pool, lambda exc: None)
+    jpeg = encode(synth_image(np.random.default_rng(3), 64, 48, 3), "jpeg")
+    room = HYBRID_QUEUE_PER_THREAD
+    msgs = [SimpleNamespace(topic="in", partition=0, offset=i, timestamp=0, key=None, value=jpeg, headers=[])
+            for i in range(room + 1)]  # room for the first ones, the last one to the (full) card
+    try:
+        task = asyncio.create_task(handler.handle_batch(TopicPartition("in", 0), [(m, None) for m in msgs]))
+        while handler._cpu_busy < room:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.01)  # now waiting in the card's put
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    finally:
+        pool.shutdown()
+    assert handler._cpu_busy == 0
 
 
 async def test_nvimgcodec_alone_never_decodes_jpegs_on_the_cpu(settings):

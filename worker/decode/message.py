@@ -39,12 +39,10 @@ import numpy as np  # noqa: E402
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 # Our decode pool is the parallelism (decode_threads per intake process, sized with the intake count to
 # the CPUs the pod may use). OpenCV's own pool inside each call (a thread per core of the node, per
-# process) would add K intakes x cores threads; on an H200 host (16 cores) that made no measurable
-# difference to throughput (docs/benchmarks.md, runs 8-9), so this is thread hygiene, not a speed-up.
-# WORKER_OPENCV_THREADS (default 1) is for measuring that choice; 0 leaves OpenCV's default.
-_cv_threads = int(os.environ.get("WORKER_OPENCV_THREADS", "1"))
-if _cv_threads > 0:
-    cv2.setNumThreads(_cv_threads)
+# process) would add K intakes x cores threads; on an H200 host (16 cores) one thread against OpenCV's
+# default made no measurable difference to throughput (docs/benchmarks.md, runs 8-9): thread hygiene,
+# not a speed-up.
+cv2.setNumThreads(1)
 
 from worker.errors import MalformedEnvelope, UndecodableImage, UnsupportedImage  # noqa: E402
 from worker.decode.headers import (DEFAULT_MAX_JPEG_SCANS, ImageInfo, check_coded_data, check_limits,  # noqa: E402

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from worker import log
+from worker.choices import NvImageCodecBackend
 from worker.engines.cuda import cuda_error_name, cuda_errors, device_error
 from worker.decode.resize_kernel import SOURCE_DTYPE, ResizeKernel, fill_sources
 from worker.errors import ConfigError, PoisonMessage, UndecodableImage
@@ -58,18 +59,19 @@ def import_nvimgcodec() -> Any:
     return nvimgcodec
 
 
-def decoder_kwargs(nv: Any, backend: str = "default", options: str = "") -> dict[str, Any]:
+_BACKEND_KINDS = {NvImageCodecBackend.HARDWARE: "HW_GPU_ONLY", NvImageCodecBackend.CUDA: "GPU_ONLY"}
+
+
+def decoder_kwargs(nv: Any, backend: str = NvImageCodecBackend.DEFAULT, options: str = "") -> dict[str, Any]:
     """``nvimgcodec.Decoder``'s keyword arguments for a ``nvimgcodec_backend`` setting and an options
     string (pure, given the module). Why it is a setting: on the H200, decode and inference took turns on
     the card (docs/benchmarks.md, "decode and inference on one card"); the hardware JPEG engines use no
     SMs, and nvJPEG's per-batch buffers come from cudaMalloc/cudaFree unless preallocated (a cudaFree
     waits for the whole device), which the options string can ask for."""
     out: dict[str, Any] = {}
-    kinds = {"hardware": "HW_GPU_ONLY", "cuda": "GPU_ONLY"}
-    if backend in kinds:
-        out["backends"] = [nv.Backend(getattr(nv.BackendKind, kinds[backend]))]
-    elif backend != "default":
-        raise ValueError(f"unknown nvimgcodec backend {backend!r}")
+    kind = _BACKEND_KINDS.get(NvImageCodecBackend.parse(backend, "nvimgcodec_backend"))
+    if kind is not None:  # default: no list, every backend allowed
+        out["backends"] = [nv.Backend(getattr(nv.BackendKind, kind))]
     if options:
         out["options"] = options
     return out

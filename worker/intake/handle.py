@@ -138,9 +138,7 @@ class MessageHandler:
         to the GPU as soon as it is decoded."""
         s = self.settings
         args = (self.pipeline, s.max_bytes, s.max_pixels, self._reduced, s.max_jpeg_scans)
-        submitted = [(part, self._submit(run_each, decode_message, [(j.msg.value, j.msg.headers, *args) for j in part]))
-                     for part in chunks(jobs, self._threads)]
-        for part, future in submitted:
+        for part, future in self._in_chunks(decode_message, jobs, lambda j: (j.msg.value, j.msg.headers, *args)):
             for job, out in zip(part, await future):
                 if isinstance(out, BaseException):
                     self._failed_decode(job, out)
@@ -148,35 +146,47 @@ class MessageHandler:
                 job.decoded = out
                 await self._put(job, InferenceRequest(out.inputs, None, None, job.where))  # type: ignore[arg-type]
 
+    def _in_chunks(self, fn: Callable[..., Any], jobs: list[Job], args_of: Callable[[Job], tuple[Any, ...]]
+                   ) -> list[tuple[list[Job], asyncio.Future]]:
+        """``fn(*args_of(job))`` for every job in the decode pool, one submission per decode thread (a
+        chunk of jobs each, in order), not one per record; each future gives its chunk's results or
+        exceptions (``run_each``)."""
+        return [(part, self._submit(run_each, fn, [args_of(j) for j in part])) for part in chunks(jobs, self._threads)]
+
     async def _check_and_put(self, jobs: list[Job]) -> None:
         """The GPU decodes: header checks here (a JSON envelope in the pool), the bytes to the GPU; with
         decoder=hybrid a JPEG is decoded here instead while a decode thread is free."""
         s = self.settings
-        on_cpu: list[tuple[Job, asyncio.Future]] = []
-        for job in jobs:
-            try:
-                encoded = await self._check(job.msg)
-            except (PoisonMessage, RetriableError) as exc:
-                job.error = exc
-                continue
-            job.decoded = encoded
-            if gpu_decodable(encoded) and self._cpu_busy >= self._cpu_slots:
-                await self._put(job, InferenceRequest(None, None, None, job.where, encoded=encoded))  # type: ignore[arg-type]
-            else:  # OpenCV in the pool; the GPU thread copies the rows in
-                # A JPEG here is hybrid's CPU share: decoded downscaled (cpu-reduced), the cheap way; other
-                # formats full size, as decoder=cpu would
-                self._cpu_busy += 1
-                future = self._submit(decode_encoded, encoded, self.pipeline, s.max_bytes, s.max_pixels,
-                                      gpu_decodable(encoded))
-                future.add_done_callback(self._cpu_freed)
-                on_cpu.append((job, future))
-        for job, future in on_cpu:
-            try:
-                inputs = await future
-            except (PoisonMessage, RetriableError) as exc:
-                self._failed_decode(job, exc)
-                continue
-            await self._put(job, InferenceRequest(inputs, None, None, job.where))  # type: ignore[arg-type]
+        on_cpu: list[Job] = []
+        try:
+            for job in jobs:
+                try:
+                    encoded = await self._check(job.msg)
+                except (PoisonMessage, RetriableError) as exc:
+                    job.error = exc
+                    continue
+                job.decoded = encoded
+                if gpu_decodable(encoded) and self._cpu_busy >= self._cpu_slots:
+                    to_card = InferenceRequest(None, None, None, job.where, encoded=encoded)  # type: ignore[arg-type]
+                    await self._put(job, to_card)
+                else:  # OpenCV in the pool; the GPU thread copies the rows in
+                    self._cpu_busy += 1
+                    on_cpu.append(job)
+        except BaseException:  # cut (revoke, drain) or failed before the pool got them: their room back
+            self._cpu_freed(len(on_cpu))
+            raise
+        # A JPEG here is hybrid's CPU share: decoded downscaled (cpu-reduced), the cheap way; other formats
+        # full size, as decoder=cpu would. In chunks, as _decode_and_put; a chunk's room frees when it ends.
+        submitted = self._in_chunks(decode_encoded, on_cpu, lambda j: (j.decoded, self.pipeline, s.max_bytes,
+                                                                       s.max_pixels, gpu_decodable(j.decoded)))
+        for part, future in submitted:
+            future.add_done_callback(lambda _f, n=len(part): self._cpu_freed(n))
+        for part, future in submitted:
+            for job, out in zip(part, await future):
+                if isinstance(out, BaseException):
+                    self._failed_decode(job, out)
+                    continue
+                await self._put(job, InferenceRequest(out, None, None, job.where))  # type: ignore[arg-type]
 
     async def _check(self, msg: Any) -> Encoded:
         """Header checks before the GPU thread decodes: ~8 us for a raw image, done right here on the
@@ -209,8 +219,8 @@ class MessageHandler:
     def _depth_dec(self, _future: asyncio.Future) -> None:
         self.metrics.decode_queue_depth.dec()
 
-    def _cpu_freed(self, _future: asyncio.Future) -> None:
-        self._cpu_busy -= 1
+    def _cpu_freed(self, n: int) -> None:
+        self._cpu_busy -= n
 
     # --- results -----------------------------------------------------------------------------
     async def _publish(self, tp: TopicPartition, jobs: list[Job], consumed_at: float) -> None:
