@@ -88,3 +88,33 @@ async def test_sigterm_while_the_broker_is_gone_mid_run(topics, tmp_path):
         finally:
             worker.kill()
     print(f"\nSIGTERM, broker gone mid-run: exit 0 in {took:.1f}s")
+
+
+def test_the_embedded_broker_dies_with_the_process_that_started_it_even_by_kill_9():
+    """`worker demo`, the bench and the tests start tansu as a child; a kill -9 of theirs (no cleanup runs)
+    must not leave it running (it was left, reparented to init, before the death signal was set)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from worker.broker import LocalBroker; b = LocalBroker().start(); "
+            "print(b.pid, flush=True); time.sleep(600)")
+    starter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        broker_pid = int(starter.stdout.readline())
+        os.kill(broker_pid, 0)  # running
+        starter.kill()
+        starter.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(broker_pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(broker_pid, signal.SIGKILL)
+            pytest.fail(f"tansu (pid {broker_pid}) outlived the process that started it")
+    finally:
+        if starter.poll() is None:
+            starter.kill()

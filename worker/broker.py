@@ -14,6 +14,7 @@ and the quick test tier; the guarantees are tested against Apache Kafka as well.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import signal
@@ -25,6 +26,8 @@ from collections.abc import Iterable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+
+from worker.ipc.lifetime import die_with_parent
 
 
 def broker_binary() -> str:
@@ -97,7 +100,11 @@ class LocalBroker(BrokerProcess):
         self._proc = subprocess.Popen(
             [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            # Dies with us, even by kill -9 (a `worker demo`, a bench or a test run killed would otherwise
+            # leave it running). Linux ties the signal to the *thread* that starts it: every caller
+            # starts it from its main thread.
+            preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGTERM))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -1,4 +1,4 @@
-"""Children die with the supervisor: no orphaned intake or GPU process after a kill -9 of it."""
+"""Children die with their parent: no orphaned intake, GPU process or embedded broker after a kill -9."""
 
 from __future__ import annotations
 
