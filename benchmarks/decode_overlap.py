@@ -12,6 +12,10 @@ and yet the GPU thread alone reached only ~0.68x the engine API. This separates 
 - ``decode_thread``: a second thread of the process (the same primary context pushed there) decodes
   while the first only writes, enqueues and synchronizes: does a second host thread buy overlap?
 - ``infer_alone_cuda_graph``: ONNX Runtime's CUDA graph (``enable_cuda_graph``), inference alone.
+- ``decode_other_process``: another process (its own CUDA context) decodes batches with the same
+  nvImageCodec settings, first alone, then while this one runs inference: does decoding in another
+  context overlap inference (the card time-slices contexts, but its JPEG engines are not SMs)? Its rows:
+  the other process's decode ms per batch alone and beside inference, and inference's ms per batch beside it.
 
 ``NONBLOCK=1`` creates the runtime's streams with CU_STREAM_NON_BLOCKING (to rule out implicit
 synchronisation with the legacy default stream). Run on the GPU machine:
@@ -41,6 +45,94 @@ def _nonblocking_streams() -> None:
     cuda.Stream = lambda *a, **k: make(1)  # CU_STREAM_NON_BLOCKING; CudaRuntime.start calls cuda.Stream()
 
 
+def _jpegs(n: int) -> list[bytes]:
+    from worker.samples import encode, synth_image
+
+    rng = np.random.default_rng(0)
+    return [encode(synth_image(rng, 640, 480, 3), "jpeg", 90) for _ in range(n)]
+
+
+def _decode_in_own_process(backend: str, options: str, batch: int, seconds: float, ready: Any, go: Any,
+                           out: Any) -> None:
+    """The other process of ``decode_other_process``: its own primary context (one per process), a
+    stream, nvImageCodec as the worker configures it; decodes batches for ``seconds`` after ``go``,
+    timing each (decode call + stream synchronize) on CLOCK_MONOTONIC, which both processes share."""
+    import pycuda.driver as cuda
+
+    cuda.init()
+    context = cuda.Device(0).retain_primary_context()
+    context.push()
+    try:
+        from nvidia import nvimgcodec
+
+        from worker.decode.nvimgcodec import decoder_kwargs
+
+        stream = cuda.Stream()
+        decoder = nvimgcodec.Decoder(device_id=0, **decoder_kwargs(nvimgcodec, backend, options))
+        params = nvimgcodec.DecodeParams(apply_exif_orientation=True, color_spec=nvimgcodec.ColorSpec.SRGB,
+                                         sample_format=nvimgcodec.SampleFormat.I_RGB)
+        data = _jpegs(batch)
+        images = None  # reused, as the worker does: no allocation (or free) per batch
+
+        def decode() -> None:
+            nonlocal images
+            images = list(decoder.decode([nvimgcodec.CodeStream(d) for d in data], images=images,
+                                         params=params, cuda_stream=stream.handle))
+            stream.synchronize()
+
+        for _ in range(3):  # warm-up: codecs initialised, buffers allocated
+            decode()
+        ready.set()
+        go.wait()
+        spans: list[tuple[float, float]] = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t = time.monotonic()
+            decode()
+            spans.append((t, time.monotonic()))
+        out.put(spans)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent's row
+        out.put(f"{type(exc).__name__}: {exc}"[:800])
+    finally:
+        cuda.Context.pop()
+
+
+def _other_process_row(settings: Any, infer_step: Callable[[], None], batch: int, seconds: float) -> dict[str, Any]:
+    """``decode_other_process``: the other process decodes alone for ``seconds``, then beside this one's
+    inference for ``seconds``; each of its batches is counted in the window it started in."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    child = ctx.Process(target=_decode_in_own_process, args=(str(settings.nvimgcodec_backend),
+                        settings.nvimgcodec_options, batch, 2 * seconds + 0.5, ready, go, out), daemon=True)
+    child.start()
+    try:
+        if not ready.wait(120):
+            return {"error": "the decoding process did not get ready in 120 s"}
+        go.set()
+        time.sleep(seconds)
+        t0, n = time.monotonic(), 0
+        while time.monotonic() - t0 < seconds:
+            infer_step()
+            n += 1
+        t1 = time.monotonic()
+        spans = out.get(timeout=120)
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    if isinstance(spans, str):
+        return {"error": spans}
+
+    def ms(rows: list[tuple[float, float]]) -> float | None:
+        return round(1000 * float(np.mean([b - a for a, b in rows])), 2) if rows else None
+
+    return {"decode_ms_alone": ms([s for s in spans if s[0] < t0]),
+            "decode_ms_beside_inference": ms([s for s in spans if t0 <= s[0] and s[1] <= t1]),
+            "infer_ms_beside_decode": round(1000 * (t1 - t0) / max(n, 1), 2), "infer_batches": n}
+
+
 def run(batch: int, seconds: float) -> dict[str, Any]:
     from worker import log
     from worker.decode.message import inspect_message
@@ -48,15 +140,13 @@ def run(batch: int, seconds: float) -> dict[str, Any]:
     from worker.engines import create_engine, create_runtime
     from worker.models import resnet50_pipeline_path
     from worker.models.spec import load_pipeline
-    from worker.samples import encode, synth_image
     from worker.settings import load
 
     log.configure("console", "warning")
     # WORKER_* variables apply (WORKER_NVIMGCODEC_BACKEND, WORKER_NVIMGCODEC_OPTIONS: the decoder's A/B)
     settings = load().replace(device="cuda", decoder="nvimgcodec", max_batch_size=batch)
     pipeline = load_pipeline(resnet50_pipeline_path())
-    rng = np.random.default_rng(0)
-    jpegs = [encode(synth_image(rng, 640, 480, 3), "jpeg", 90) for _ in range(256)]
+    jpegs = _jpegs(256)
     encoded = [inspect_message(b, None, settings.max_bytes, settings.max_pixels) for b in jpegs]
     batches = [[encoded[(k * batch + j) % len(encoded)] for j in range(batch)] for k in range(4)]
     out: dict[str, Any] = {"batch": batch, "nonblocking_streams": os.environ.get("NONBLOCK") == "1",
@@ -151,6 +241,7 @@ def run(batch: int, seconds: float) -> dict[str, Any]:
     dec.release(nxt[0])
 
     # A second host thread decoding (experiment only: the product keeps one thread on the device).
+    checked = rt._check_thread
     rt._check_thread = lambda: None  # the decode thread records its event on the decode stream
     lock, ready, stop = threading.Lock(), queue.Queue(maxsize=2), threading.Event()
     decode_ms: list[float] = []
@@ -197,6 +288,9 @@ def run(batch: int, seconds: float) -> dict[str, Any]:
     thread.join()
     row["decode_stage_ms"] = round(float(np.mean(decode_ms)), 2)
     row["gpu_thread_wait_ms"] = round(float(np.mean(waits)), 2)
+    rt._check_thread = checked
+    out["decode_other_process"] = _other_process_row(settings, lambda: infer(0), batch, seconds)
+    print("decode_other_process", out["decode_other_process"], flush=True)
     dec.close()
     eng.deactivate()
 

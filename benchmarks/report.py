@@ -54,7 +54,8 @@ def environment(opts: Any, settings: Settings, pipeline: PipelineSpec) -> dict:
     import numpy
     import onnxruntime
 
-    commit = _git("rev-parse", "HEAD") or os.environ.get("WORKER_GIT_COMMIT", "unknown")
+    # BENCH_GIT_COMMIT first: a copy of the tree (the GPU machine's) may carry a stale .git
+    commit = os.environ.get("BENCH_GIT_COMMIT") or _git("rev-parse", "HEAD") or "unknown"
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if _git("rev-parse", "HEAD") else None
     return {
         "command": "python -m benchmarks " + " ".join(opts.argv),
@@ -81,7 +82,9 @@ def environment(opts: Any, settings: Settings, pipeline: PipelineSpec) -> dict:
                      "decoder": settings.decoder, "decode_threads": settings.decode_threads,
                      "max_in_flight": settings.max_in_flight,
                      "partitions": opts.partitions or "2 per intake process of each run",
-                     "device": settings.device},
+                     "device": settings.device, "gpu_batches_in_flight": settings.gpu_batches_in_flight,
+                     "nvimgcodec_backend": str(settings.nvimgcodec_backend),
+                     "nvimgcodec_options": settings.nvimgcodec_options},
     }
 
 

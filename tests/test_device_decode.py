@@ -19,7 +19,7 @@ from tests.helpers import check_demo_result, produce, result_doc, source_of
 from tests.test_end_to_end import lossless_images, run_until
 from worker import log
 from worker.broker import create_topics
-from worker.engines.base import CpuRuntime
+from worker.engines.base import HOST_SETS, CpuRuntime
 from worker.decode.nvimgcodec import (
     NvImageCodecDecoder,
     decoded_size_problem,
@@ -175,7 +175,8 @@ def _fake_decoder(max_batch: int = 8) -> tuple[NvImageCodecDecoder, FakeRuntime,
     dec.runtime, dec.engines, dec.max_batch = rt, engines, max_batch
     dec.pipeline, dec.max_bytes, dec.max_pixels = PIPELINE, 1 << 24, 1 << 26
     dec.fallbacks, dec._nv, dec._decoder, dec._params, dec._kernel = 0, nv, nv, None, kernel
-    dec._tables = [np.zeros(max_batch, SOURCE_DTYPE) for _ in engines]
+    dec._tables = [[np.zeros(max_batch, SOURCE_DTYPE) for _ in engines] for _ in range(HOST_SETS)]
+    dec._writes = 0
     dec._device_tables = [SimpleNamespace(ptr=0x900000 + i) for i in range(len(engines))]
     dec._pinned_free, dec._free, dec._last = [], [], None
     return dec, rt, kernel
@@ -378,11 +379,12 @@ async def test_gpu_thread_runs_device_decoded_rows_rejects_poison_and_isolates_m
     assert metrics.registry.get_sample_value("worker_gpu_decode_fallbacks_total") == 2
 
 
-async def test_the_next_full_batch_is_decoded_while_the_device_runs_the_current_one():
+@pytest.mark.parametrize("in_flight", [1, 2])
+async def test_the_next_full_batch_is_decoded_while_the_device_runs_the_current_one(in_flight):
     engine = ResidentEngine(PIPELINE.models[0], 4)
     decoder = FillDecoder(engine)
     gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=4, max_wait_ms=2000, warmup=False,
-                    device_decoder=lambda runtime, engines, max_batch: decoder)
+                    device_decoder=lambda runtime, engines, max_batch: decoder, batches_in_flight=in_flight)
     loop = asyncio.get_running_loop()
     values = list(range(1, 13))
     futures = [loop.create_future() for _ in values]
@@ -397,10 +399,16 @@ async def test_the_next_full_batch_is_decoded_while_the_device_runs_the_current_
     assert [int(o.outputs[0]["sum"]) for o in outcomes] == [v * size for v in values]
     assert engine.batch_sizes == [4, 4, 4]
     batches = [(1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11, 12)]
-    assert decoder.events == [
-        ("stage", batches[0]), ("write", batches[0]), ("stage", batches[1]), ("release", batches[0]),
-        ("write", batches[1]), ("stage", batches[2]), ("release", batches[1]),
-        ("write", batches[2]), ("release", batches[2])]
+    if in_flight == 1:
+        assert decoder.events == [
+            ("stage", batches[0]), ("write", batches[0]), ("stage", batches[1]), ("release", batches[0]),
+            ("write", batches[1]), ("stage", batches[2]), ("release", batches[1]),
+            ("write", batches[2]), ("release", batches[2])]
+    else:  # the next batch is written (queued) before the previous one is finished and released
+        assert decoder.events == [
+            ("stage", batches[0]), ("write", batches[0]), ("stage", batches[1]),
+            ("write", batches[1]), ("stage", batches[2]), ("release", batches[0]),
+            ("write", batches[2]), ("release", batches[1]), ("release", batches[2])]
 
 
 async def test_a_decoder_that_cannot_start_leaves_decoding_to_the_cpu():

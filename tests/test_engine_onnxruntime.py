@@ -171,11 +171,15 @@ class FakeCudaRuntime:
         ctypes.memmove(dst, np.ascontiguousarray(src).ctypes.data, src.nbytes)
 
     def to_host(self, dst: np.ndarray, src: int, what: str = "") -> None:
-        self.pending.append((dst, src))
+        # in stream order: the device bytes as they are now (the fake runs kernels at once), landing in
+        # ``dst`` only at synchronize
+        data = np.empty(dst.nbytes, np.uint8)
+        ctypes.memmove(data.ctypes.data, src, dst.nbytes)
+        self.pending.append((dst, data))
 
     def synchronize(self) -> None:
-        for dst, src in self.pending:
-            ctypes.memmove(dst.ctypes.data, src, dst.nbytes)
+        for dst, data in self.pending:
+            ctypes.memmove(dst.ctypes.data, data.ctypes.data, dst.nbytes)
         self.pending.clear()
 
 
@@ -257,6 +261,14 @@ def test_cuda_path_binds_our_buffers_on_our_stream_and_copies_back_only_at_sync(
     assert all(o.get_run_config_entry("disable_synchronize_execution_providers") == "1" for o in session.runs)
     buffers = len(runtime.memory)
     assert buffers == 3  # input + two outputs, sized once for max_batch_size
+    # two batches queued before one synchronisation (the GPU thread's batches in flight): each collector
+    # reads its own host outputs, the second batch's copies do not overwrite the first's
+    batches = [rng.integers(0, 256, size=(n, *PRE.hwc_shape), dtype=np.uint8) for n in (3, 2)]
+    collectors = [engine.enqueue(b) for b in batches]
+    runtime.synchronize()
+    for batch, collector in zip(batches, collectors):
+        for key, want in reference(batch).items():
+            np.testing.assert_allclose(collector()[key], want, rtol=1e-5, atol=1e-5)
     engine.deactivate()
     assert runtime.memory == {}
 

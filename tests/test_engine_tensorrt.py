@@ -555,6 +555,32 @@ def test_results_exist_only_after_the_stream_is_synchronised(tmp_path, fake_cuda
     rt.stop()
 
 
+def test_two_batches_in_flight_each_waited_for_by_its_own_event(tmp_path, fake_cuda, fake_trt):
+    """The GPU thread queues the next batch before waiting for the current one: each batch's outputs land
+    in their own host set, and waiting for the first batch's event runs the first batch only."""
+    spec = ModelSpec(name="mm", path=means_model(tmp_path / "mm.onnx"), preprocess=PRE, backend="tensorrt")
+    rt = CudaRuntime(0)
+    rt.start()
+    engine = TensorRTEngine(spec, settings(tmp_path))
+    engine.activate(rt, 4)
+    rng = np.random.default_rng(5)
+    batches = [rng.integers(0, 256, size=(n, *PRE.hwc_shape), dtype=np.uint8) for n in (3, 2, 4)]
+    pending = []
+    for batch in batches[:2]:
+        pending.append((batch, engine.enqueue(batch), rt.batch_done()))
+    first, collector, done = pending.pop(0)
+    rt.wait_batch(done)
+    assert [w for w, _ in fake_cuda.queue] == ["htod", "execute_async_v3", "dtoh", "dtoh", "event"]
+    np.testing.assert_allclose(collector()["means"], reference(first)["means"], rtol=1e-5, atol=1e-5)
+    pending.append((batches[2], engine.enqueue(batches[2]), rt.batch_done()))  # into the first one's set
+    for batch, collector, done in pending:
+        rt.wait_batch(done)
+        np.testing.assert_allclose(collector()["maxes"], reference(batch)["maxes"], rtol=1e-5, atol=1e-5)
+    assert not fake_cuda.queue
+    engine.deactivate()
+    rt.stop()
+
+
 def test_fp16_the_way_each_major_intends(tmp_path, fake_cuda, fake_trt):
     pytest.importorskip("onnxconverter_common")
     spec = ModelSpec(name="h", path=means_model(tmp_path / "h.onnx"), preprocess=PRE, backend="tensorrt",

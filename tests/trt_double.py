@@ -111,6 +111,26 @@ class FakeCuda(types.ModuleType):
                 if fake.fail_sync:
                     raise LaunchError(f"cuStreamSynchronize failed: {fake.fail_sync}")
 
+        class Event:
+            """``record`` marks the stream's queue; ``synchronize`` runs the queue up to the mark."""
+
+            def __init__(self, flags=0):
+                self.recorded = False
+
+            def record(self, stream):
+                self.recorded = True
+                fake.enqueue(stream.handle, "event", lambda: None)
+                self.mark = fake.queue[-1]
+
+            def synchronize(self):
+                assert self.recorded, "an event waited for before it was recorded"
+                fake.calls.append(("event_synchronize",))
+                while self.mark in fake.queue:
+                    _what, run = fake.queue.pop(0)
+                    run()
+                if fake.fail_sync:
+                    raise LaunchError(f"cuEventSynchronize failed: {fake.fail_sync}")
+
         class Allocation:
             def __init__(self, nbytes):
                 self.array = np.zeros(nbytes, np.uint8)
@@ -129,7 +149,8 @@ class FakeCuda(types.ModuleType):
                 fake.calls.append(("free_pinned",))
 
         self.Error, self.MemoryError, self.LaunchError = Error, MemoryError, LaunchError
-        self.Context, self.Device, self.Stream = Context, Device, Stream
+        self.Context, self.Device, self.Stream, self.Event = Context, Device, Stream, Event
+        self.event_flags = types.SimpleNamespace(DISABLE_TIMING=2)
         self._Allocation, self._HostAllocation = Allocation, HostAllocation
 
     def init(self, flags=0):

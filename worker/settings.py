@@ -137,6 +137,11 @@ class Settings:
         0.0, "Python's GIL switch interval (sys.setswitchinterval). The GPU thread drops the GIL in every "
              "CUDA and ONNX Runtime call and must win it back from the decode threads each time; a "
              "shorter interval hands it back sooner. 0: leave Python's default (5 ms).")
+    gpu_batches_in_flight: int = _opt(
+        2, "Batches the GPU thread keeps queued on the device (1 or 2). With 2, when the next full batch is "
+           "already waiting it is queued behind the running one before the thread waits, so the device does "
+           "not idle while results are handed over and the next inputs written. The CPU runtime uses 1 "
+           "(its models run as they are queued; a second batch would only delay results).")
     # --- Decode ---------------------------------------------------------------------------
     decode_workers: int = _opt(0, "Decode threads per intake process. 0: the CPUs this process may use, "
                                   "shared among the intake processes.")
@@ -234,6 +239,8 @@ class Settings:
             parse_gpu_devices(self.gpu_devices)  # the syntax here; "auto" is resolved when the worker starts
         except ConfigError as exc:
             problems.append(str(exc))
+        if self.gpu_batches_in_flight not in (1, 2):
+            problems.append(f"gpu_batches_in_flight must be 1 or 2, got {self.gpu_batches_in_flight}")
         if self.resume_in_flight > self.max_in_flight:
             problems.append(
                 f"resume_in_flight={self.resume_in_flight} must not exceed max_in_flight={self.max_in_flight}"

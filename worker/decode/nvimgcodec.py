@@ -40,6 +40,7 @@ import numpy as np
 
 from worker import log
 from worker.choices import NvImageCodecBackend
+from worker.engines.base import HOST_SETS
 from worker.engines.cuda import cuda_error_name, cuda_errors, device_error
 from worker.decode.resize_kernel import SOURCE_DTYPE, ResizeKernel, fill_sources
 from worker.errors import ConfigError, PoisonMessage, UndecodableImage
@@ -122,8 +123,12 @@ class NvImageCodecDecoder:
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=True, color_spec=nvimgcodec.ColorSpec.SRGB,
                                                sample_format=nvimgcodec.SampleFormat.I_RGB)
         # One descriptor table per model (placement depends on the model's input size): pinned host
-        # rows filled per batch and copied on the stream before the launch that reads them.
-        self._tables = [runtime.host_buffer((max_batch,), SOURCE_DTYPE) for _ in self.engines]
+        # rows filled per batch and copied on the stream before the launch that reads them. Two sets,
+        # used in turn: the previous batch's copy may still be queued when the next batch is written
+        # (the GPU thread's batches in flight). The device tables are one: the stream orders them.
+        self._tables = [[runtime.host_buffer((max_batch,), SOURCE_DTYPE) for _ in self.engines]
+                        for _ in range(HOST_SETS)]
+        self._writes = 0
         self._device_tables = [runtime.device_buffer(max_batch * SOURCE_DTYPE.itemsize, f"resize table {i}")
                                for i in range(len(self.engines))]
         # Pinned row sets for images decoded on the CPU (the intakes' pools, OpenCV fallbacks): ``stage``
@@ -254,10 +259,12 @@ class NvImageCodecDecoder:
         gpu_rows = list(range(h, h + len(staged.sources)))
         if staged.decoded is not None:  # the resize reads what the decode stream wrote
             self.runtime.wait_for(staged.decoded)
+        tables = self._tables[self._writes % len(self._tables)]
+        self._writes += 1
         for e, engine in enumerate(self.engines):
             pre = engine.spec.preprocess
             if staged.sources:
-                filled = fill_sources(self._tables[e], staged.sources, gpu_rows, pre)
+                filled = fill_sources(tables[e], staged.sources, gpu_rows, pre)
                 self.runtime.to_device(self._device_tables[e].ptr, filled.view(np.uint8), "resize table")
                 self._kernel.launch(self._device_tables[e].ptr, len(staged.sources), engine.device_input, pre)
             if h:

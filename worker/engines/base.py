@@ -23,6 +23,9 @@ from worker.models.spec import ModelSpec
 
 Outputs = dict[str, np.ndarray]
 Collector = Callable[[], Outputs]
+# Host buffers that a queued copy reads or writes come in this many sets, used in turn by successive
+# batches: the GPU thread has at most this many batches queued on the stream (gpu_batches_in_flight).
+HOST_SETS = 2
 
 
 class DeviceRuntime(Protocol):
@@ -37,6 +40,12 @@ class DeviceRuntime(Protocol):
 
     def synchronize(self) -> None:
         """Wait for all work queued on the stream."""
+
+    def batch_done(self) -> object:
+        """A marker of everything queued on the stream so far (CUDA: an event recorded now)."""
+
+    def wait_batch(self, done: object) -> None:
+        """Wait until the work before ``done`` (from ``batch_done``) has run; later work may still run."""
 
     def host_buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A reusable host array for batch assembly (page-locked on CUDA, so copies run async)."""
@@ -55,7 +64,8 @@ class InferenceEngine(Protocol):
         """Queue inference of ``batch`` (uint8, N x H x W x C, pre-processed on the CPU).
 
         Returns a callable that gives the outputs (host arrays, leading dimension N) once the runtime
-        has synchronised. Arrays may be views of reused buffers: copy what must outlive the batch.
+        has synchronised. Arrays may be views of reused buffers: copy what must outlive the batch. Up to
+        ``HOST_SETS`` enqueued batches may be waiting at once, so host outputs come in that many sets.
         """
 
     def deactivate(self) -> None:
@@ -76,6 +86,12 @@ class CpuRuntime:
         pass
 
     def synchronize(self) -> None:
+        pass
+
+    def batch_done(self) -> None:  # engines run in ``enqueue`` here: a batch is done once enqueued
+        return None
+
+    def wait_batch(self, done: object) -> None:
         pass
 
     def host_buffer(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from worker import log
+from worker.engines.base import HOST_SETS
 from worker.errors import DeviceError
 
 _log = log.get(__name__)
@@ -179,6 +180,7 @@ class CudaRuntime:
         self._device_buffers: dict[int, DeviceBuffer] = {}
         self._host_buffers: list[np.ndarray] = []
         self._staging: dict[tuple, np.ndarray] = {}
+        self._staging_turns: dict[tuple, int] = {}
         self._memory_in_use = 0
 
     # --- life cycle ------------------------------------------------------------------------
@@ -251,6 +253,20 @@ class CudaRuntime:
         with cuda_errors("running the batch (stream synchronize)", self.device_name):
             self.stream.synchronize()
 
+    def batch_done(self) -> Any:
+        """An event recorded on the main stream now, after a batch's last output copy: waiting for it
+        waits for that batch only, not for the next one queued behind it (``wait_batch``)."""
+        self._check_thread()
+        with cuda_errors("recording the batch event", self.device_name):
+            event = self._cuda.Event(self._cuda.event_flags.DISABLE_TIMING)
+            event.record(self.stream)
+        return event
+
+    def wait_batch(self, done: Any) -> None:
+        self._check_thread()
+        with cuda_errors("running the batch (event synchronize)", self.device_name):
+            done.synchronize()
+
     def decode_done(self) -> Any:
         """An event recorded on the decode stream now: what was queued there so far (a batch's JPEG
         decode) must finish before the work ``wait_for`` orders after it."""
@@ -311,7 +327,12 @@ class CudaRuntime:
         """Queue a host-to-device copy on our stream; unpinned ``src`` goes through a pinned staging copy."""
         self._check_thread()
         if not self.is_pinned(src):
-            key = (what, src.dtype.str)
+            # HOST_SETS staging buffers per kind of copy, used in turn: the previous batch's copy from the
+            # other one may still be queued (the GPU thread's batches in flight)
+            kind = (what, src.dtype.str)
+            turn = self._staging_turns.get(kind, 0)
+            self._staging_turns[kind] = (turn + 1) % HOST_SETS
+            key = (*kind, turn)
             stage = self._staging.get(key)
             if stage is None or stage.nbytes < src.nbytes:
                 stage = self.host_buffer((src.nbytes,), np.uint8)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worker import log
-from worker.engines.base import Collector, DeviceRuntime, Outputs
+from worker.engines.base import HOST_SETS, Collector, DeviceRuntime, Outputs
 from worker.errors import ConfigError, DeviceError, EngineLoadError
 from worker.models.spec import ModelSpec
 
@@ -341,7 +341,7 @@ class _Output:
     def __init__(self, name: str, dtype: np.dtype, tail: tuple[int, ...] | None) -> None:
         self.name, self.dtype, self.tail = name, dtype, tail  # tail None: symbolic non-batch dims
         self.device: Any = None
-        self.host: np.ndarray | None = None
+        self.hosts: list[np.ndarray | None] = [None] * HOST_SETS  # one per batch that can be waiting
 
 
 class _CudaBinding:
@@ -354,6 +354,7 @@ class _CudaBinding:
         self.session: Any = None
         self.binding: Any = None
         self._buffers: list[Any] = []
+        self._turn = 0  # which set of host outputs the next batch copies into
         h, w, c = spec.preprocess.hwc_shape
         self.hwc = (h, w, c)
         self.session = cuda_session(model.SerializeToString(), spec, settings, runtime)
@@ -374,7 +375,7 @@ class _CudaBinding:
                     nbytes = rows * math.prod(out.tail) * out.dtype.itemsize
                     out.device = runtime.device_buffer(nbytes, f"{spec.name} output {name}")
                     self._buffers.append(out.device)
-                    out.host = runtime.host_buffer((rows, *out.tail), out.dtype)
+                    out.hosts = [runtime.host_buffer((rows, *out.tail), out.dtype) for _ in range(HOST_SETS)]
                 self.outputs.append(out)
         except BaseException:
             self.close()
@@ -416,24 +417,27 @@ class _CudaBinding:
         rt = self.runtime
         self._bind(rows)
         run_bound(self.session, self.binding, self.run_options, f"model {self.spec.name}", rt)
+        turn, self._turn = self._turn, (self._turn + 1) % HOST_SETS
         views: Outputs = {}
         dynamic = None
         for i, out in enumerate(self.outputs):
             if out.tail is not None:
-                assert out.host is not None
-                rt.to_host(out.host[:rows], out.device.ptr, f"output {out.name} of {self.spec.name}")
-                views[out.name] = out.host[:n]
+                host = out.hosts[turn]
+                assert host is not None
+                rt.to_host(host[:rows], out.device.ptr, f"output {out.name} of {self.spec.name}")
+                views[out.name] = host[:n]
             else:
                 dynamic = dynamic if dynamic is not None else self.binding.get_outputs()
-                views[out.name] = self._copy_dynamic(out, dynamic[i])[:n]
+                views[out.name] = self._copy_dynamic(out, dynamic[i], turn)[:n]
         return lambda: views
 
-    def _copy_dynamic(self, out: _Output, value: Any) -> np.ndarray:
+    def _copy_dynamic(self, out: _Output, value: Any, turn: int) -> np.ndarray:
         shape = tuple(value.shape())
         nbytes = math.prod(shape) * out.dtype.itemsize
-        if out.host is None or out.host.nbytes < nbytes:
-            out.host = self.runtime.host_buffer((max(nbytes, 1),), np.uint8)
-        view = out.host[:nbytes].view(out.dtype).reshape(shape)
+        host = out.hosts[turn]
+        if host is None or host.nbytes < nbytes:
+            host = out.hosts[turn] = self.runtime.host_buffer((max(nbytes, 1),), np.uint8)
+        view = host[:nbytes].view(out.dtype).reshape(shape)
         if nbytes:
             self.runtime.to_host(view, value.data_ptr(), f"output {out.name} of {self.spec.name}")
         return view

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worker import log
-from worker.engines.base import Collector, DeviceRuntime, Outputs
+from worker.engines.base import HOST_SETS, Collector, DeviceRuntime, Outputs
 from worker.engines.tensorrt_build import (
     EngineBuilder,
     default_cache_dir,
@@ -137,7 +137,8 @@ class TensorRTEngine:
         self._pre: Any = None  # ONNX Runtime pre-processing in front of a float-input plan
         self._buffers: list[Any] = []
         self._u8: Any = None  # our uint8 batch buffer (the engine input itself, or the pre-processing input)
-        self._outputs: list[tuple[str, Any, np.ndarray]] = []
+        self._outputs: list[tuple[str, Any, list[np.ndarray]]] = []  # name, device buffer, host sets
+        self._turn = 0  # which host set the next batch's outputs are copied into
         self._in_tail: tuple[int, ...] = ()
         self._min_rows = 1
         self._fixed = 0
@@ -266,7 +267,7 @@ class TensorRTEngine:
             if not self._context.set_tensor_address(name, dev.ptr):
                 raise EngineLoadError(f"model {self.spec.name}: TensorRT refused the address of output {name}")
             if name in self.output_names:
-                self._outputs.append((name, dev, rt.host_buffer(shape, dtype)))
+                self._outputs.append((name, dev, [rt.host_buffer(shape, dtype) for _ in range(HOST_SETS)]))
 
     def _batch_rows(self, name: str, shape: tuple[int, ...], max_batch: int) -> int:
         """Rows to allocate; records the profile's minimum batch (smaller batches are padded)."""
@@ -337,8 +338,10 @@ class TensorRTEngine:
             if cuda_error_name(said):
                 raise device_error(exc, f"running model {self.spec.name}", rt.device_name)
             raise exc
+        turn, self._turn = self._turn, (self._turn + 1) % HOST_SETS
         views: Outputs = {}
-        for name, dev, host in self._outputs:
+        for name, dev, hosts in self._outputs:
+            host = hosts[turn]
             rt.to_host(host[:rows], dev.ptr, f"output {name} of {self.spec.name}")
             views[name] = host[:n]
         return lambda: views

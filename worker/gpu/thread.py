@@ -5,6 +5,15 @@ micro-batches requests from all partitions, runs each batch through every model 
 one synchronisation, and resolves each request's asyncio future on the event loop with
 ``call_soon_threadsafe`` (asyncio futures are not thread-safe).
 
+Batches in flight (``batches_in_flight``, the setting ``gpu_batches_in_flight``): with 2, when the next
+full batch is already waiting, it is written and queued on the stream *before* the thread waits for the
+current one, so the device goes from one batch straight to the next instead of idling while this thread
+collects results, hands them over and writes the next inputs (on the H200 that idle gap was ~10% of a
+batch: docs/benchmarks.md). One stream orders it: the next batch's input copies and kernels run after
+the current batch's kernels and output copies, so device buffers are shared; the host buffers a pending
+copy reads or writes (pinned input rows, output rows, the decoder's resize tables) come in two sets,
+used in turn. A batch waits for its own event, recorded after its last copy.
+
 Failures, by kind:
 - ``DeviceError`` (a CUDA error): every request of the batch fails as retriable, the thread stops and
   ``on_fatal`` is told, so the process exits non-zero without committing those offsets.
@@ -24,13 +33,15 @@ import gc
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from worker import log
-from worker.engines.base import DeviceRuntime, InferenceEngine, Outputs
+from worker.engines.base import HOST_SETS, Collector, DeviceRuntime, InferenceEngine, Outputs
 from worker.errors import ConfigError, EngineFailure, FatalError, ModelRejectedInput, WorkerError
 from worker.gpu.requests import (DecoderFactory, DeviceDecoder, InferenceRequest, InferenceResult, as_device_error,
                                  decoder_items, resolve)
@@ -39,6 +50,25 @@ from worker.metrics import Metrics
 from worker.policy.batching import MicroBatcher
 
 _STOP = object()
+
+
+@dataclass
+class _Launched:
+    """A batch queued on the stream and not yet waited for."""
+
+    requests: list[InferenceRequest]  # the requests of rows 0..n-1, in row order
+    collectors: list[Collector]  # one per model: its outputs once ``done`` has passed
+    staged: Any  # the device decoder's batch, released once the batch is finished; None without one
+    started: float
+    done: Any  # the runtime's event after the batch's last copy (None on the CPU runtime)
+
+
+def batches_in_flight(setting: int, runtime: DeviceRuntime) -> int:
+    """``gpu_batches_in_flight`` where the device runs batches while the host goes on (CUDA); 1 on the
+    CPU runtime, whose models run inside ``enqueue``: a second batch in flight would only hold results back."""
+    return setting if runtime.kind == "cuda" else 1
+
+
 # Exceptions that say the code (or the host) is wrong, not the input: fatal wherever they come from.
 _NOT_THE_INPUT = (TypeError, AttributeError, NameError, LookupError, AssertionError, ImportError,
                   NotImplementedError, RecursionError, MemoryError)
@@ -49,8 +79,13 @@ class GpuThread:
                  max_wait_ms: float, metrics: Metrics | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, warmup: bool = True,
-                 device_decoder: DecoderFactory | None = None) -> None:
+                 device_decoder: DecoderFactory | None = None, batches_in_flight: int = 1) -> None:
+        if not 1 <= batches_in_flight <= HOST_SETS:
+            raise ConfigError(f"gpu_batches_in_flight must be 1..{HOST_SETS}, got {batches_in_flight}")
         self.runtime = runtime
+        self.batches_in_flight = batches_in_flight
+        self._launched: deque[_Launched] = deque()  # oldest first
+        self._launches = 0  # which set of pinned input rows the next CPU-decoded batch uses
         self._decoder_factory = device_decoder
         # Set on the thread at start-up when images are decoded on the device; read by the handler
         # (after ``start``) to choose between sending bytes and decoding in the pool.
@@ -128,8 +163,10 @@ class GpuThread:
             for engine in self.engines:
                 engine.activate(self.runtime, self.max_batch_size)
                 activated.append(engine)
-            self._host = [self.runtime.host_buffer((self.max_batch_size, *e.spec.preprocess.hwc_shape),
-                                                   np.uint8) for e in self.engines]
+            # pinned input rows for images decoded on the CPU: one set per batch that can be in flight
+            self._host_sets = [[self.runtime.host_buffer((self.max_batch_size, *e.spec.preprocess.hwc_shape),
+                                                         np.uint8) for e in self.engines]
+                               for _ in range(self.batches_in_flight)]
             if self.warmup:
                 self._warm_up()
             if self._decoder_factory is not None:
@@ -178,7 +215,7 @@ class GpuThread:
         """Run the smallest and largest batch once so that allocations and kernel selection happen
         before the worker reports ready, not on the first real messages."""
         for n in sorted({1, self.max_batch_size}):
-            batch = [buf[:n] for buf in self._host]
+            batch = [buf[:n] for buf in self._host_sets[0]]
             for b in batch:
                 b.fill(0)
             self._infer(batch)
@@ -190,10 +227,13 @@ class GpuThread:
             self.heartbeat = self._clock()
             if self.metrics is not None:
                 self.metrics.gpu_queue_depth.set(self.queue_depth())
-            if self._next is not None:  # decoded while the previous batch ran: runs now
+            if self._next is not None:  # taken (and decoded) while the previous batch ran: runs now
                 requests, staged = self._next
                 self._next = None
                 self._run_batch(requests, self._clock(), staged)
+                continue
+            if self._launched:  # nothing ready to follow it: its results go out before we wait for input
+                self._finish_launched()
                 continue
             if self._stopping and not len(self._batcher) and self._queue.empty():
                 return
@@ -218,12 +258,14 @@ class GpuThread:
                 self._run_batch([req for req, _ in self._batcher.take()], now)
 
     def _infer(self, batches: Sequence[np.ndarray]) -> list[Outputs]:
+        """Host rows through every model, waited for (warm-up and the canary: nothing else in flight)."""
         collectors = [engine.enqueue(batch) for engine, batch in zip(self.engines, batches)]
         self.runtime.synchronize()  # one synchronisation per batch, whatever the number of models
         return [collect() for collect in collectors]
 
     def _assemble(self, requests: Sequence[InferenceRequest]) -> list[np.ndarray]:
-        """Copy each request's image into the (pinned) batch buffers, row by row.
+        """Copy each request's image into a set of (pinned) batch buffers, row by row. The sets take
+        turns: the previous batch's copy from the other set may still be queued on the stream.
 
         A plain memcpy through memoryviews, holding the GIL: NumPy's ``buf[j] = image`` drops and retakes
         the GIL for every image, and with the decode threads busy each retake can wait up to a switch
@@ -231,7 +273,9 @@ class GpuThread:
         with NumPy, 0.4-0.5 ms this way; the same without contention (0.3 ms).
         """
         n = len(requests)
-        for i, buf in enumerate(self._host):
+        host = self._host_sets[self._launches % len(self._host_sets)]
+        self._launches += 1
+        for i, buf in enumerate(host):
             flat = memoryview(buf.reshape(-1)).cast("B")  # pinned buffers are C-contiguous
             step = buf[0].nbytes
             for j, req in enumerate(requests):
@@ -240,25 +284,24 @@ class GpuThread:
                     raise ValueError(f"model {self.engines[i].spec.name}: input {image.shape} {image.dtype} "
                                      f"does not fit a batch row {buf.shape[1:]} uint8")
                 flat[j * step:(j + 1) * step] = memoryview(np.ascontiguousarray(image)).cast("B")
-        return [buf[:n] for buf in self._host]
+        return [buf[:n] for buf in host]
 
-    def _process(self, requests: list[InferenceRequest], staged: Any = None, prefetch: bool = False
-                 ) -> tuple[list[InferenceRequest], list[Outputs]]:
-        """Inputs into the engines and the batch through them. Returns the requests that ran (rows in
-        that order) and the outputs; requests whose images the device decoder rejected are resolved
-        here with their PoisonMessage (to the DLQ) and left out.
+    def _launch(self, requests: list[InferenceRequest], staged: Any = None) -> _Launched | None:
+        """Queue the batch's inputs and every model on the stream, without waiting for the device.
+        Requests whose images the device decoder rejected are resolved here with their PoisonMessage (to
+        the DLQ) and left out; None when none is left.
 
-        With a device decoder, ``staged`` is this batch already decoded (during the previous batch), and
-        ``prefetch`` decodes the next batch while the device runs this one: nvImageCodec's host work and
-        its decode streams then overlap inference instead of following it."""
+        With a device decoder, ``staged`` is this batch already decoded (taken by ``_prefetch`` while the
+        previous batch ran); nvImageCodec's host work and its decode stream then overlap inference."""
+        started = self._clock()
         decoder = self.device_decoder
         if decoder is None:
-            return requests, self._infer(self._assemble(requests))
-        t0 = self._clock()
+            collectors = [engine.enqueue(batch) for engine, batch in zip(self.engines, self._assemble(requests))]
+            return _Launched(requests, collectors, None, started, self.runtime.batch_done())
         if staged is None:
             staged = decoder.stage(decoder_items(requests))
         t1 = self._clock()
-        self._phase("decode", t1 - t0)
+        self._phase("decode", t1 - started)
         try:
             kept, rejected = decoder.write(staged)
             fallbacks = getattr(staged, "fallbacks", 0)
@@ -271,24 +314,40 @@ class GpuThread:
                 req.loop.call_soon_threadsafe(resolve, req.future, None, error)
             ran = [requests[i] for i in kept]
             if not ran:
-                self.runtime.synchronize()
-                return ran, []
+                self.runtime.synchronize()  # rare: let what the decoder queued finish before release
+                decoder.release(staged)
+                return None
             collectors = [engine.enqueue_resident(len(ran)) for engine in self.engines]
-            t2 = self._clock()
-            self._phase("enqueue", t2 - t1)
-            if prefetch:
-                self._prefetch()
-            t3 = self._clock()
-            self._phase("prefetch", t3 - t2)
-            self.runtime.synchronize()  # decode, resize and every model: one synchronisation
-            self._phase("wait", self._clock() - t3)
-            return ran, [collect() for collect in collectors]
+            self._phase("enqueue", self._clock() - t1)
+            return _Launched(ran, collectors, staged, started, self.runtime.batch_done())
         except BaseException:
             with contextlib.suppress(BaseException):  # kernels may still read the images: wait first
                 self.runtime.synchronize()
+            decoder.release(staged)
+            raise
+
+    def _finish(self, batch: _Launched) -> list[Outputs]:
+        """Wait for the batch on the device and collect its outputs; its decoded images are then free."""
+        t = self._clock()
+        try:
+            self.runtime.wait_batch(batch.done)
+            self._phase("wait", self._clock() - t)
+            return [collect() for collect in batch.collectors]
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                self.runtime.synchronize()
             raise
         finally:
-            decoder.release(staged)
+            if batch.staged is not None and self.device_decoder is not None:
+                self.device_decoder.release(batch.staged)
+
+    def _process(self, requests: list[InferenceRequest]) -> tuple[list[InferenceRequest], list[Outputs]]:
+        """One batch launched and waited for (``_isolate``'s items: nothing else is in flight then).
+        Returns the requests that ran, in row order, and their outputs."""
+        batch = self._launch(requests)
+        if batch is None:
+            return [], []
+        return batch.requests, self._finish(batch)
 
     def _phase(self, name: str, seconds: float) -> None:
         """Where a batch's time goes on this thread (host decode, enqueue, prefetch, waiting for the
@@ -297,8 +356,9 @@ class GpuThread:
             self.metrics.gpu_phase_seconds.labels(name).inc(seconds)
 
     def _prefetch(self) -> None:
-        """If a full batch is already waiting, take it and decode it now (it runs next, at once)."""
-        if self._next is not None or self.device_decoder is None:
+        """If a full batch is already waiting, take it (and decode it, with a device decoder) now: it is
+        launched next, at once, behind the batches in flight."""
+        if self._next is not None or (self.device_decoder is None and self.batches_in_flight == 1):
             return
         while len(self._batcher) < self.max_batch_size:
             try:
@@ -312,34 +372,70 @@ class GpuThread:
         if len(self._batcher) < self.max_batch_size:
             return
         requests = [req for req, _ in self._batcher.take()]
-        try:
-            staged = self.device_decoder.stage(decoder_items(requests))
-        except Exception as exc:  # noqa: BLE001 - decoded again, with errors handled, when the batch runs
-            self._log.debug("prefetch decode failed; the batch decodes when it runs", error=str(exc))
-            staged = None
+        staged = None
+        if self.device_decoder is not None:
+            try:
+                staged = self.device_decoder.stage(decoder_items(requests))
+            except Exception as exc:  # noqa: BLE001 - decoded again, with errors handled, when the batch runs
+                self._log.debug("prefetch decode failed; the batch decodes when it runs", error=str(exc))
         self._next = (requests, staged)
 
     def _run_batch(self, requests: list[InferenceRequest], now: float, staged: Any = None) -> None:
-        started = self._clock()
+        """Launch the batch, take the next one if it is waiting, then finish the batches launched before:
+        all of them, or all but this one when the next follows at once and more than one may be in flight
+        (the device then runs this one while this thread hands over the previous one's results)."""
         try:
-            requests, outputs = self._process(requests, staged, prefetch=True)
+            batch = self._launch(requests, staged)
         except BaseException as exc:  # noqa: BLE001 - classified below
-            device_error = as_device_error(exc)
-            if device_error is not None:
-                for req in requests:
-                    req.loop.call_soon_threadsafe(resolve, req.future, None, device_error)
-                raise device_error from exc
-            self._isolate(requests, exc)
+            try:
+                self._finish_launched()  # launched before it: their outcome does not depend on this failure
+            except BaseException as later:
+                error = later if isinstance(later, WorkerError) else FatalError(f"GPU thread failed: {later}")
+                for req in requests:  # the device failed under the earlier batch: this one fails with it
+                    req.loop.call_soon_threadsafe(resolve, req.future, None, error)
+                raise
+            self._failed(requests, exc)
             return
+        if batch is not None:
+            self._launched.append(batch)
+        t = self._clock()
+        self._prefetch()
+        self._phase("prefetch", self._clock() - t)
+        keep = self.batches_in_flight - 1 if self._next is not None else 0
+        self._finish_launched(keep)
+
+    def _finish_launched(self, keep: int = 0) -> None:
+        """Finish launched batches, oldest first, until ``keep`` are left in flight."""
+        while len(self._launched) > keep:
+            batch = self._launched.popleft()
+            try:
+                outputs = self._finish(batch)
+            except BaseException as exc:  # noqa: BLE001 - classified below
+                if as_device_error(exc) is None:
+                    self._finish_launched()  # _isolate runs items alone: nothing may be in flight then
+                self._failed(batch.requests, exc)
+                continue
+            self._post(batch, outputs)
+
+    def _failed(self, requests: list[InferenceRequest], exc: BaseException) -> None:
+        """A batch raised: a device error fails it (retriable) and stops the thread, anything else is
+        told apart by running its items one by one."""
+        device_error = as_device_error(exc)
+        if device_error is not None:
+            for req in requests:
+                req.loop.call_soon_threadsafe(resolve, req.future, None, device_error)
+            raise device_error from exc
+        self._isolate(requests, exc)
+
+    def _post(self, batch: _Launched, outputs: list[Outputs]) -> None:
+        requests = batch.requests
         n = len(requests)
-        if not n:
-            return
-        elapsed = self._clock() - started
-        # Copy once per output (collectors may return views of buffers reused by the next batch), then
+        elapsed = self._clock() - batch.started
+        # Copy once per output (collectors may return views of buffers reused by a later batch), then
         # hand the batch to the post thread: top-k, one result per image and the resolutions run there
         # while this thread stages and runs the next batch (it waits in CUDA calls with the GIL released).
         copies = [{name: np.array(arr) for name, arr in out.items()} for out in outputs]
-        self._poster.put(requests, copies, started, elapsed)
+        self._poster.put(requests, copies, batch.started, elapsed)
         # Book-keeping last: whatever it raises, no request of this batch is left waiting.
         self.batches += 1
         self.images += n
@@ -347,7 +443,7 @@ class GpuThread:
             self.metrics.batch_size.observe(n)
             self.metrics.inference_seconds.observe(elapsed)
             self.metrics.gpu_memory.set(self.runtime.memory_in_use())
-        oldest_wait = max(started - r.enqueued_at for r in requests)
+        oldest_wait = max(batch.started - r.enqueued_at for r in requests)
         self._log.debug("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
                         inference_ms=round(elapsed * 1000, 3))
 
@@ -426,7 +522,7 @@ class GpuThread:
         raised. With a device decoder too: ``enqueue`` of host rows is the engines' own input path, the
         one warm-up proved, and a zero row is a valid image for any model."""
         try:
-            batch = [buf[:1] for buf in self._host]
+            batch = [buf[:1] for buf in self._host_sets[0]]  # nothing in flight: see _isolate
             for b in batch:
                 b.fill(0)
             self._infer(batch)
@@ -459,6 +555,8 @@ class GpuThread:
         if self._next is not None:
             pending.extend(self._next[0])
             self._next = None
+        while self._launched:  # queued on the device, never finished (already resolved ones stay as they are)
+            pending.extend(self._launched.popleft().requests)
         while True:
             try:
                 item = self._queue.get_nowait()
