@@ -481,7 +481,7 @@ async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends
     from concurrent.futures import ThreadPoolExecutor
 
     import worker.intake.handle as handle_module
-    from worker.intake.handle import HYBRID_QUEUE_PER_THREAD, MessageHandler
+    from worker.intake.handle import MessageHandler
     from worker.policy.offsets import OffsetTracker
 
     release = threading.Event()
@@ -492,7 +492,7 @@ async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends
         return real(*args, **kwargs)
 
     monkeypatch.setattr(handle_module, "decode_encoded", slow_decode)
-    settings = settings.replace(decoder="hybrid", decode_workers=1)  # room for HYBRID_QUEUE_PER_THREAD
+    settings = settings.replace(decoder="hybrid", decode_workers=1)  # room for hybrid_queue_per_thread
     gpu = _RecordingGpu()
     counts = {"published": 0, "dead_lettered": 0, "failed": 0}
     failures: list[BaseException] = []
@@ -501,7 +501,7 @@ async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends
                              failures.append)
     jpeg = encode(synth_image(np.random.default_rng(3), 640, 480, 3), "jpeg")  # downscaled 4x by cpu-reduced
     png = encode(synth_image(np.random.default_rng(4), 96, 64, 3), "png")
-    room = HYBRID_QUEUE_PER_THREAD
+    room = settings.hybrid_queue_per_thread
     msgs = [SimpleNamespace(topic="in", partition=0, offset=i, timestamp=0, key=None, value=v, headers=[])
             for i, v in enumerate([jpeg] * (room + 2) + [png])]
     from aiokafka import TopicPartition
@@ -544,7 +544,7 @@ async def test_hybrid_gives_the_room_back_when_a_batch_is_cut_before_its_cpu_sha
 
     from aiokafka import TopicPartition
 
-    from worker.intake.handle import HYBRID_QUEUE_PER_THREAD, MessageHandler
+    from worker.intake.handle import MessageHandler
     from worker.policy.offsets import OffsetTracker
 
     class _FullGpu(_RecordingGpu):
@@ -556,7 +556,7 @@ async def test_hybrid_gives_the_room_back_when_a_batch_is_cut_before_its_cpu_sha
     handler = MessageHandler(settings, PIPELINE, _FullGpu(), _NullPublisher(), OffsetTracker(), Metrics(),
                              {"published": 0, "dead_lettered": 0, "failed": 0}, pool, lambda exc: None)
     jpeg = encode(synth_image(np.random.default_rng(3), 64, 48, 3), "jpeg")
-    room = HYBRID_QUEUE_PER_THREAD
+    room = settings.hybrid_queue_per_thread
     msgs = [SimpleNamespace(topic="in", partition=0, offset=i, timestamp=0, key=None, value=jpeg, headers=[])
             for i in range(room + 1)]  # room for the first ones, the last one to the (full) card
     try:

@@ -157,6 +157,10 @@ class Settings:
                "inference, so CPU cores that would idle raise throughput).",
         Decoder,
     )
+    hybrid_queue_per_thread: int = _opt(
+        4, "With decoder hybrid: JPEGs queued per decode thread of an intake before the next ones go to the "
+           "card as bytes. Higher: more of the decoding on the CPU (the card's decode takes turns with "
+           "inference); the threads must keep up between polls, or the queue is only latency.")
     nvimgcodec_backend: NvImageCodecBackend = _opt(
         NvImageCodecBackend.DEFAULT, "With decoder nvimgcodec or hybrid: which nvImageCodec decoders may take "
         "JPEGs: default (its own choice), hardware (the card's JPEG engines only; what they refuse is decoded "
@@ -224,7 +228,7 @@ class Settings:
                 except ConfigError as exc:
                     problems.append(str(exc))
         for name in ("max_batch_size", "max_in_flight", "commit_interval_ms", "producer_max_pending", "ipc_slots",
-                     "ipc_slot_bytes", "max_jpeg_scans"):
+                     "ipc_slot_bytes", "max_jpeg_scans", "hybrid_queue_per_thread"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "gil_switch_interval_ms", "drain_timeout_s", "rebalance_timeout_s", "decode_workers",

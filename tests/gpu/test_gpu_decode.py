@@ -150,16 +150,22 @@ def _decode_rows(pipeline: PipelineSpec, payloads: list[bytes], limits: tuple[in
     return encoded, _with_device(work)
 
 
-# nvimgcodec_backend: every choice decodes the same rows (hardware and cuda written for issue 11's
-# decode/inference overlap; not yet run on a GPU when written: docs/gpu.md says which runs have)
+# nvimgcodec_backend: every choice decodes the same rows. On the H200 (nvImageCodec 0.9) the CUDA backend
+# alone cannot be created: that is a ConfigError naming the setting (the worker then decodes on the CPU)
 @pytest.mark.parametrize("backend", ["default", "hardware", "cuda"])
 def test_nvimgcodec_rows_are_close_to_the_cpu_decoders(backend):
+    from worker.errors import ConfigError
+
     rng = np.random.default_rng(9)
     jpegs = [encode(synth_image(rng, 640, 480, 3), "jpeg") for _ in range(6)]
     jpegs.append(encode(synth_image(rng, 333, 517, 1), "jpeg"))  # gray JPEG, odd sizes
     pngs = [encode(synth_image(rng, 120, 90, c), "png") for c in (1, 3, 4)]
     pipeline = _pipeline(CASES)
-    encoded, (kept, rejected, rows, fallbacks) = _decode_rows(pipeline, jpegs + pngs, backend=backend)
+    try:
+        encoded, (kept, rejected, rows, fallbacks) = _decode_rows(pipeline, jpegs + pngs, backend=backend)
+    except ConfigError as exc:
+        assert f"nvimgcodec_backend={backend}" in str(exc) and "could not create a decoder" in str(exc)
+        pytest.skip(f"this GPU has no nvImageCodec decoder for backend={backend}: {exc}")
     assert not rejected and sorted(kept) == list(range(len(encoded)))
     row_of = {item: row for row, item in enumerate(kept)}  # CPU-decoded (fallback) rows come first
     print(f"\nfallbacks to OpenCV: {fallbacks} of {len(encoded)}")

@@ -116,9 +116,17 @@ class NvImageCodecDecoder:
         self.fallbacks = 0
         self._nv = nvimgcodec
         self._kernel = ResizeKernel(runtime)
+        kwargs = decoder_kwargs(nvimgcodec, backend, options)
         with cuda_errors("creating the nvImageCodec decoder", runtime.device_name):
-            self._decoder = nvimgcodec.Decoder(device_id=runtime.device_index,
-                                               **decoder_kwargs(nvimgcodec, backend, options))
+            try:
+                self._decoder = nvimgcodec.Decoder(device_id=runtime.device_index, **kwargs)
+            except RuntimeError as exc:
+                if cuda_error_name(str(exc)):
+                    raise
+                # e.g. "Could not create decoder. Code: 7": nvImageCodec 0.9 on an H200 with backend=cuda
+                # (GPU_ONLY); the GPU thread then says so and decodes on the CPU
+                raise ConfigError(f"nvImageCodec could not create a decoder with nvimgcodec_backend={backend} "
+                                  f"options={options!r} on {runtime.device_name}: {exc}") from exc
         self.backend, self.options = str(backend), options
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=True, color_spec=nvimgcodec.ColorSpec.SRGB,
                                                sample_format=nvimgcodec.SampleFormat.I_RGB)

@@ -86,6 +86,7 @@ class GpuThread:
         self.batches_in_flight = batches_in_flight
         self._launched: deque[_Launched] = deque()  # oldest first
         self._launches = 0  # which set of pinned input rows the next CPU-decoded batch uses
+        self._last_finished = 0.0  # clock when the last batch was finished
         self._decoder_factory = device_decoder
         # Set on the thread at start-up when images are decoded on the device; read by the handler
         # (after ``start``) to choose between sending bytes and decoding in the pool.
@@ -430,7 +431,13 @@ class GpuThread:
     def _post(self, batch: _Launched, outputs: list[Outputs]) -> None:
         requests = batch.requests
         n = len(requests)
-        elapsed = self._clock() - batch.started
+        # The batch's own time: from its launch, or from when the batch before it finished if it was
+        # queued behind that one (two in flight), to now. Summed over batches it is the time the thread
+        # had a batch on the device, never counted twice (the bench's busy fraction, the batch time of
+        # its latency bound).
+        now = self._clock()
+        elapsed = now - max(batch.started, self._last_finished)
+        self._last_finished = now
         # Copy once per output (collectors may return views of buffers reused by a later batch), then
         # hand the batch to the post thread: top-k, one result per image and the resolutions run there
         # while this thread stages and runs the next batch (it waits in CUDA calls with the GIL released).

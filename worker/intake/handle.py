@@ -42,8 +42,6 @@ from worker.models.spec import PipelineSpec
 from worker.settings import Settings
 
 
-HYBRID_QUEUE_PER_THREAD = 4
-
 
 class Job:
     """One record's way through a batch."""
@@ -80,11 +78,12 @@ class MessageHandler:
         # decoder=nvimgcodec falls back to cpu-reduced where the GPU thread could not start a decoder
         self._reduced = settings.cpu_decode_reduced
         # decoder=hybrid: a JPEG is decoded here while the pool has room, else on the card. The card's JPEG
-        # decode shares the SMs with inference (measured on an H200: decode beside ResNet-50 adds ~6 ms per
-        # 128 images to the batch), so each image a CPU core decodes is card time won. Room: a few queued
-        # per thread (a decode takes 1-3 ms), so that the threads stay busy between polls; the rest of a
+        # decode takes turns with inference (measured on an H200: decode beside ResNet-50 adds ~4 ms per
+        # 128 images to the batch), so each image a CPU core decodes is card time won. Room: queued per
+        # thread (a decode takes 1-3 ms), so that the threads stay busy between polls; the rest of a
         # poll goes to the card at once.
-        self._cpu_slots = settings.decode_threads * HYBRID_QUEUE_PER_THREAD if settings.decoder == "hybrid" else 0
+        self._cpu_slots = (settings.decode_threads * settings.hybrid_queue_per_thread
+                           if settings.decoder == "hybrid" else 0)
         self._cpu_busy = 0
         self._threads = max(1, settings.decode_threads)
         self._log = log.get("worker")
