@@ -164,7 +164,8 @@ class Settings:
     nvimgcodec_backend: NvImageCodecBackend = _opt(
         NvImageCodecBackend.DEFAULT, "With decoder nvimgcodec or hybrid: which nvImageCodec decoders may take "
         "JPEGs: default (its own choice), hardware (the card's JPEG engines only; what they refuse is decoded "
-        "by OpenCV), cuda (nvJPEG's CUDA kernels only). Not yet measured against each other (docs/gpu.md).",
+        "by OpenCV), cuda (nvJPEG's CUDA kernels only). On an H200 default and hardware measured the same, and "
+        "cuda cannot be created there (the worker then decodes on the CPU): docs/benchmarks.md, run 10.",
         NvImageCodecBackend)
     nvimgcodec_options: str = _opt(
         "", "With decoder nvimgcodec or hybrid: nvImageCodec's options string, passed as given (its 'Codec "
