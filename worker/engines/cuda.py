@@ -256,11 +256,7 @@ class CudaRuntime:
     def batch_done(self) -> Any:
         """An event recorded on the main stream now, after a batch's last output copy: waiting for it
         waits for that batch only, not for the next one queued behind it (``wait_batch``)."""
-        self._check_thread()
-        with cuda_errors("recording the batch event", self.device_name):
-            event = self._cuda.Event(self._cuda.event_flags.DISABLE_TIMING)
-            event.record(self.stream)
-        return event
+        return self._record(self.stream, "recording the batch event")
 
     def wait_batch(self, done: Any) -> None:
         self._check_thread()
@@ -270,10 +266,13 @@ class CudaRuntime:
     def decode_done(self) -> Any:
         """An event recorded on the decode stream now: what was queued there so far (a batch's JPEG
         decode) must finish before the work ``wait_for`` orders after it."""
+        return self._record(self.decode_stream, "recording the decode event")
+
+    def _record(self, stream: Any, what: str) -> Any:
         self._check_thread()
-        with cuda_errors("recording the decode event", self.device_name):
+        with cuda_errors(what, self.device_name):
             event = self._cuda.Event(self._cuda.event_flags.DISABLE_TIMING)
-            event.record(self.decode_stream)
+            event.record(stream)
         return event
 
     def wait_for(self, event: Any) -> None:
