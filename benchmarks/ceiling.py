@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.own_thread import on_own_thread
 from worker.engines import create_engine, create_runtime
 from worker.decode.nvimgcodec import decoder_factory
-from worker.gpu.thread import GpuThread, batches_in_flight
+from worker.gpu.thread import GpuThread
 from worker.gpu.requests import InferenceRequest
 from worker.metrics import Metrics
 from worker.models.spec import PipelineSpec
@@ -187,9 +187,8 @@ async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs:
     metrics = Metrics()
     runtime = create_runtime(settings)
     engines = [create_engine(spec, settings) for spec in pipeline.models]
-    gpu = GpuThread(runtime, engines, settings.max_batch_size, settings.max_wait_ms, metrics=metrics,
-                    device_decoder=decoder_factory(settings, pipeline) if encoded else None,
-                    batches_in_flight=batches_in_flight(settings.gpu_batches_in_flight, runtime))
+    gpu = GpuThread.for_settings(settings, runtime, engines, decoder_factory(settings, pipeline) if encoded else None,
+                                 metrics=metrics)
     await gpu.start()
 
     def request(j: int, fut: asyncio.Future) -> InferenceRequest:

@@ -83,6 +83,8 @@ def environment(opts: Any, settings: Settings, pipeline: PipelineSpec) -> dict:
                      "max_in_flight": settings.max_in_flight,
                      "partitions": opts.partitions or "2 per intake process of each run",
                      "device": settings.device, "gpu_batches_in_flight": settings.gpu_batches_in_flight,
+                     "gpu_batches_by_decoder": settings.gpu_batches_by_decoder,
+                     "hybrid_queue_per_thread": settings.hybrid_queue_per_thread,
                      "nvimgcodec_backend": str(settings.nvimgcodec_backend),
                      "nvimgcodec_options": settings.nvimgcodec_options},
     }

@@ -41,6 +41,38 @@ def test_zero_wait_sends_immediately():
     assert b.ready(5.0)
 
 
+def test_with_kinds_a_full_batch_holds_one_kind_and_the_deadline_still_mixes():
+    kind = str.isupper  # "A".."Z": one kind (card JPEGs, say), "a".."z" the other (decoded rows)
+    b = MicroBatcher(max_batch_size=3, max_wait_s=1.0, kind=kind)
+    for t, item in enumerate(["a", "B", "c", "D"]):
+        b.add(item, now=t * 0.1)
+    assert len(b) == 4 and not b.full()  # more than a batch waiting, but neither kind fills one
+    assert not b.ready(0.3) and b.time_left(0.5) == 0.5  # the oldest ("a") sets the deadline
+    b.add("F", now=0.4)
+    assert b.full() and b.ready(0.4) and b.time_left(0.4) == 0.0
+    assert [i for i, _ in b.take()] == ["B", "D", "F"]  # the full kind alone, oldest first
+    assert [i for i, _ in b._items] == ["a", "c"] and not b.full()
+    assert not b.ready(0.9) and b.ready(1.0)  # "a" still waits only max_wait from its own arrival
+    b.add("G", now=1.0)
+    assert [i for i, _ in b.take()] == ["a", "c", "G"]  # closed by the deadline: the oldest items, mixed
+    assert len(b) == 0 and not b.full() and b.deadline() is None
+
+
+def test_with_kinds_the_kind_whose_oldest_came_first_goes_first():
+    b = MicroBatcher(max_batch_size=2, max_wait_s=1.0, kind=str.isupper)
+    for t, item in enumerate(["a", "B", "b", "C"]):
+        b.add(item, now=float(t))
+    assert [i for i, _ in b.take()] == ["a", "b"]
+    assert [i for i, _ in b.take()] == ["B", "C"]
+
+
+def test_without_kinds_a_full_batch_is_the_oldest_items():
+    b = MicroBatcher(max_batch_size=3, max_wait_s=1.0)
+    for t, item in enumerate(["a", "B", "c", "D"]):
+        b.add(item, now=float(t))
+    assert b.full() and [i for i, _ in b.take()] == ["a", "B", "c"]
+
+
 def test_backpressure_hysteresis():
     bp = Backpressure(high=10, low=5)
     assert bp.update(9) is None and bp.room(9) == 1

@@ -324,7 +324,7 @@ class FillDecoder:
 
     def stage(self, items):
         staged = _Staged(items)
-        staged.fallbacks = sum(1 for v in staged if v == 5)  # as if OpenCV had to decode the 5s
+        staged.fallbacks = sum(1 for v in staged if isinstance(v, int) and v == 5)  # as if OpenCV decoded the 5s
         self.events.append(("stage", staged))
         return staged
 
@@ -332,10 +332,10 @@ class FillDecoder:
         self.events.append(("write", staged))
         kept, rejected = [], []
         for i, value in enumerate(staged):
-            if value == 99:
+            if isinstance(value, int) and value == 99:
                 rejected.append((i, UndecodableImage("corrupt image data")))
                 continue
-            self.engine.rows[len(kept)] = value
+            self.engine.rows[len(kept)] = value if isinstance(value, int) else value[0]  # rows: one per model
             kept.append(i)
         return kept, rejected
 
@@ -409,6 +409,34 @@ async def test_the_next_full_batch_is_decoded_while_the_device_runs_the_current_
             ("stage", batches[0]), ("write", batches[0]), ("stage", batches[1]),
             ("write", batches[1]), ("stage", batches[2]), ("release", batches[0]),
             ("write", batches[2]), ("release", batches[1]), ("release", batches[2])]
+
+
+async def test_batches_by_decoder_keeps_card_jpegs_and_cpu_rows_apart_when_each_fills_a_batch():
+    """gpu_batches_by_decoder: four rows (decoded in an intake) and four JPEGs for the card, interleaved;
+    with batches of 4 each kind runs as a batch of its own (the row batch never calls the decoder)."""
+    engine = ResidentEngine(PIPELINE.models[0], 4)
+    decoder = FillDecoder(engine)
+    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=4, max_wait_ms=2000, warmup=False,
+                    device_decoder=lambda runtime, engines, max_batch: decoder, batches_by_decoder=True)
+    loop = asyncio.get_running_loop()
+    size = int(np.prod(engine.spec.preprocess.hwc_shape))
+    values = [1, 2, 3, 4, 5, 6, 7, 8]
+    futures = [loop.create_future() for _ in values]
+    for v, fut in zip(values, futures):  # odd values as card JPEGs, even ones as CPU-decoded rows
+        if v % 2:
+            gpu.submit(InferenceRequest(None, fut, loop, {"value": v}, encoded=v))
+        else:
+            rows = [np.full(engine.spec.preprocess.hwc_shape, v, np.uint8)]
+            gpu.submit(InferenceRequest(rows, fut, loop, {"value": v}))
+    await gpu.start()
+    try:
+        outcomes = await asyncio.gather(*futures)
+    finally:
+        gpu.stop()
+    assert [int(o.outputs[0]["sum"]) for o in outcomes] == [v * size for v in values]
+    staged = [tuple(v if not isinstance(v, list) else int(v[0].flat[0]) for v in items)
+              for what, items in decoder.events if what == "stage"]
+    assert staged == [(1, 3, 5, 7), (2, 4, 6, 8)]  # one batch per kind, not two mixed ones
 
 
 async def test_a_decoder_that_cannot_start_leaves_decoding_to_the_cpu():

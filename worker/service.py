@@ -18,7 +18,7 @@ from worker.engines import create_engine, create_runtime
 from worker.decode.nvimgcodec import decoder_factory
 from worker.intake.consume import Plan
 from worker.intake.socket_reads import widen_socket_reads
-from worker.gpu.thread import GpuThread, batches_in_flight
+from worker.gpu.thread import GpuThread
 from worker.errors import ConfigError
 from worker.health import HealthServer, HealthState
 from worker.metrics import Metrics
@@ -74,10 +74,8 @@ async def serve(settings: Settings, plan: Plan | None = None, metrics: Metrics |
     runtime = await asyncio.get_running_loop().run_in_executor(None, create_runtime, settings)
     engines = [create_engine(spec, settings) for spec in pipeline.models]
     worker_ref: list[Worker] = []
-    gpu = GpuThread(runtime, engines, settings.max_batch_size, settings.max_wait_ms, metrics=metrics,
-                    on_fatal=lambda exc: worker_ref[0].fail(exc) if worker_ref else None,
-                    device_decoder=decoder_factory(settings, pipeline),
-                    batches_in_flight=batches_in_flight(settings.gpu_batches_in_flight, runtime))
+    gpu = GpuThread.for_settings(settings, runtime, engines, decoder_factory(settings, pipeline), metrics=metrics,
+                                 on_fatal=lambda exc: worker_ref[0].fail(exc) if worker_ref else None)
     health.gpu_heartbeat = lambda: gpu.heartbeat
     health.gpu_alive = gpu.alive
     server = HealthServer(health, metrics, settings.http_port) if settings.http_port else None

@@ -142,6 +142,12 @@ class Settings:
            "already waiting it is queued behind the running one before the thread waits, so the device does "
            "not idle while results are handed over and the next inputs written. The CPU runtime uses 1 "
            "(its models run as they are queued; a second batch would only delay results).")
+    gpu_batches_by_decoder: bool = _opt(
+        False, "With decoder hybrid: when the JPEGs to decode on the card, or the images the intakes decoded, "
+               "fill a batch on their own, run them as a batch apart (a batch that closes on max_wait_ms still "
+               "mixes them). On an H200 a batch with any card-decoded JPEG waits for the inference before it "
+               "inside nvImageCodec; a batch of decoded rows does not. Not yet measured in the worker "
+               "(docs/benchmarks.md, runs 10-13).")
     # --- Decode ---------------------------------------------------------------------------
     decode_workers: int = _opt(0, "Decode threads per intake process. 0: the CPUs this process may use, "
                                   "shared among the intake processes.")

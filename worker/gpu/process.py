@@ -53,7 +53,7 @@ def _run(settings: Settings, links: list[tuple[Any, str]], control: Any, row: Ro
          slot_bytes: int, engine_factory: Any = None, name: str = "gpu") -> int:
     from worker.engines import create_engine, create_runtime
     from worker.decode.nvimgcodec import decoder_factory
-    from worker.gpu.thread import GpuThread, batches_in_flight
+    from worker.gpu.thread import GpuThread
     from worker.gpu.link import IntakeLink
     from worker.service import pipeline_for
 
@@ -72,9 +72,8 @@ def _run(settings: Settings, links: list[tuple[Any, str]], control: Any, row: Ro
         runtime = create_runtime(settings)
         make = engine_factory or create_engine  # a picklable factory: tests wrap engines to inject faults
         engines = [make(spec, settings) for spec in pipeline.models]
-        gpu = GpuThread(runtime, engines, settings.max_batch_size, settings.max_wait_ms, metrics=metrics,
-                        on_fatal=on_fatal, device_decoder=decoder_factory(settings, pipeline),
-                        batches_in_flight=batches_in_flight(settings.gpu_batches_in_flight, runtime))
+        gpu = GpuThread.for_settings(settings, runtime, engines, decoder_factory(settings, pipeline),
+                                     metrics=metrics, on_fatal=on_fatal)
         gpu.start_blocking()
     except BaseException as exc:  # noqa: BLE001 - reported to the supervisor, which exits with it
         control.send_bytes(b"error" + orjson.dumps({"cls": type(exc).__name__, "msg": str(exc)}))

@@ -63,6 +63,11 @@ class _Launched:
     done: Any  # the runtime's event after the batch's last copy (None on the CPU runtime)
 
 
+def decoded_on_card(request: InferenceRequest) -> bool:
+    """The batcher's kind of a request: JPEG bytes the GPU thread decodes, or rows decoded on the CPU."""
+    return request.encoded is not None
+
+
 def batches_in_flight(setting: int, runtime: DeviceRuntime) -> int:
     """``gpu_batches_in_flight`` where the device runs batches while the host goes on (CUDA); 1 on the
     CPU runtime, whose models run inside ``enqueue``: a second batch in flight would only hold results back."""
@@ -79,7 +84,8 @@ class GpuThread:
                  max_wait_ms: float, metrics: Metrics | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, warmup: bool = True,
-                 device_decoder: DecoderFactory | None = None, batches_in_flight: int = 1) -> None:
+                 device_decoder: DecoderFactory | None = None, batches_in_flight: int = 1,
+                 batches_by_decoder: bool = False) -> None:
         if not 1 <= batches_in_flight <= HOST_SETS:
             raise ConfigError(f"gpu_batches_in_flight must be 1..{HOST_SETS}, got {batches_in_flight}")
         self.runtime = runtime
@@ -100,7 +106,10 @@ class GpuThread:
         self.on_fatal = on_fatal
         self.warmup = warmup
         self._clock = clock
-        self._batcher: MicroBatcher[InferenceRequest] = MicroBatcher(max_batch_size, max_wait_ms / 1000.0)
+        # batches_by_decoder (gpu_batches_by_decoder): a full batch keeps card-decoded JPEGs and CPU-decoded
+        # rows apart (worker.policy.batching says why); a batch the deadline closes mixes them as before
+        self._batcher: MicroBatcher[InferenceRequest] = MicroBatcher(
+            max_batch_size, max_wait_ms / 1000.0, kind=decoded_on_card if batches_by_decoder else None)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name="gpu", daemon=True)
         self._poster = ResultPoster(self.engines)
@@ -111,6 +120,14 @@ class GpuThread:
         self.batches = 0
         self.images = 0
         self._log = log.get("gpu")
+
+    @classmethod
+    def for_settings(cls, settings: Any, runtime: DeviceRuntime, engines: Sequence[InferenceEngine],
+                     device_decoder: DecoderFactory | None, **kw: Any) -> GpuThread:
+        """The GPU thread as ``settings`` (worker.settings.Settings) configure it; ``kw``: metrics, on_fatal."""
+        return cls(runtime, engines, settings.max_batch_size, settings.max_wait_ms, device_decoder=device_decoder,
+                   batches_in_flight=batches_in_flight(settings.gpu_batches_in_flight, runtime),
+                   batches_by_decoder=settings.gpu_batches_by_decoder, **kw)
 
     # --- called from the event loop ------------------------------------------------------
     async def start(self) -> None:
@@ -248,7 +265,7 @@ class GpuThread:
                     self._stopping = True
                 else:
                     self._batcher.add(item, item.enqueued_at)
-                if len(self._batcher) >= self.max_batch_size:
+                if self._batcher.full():
                     break
                 try:
                     item = self._queue.get_nowait()
@@ -361,7 +378,7 @@ class GpuThread:
         launched next, at once, behind the batches in flight."""
         if self._next is not None or (self.device_decoder is None and self.batches_in_flight == 1):
             return
-        while len(self._batcher) < self.max_batch_size:
+        while not self._batcher.full():
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
@@ -370,7 +387,7 @@ class GpuThread:
                 self._stopping = True
                 continue
             self._batcher.add(item, item.enqueued_at)
-        if len(self._batcher) < self.max_batch_size:
+        if not self._batcher.full():
             return
         requests = [req for req, _ in self._batcher.take()]
         staged = None
