@@ -162,3 +162,21 @@ def test_the_setting_is_one_or_two_and_the_cpu_runtime_uses_one():
     assert batches_in_flight(2, Cuda()) == 2 and batches_in_flight(1, Cuda()) == 1
     with pytest.raises(ConfigError):
         GpuThread(CpuRuntime(), [LazyEngine()], 4, 1, batches_in_flight=3)
+
+
+async def test_a_batch_queued_behind_another_counts_only_its_own_time():
+    """worker_inference_seconds and each result's inference_s: from launch, or from when the batch before
+    finished if it was queued behind it. The fake device takes 10 ms a batch (the clock moves only while
+    the thread waits for a batch), so each of the three batches took 10 ms, not the 20 ms a batch queued
+    behind another spends between its launch and its end."""
+    now = [0.0]
+
+    class TimedRuntime(RecordingRuntime):
+        def wait_batch(self, done: object) -> None:
+            super().wait_batch(done)
+            now[0] += 0.010
+
+    gpu = GpuThread(TimedRuntime(), [LazyEngine()], max_batch_size=4, max_wait_ms=2000, warmup=False,
+                    batches_in_flight=2, clock=lambda: now[0])
+    outcomes = await _run(gpu, list(range(1, 13)))
+    assert [round(o.inference_s, 6) for o in outcomes] == [0.010] * 12
