@@ -284,8 +284,11 @@ class NvImageCodecDecoder:
         return staged.kept, staged.rejected
 
     def release(self, staged: Staged) -> None:
-        """The stream has run everything that read ``staged``'s images (the caller synchronised): their
-        device buffers go back to the pool that ``stage`` hands nvImageCodec for reuse."""
+        """The stream has run everything that read ``staged``'s images (the caller waited for the batch):
+        their device buffers go back to the pool that ``stage`` hands nvImageCodec for reuse. Only then:
+        nvJPEG's hardware decode writes its outputs when it is called, not in stream order (reported
+        against nvJPEG 12.3-13.2 in pytorch/torchcodec#1634), so a stream-ordered hand-back would not
+        keep it from overwriting rows a queued resize still reads."""
         self._free.extend(staged.images)
         del self._free[: max(0, len(self._free) - 2 * self.max_batch)]
         staged.images = []
