@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import re
 import sys
 from types import SimpleNamespace
@@ -175,8 +176,7 @@ def _fake_decoder(max_batch: int = 8) -> tuple[NvImageCodecDecoder, FakeRuntime,
     dec.runtime, dec.engines, dec.max_batch = rt, engines, max_batch
     dec.pipeline, dec.max_bytes, dec.max_pixels = PIPELINE, 1 << 24, 1 << 26
     dec.fallbacks, dec._nv, dec._decoder, dec._params, dec._kernel = 0, nv, nv, None, kernel
-    dec._tables = [[np.zeros(max_batch, SOURCE_DTYPE) for _ in engines] for _ in range(HOST_SETS)]
-    dec._writes = 0
+    dec._tables = itertools.cycle([[np.zeros(max_batch, SOURCE_DTYPE) for _ in engines] for _ in range(HOST_SETS)])
     dec._device_tables = [SimpleNamespace(ptr=0x900000 + i) for i in range(len(engines))]
     dec._pinned_free, dec._free, dec._last = [], [], None
     return dec, rt, kernel

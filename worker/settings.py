@@ -250,8 +250,10 @@ class Settings:
             parse_gpu_devices(self.gpu_devices)  # the syntax here; "auto" is resolved when the worker starts
         except ConfigError as exc:
             problems.append(str(exc))
-        if self.gpu_batches_in_flight not in (1, 2):
-            problems.append(f"gpu_batches_in_flight must be 1 or 2, got {self.gpu_batches_in_flight}")
+        from worker.engines.base import HOST_SETS  # the host buffer sets bound it (numpy: imported late)
+
+        if not 1 <= self.gpu_batches_in_flight <= HOST_SETS:
+            problems.append(f"gpu_batches_in_flight must be 1..{HOST_SETS}, got {self.gpu_batches_in_flight}")
         if self.resume_in_flight > self.max_in_flight:
             problems.append(
                 f"resume_in_flight={self.resume_in_flight} must not exceed max_in_flight={self.max_in_flight}"

@@ -6,7 +6,7 @@
 # pycuda-site.tgz, a pycuda built on an earlier machine of the same image, to skip its ~100 s build.
 # Usage: bash tests/gpu/run_on_device.sh [tests|bench|all|overlap]
 # overlap: benchmarks.decode_overlap once per nvImageCodec backend setting (OVERLAP_CASES below), to see
-# whether JPEG decode still takes turns with inference on the card (docs/gpu.md, "Not verified").
+# whether JPEG decode still takes turns with inference on the card (docs/benchmarks.md, run 10).
 set -uo pipefail
 what=${1:-all}
 out=${OUT:-/tmp/out}

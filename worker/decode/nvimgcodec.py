@@ -31,6 +31,7 @@ CPU (``cpu-reduced``) instead: see worker.gpu.thread.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -134,9 +135,8 @@ class NvImageCodecDecoder:
         # rows filled per batch and copied on the stream before the launch that reads them. Two sets,
         # used in turn: the previous batch's copy may still be queued when the next batch is written
         # (the GPU thread's batches in flight). The device tables are one: the stream orders them.
-        self._tables = [[runtime.host_buffer((max_batch,), SOURCE_DTYPE) for _ in self.engines]
-                        for _ in range(HOST_SETS)]
-        self._writes = 0
+        self._tables = itertools.cycle([[runtime.host_buffer((max_batch,), SOURCE_DTYPE) for _ in self.engines]
+                                        for _ in range(HOST_SETS)])
         self._device_tables = [runtime.device_buffer(max_batch * SOURCE_DTYPE.itemsize, f"resize table {i}")
                                for i in range(len(self.engines))]
         # Pinned row sets for images decoded on the CPU (the intakes' pools, OpenCV fallbacks): ``stage``
@@ -267,8 +267,7 @@ class NvImageCodecDecoder:
         gpu_rows = list(range(h, h + len(staged.sources)))
         if staged.decoded is not None:  # the resize reads what the decode stream wrote
             self.runtime.wait_for(staged.decoded)
-        tables = self._tables[self._writes % len(self._tables)]
-        self._writes += 1
+        tables = next(self._tables)
         for e, engine in enumerate(self.engines):
             pre = engine.spec.preprocess
             if staged.sources:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import re
 import threading
 from collections.abc import Iterator
@@ -180,7 +181,7 @@ class CudaRuntime:
         self._device_buffers: dict[int, DeviceBuffer] = {}
         self._host_buffers: list[np.ndarray] = []
         self._staging: dict[tuple, np.ndarray] = {}
-        self._staging_turns: dict[tuple, int] = {}
+        self._staging_turns: dict[tuple, Iterator[int]] = {}
         self._memory_in_use = 0
 
     # --- life cycle ------------------------------------------------------------------------
@@ -329,9 +330,8 @@ class CudaRuntime:
             # HOST_SETS staging buffers per kind of copy, used in turn: the previous batch's copy from the
             # other one may still be queued (the GPU thread's batches in flight)
             kind = (what, src.dtype.str)
-            turn = self._staging_turns.get(kind, 0)
-            self._staging_turns[kind] = (turn + 1) % HOST_SETS
-            key = (*kind, turn)
+            turns = self._staging_turns.setdefault(kind, itertools.cycle(range(HOST_SETS)))
+            key = (*kind, next(turns))
             stage = self._staging.get(key)
             if stage is None or stage.nbytes < src.nbytes:
                 stage = self.host_buffer((src.nbytes,), np.uint8)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -354,7 +355,7 @@ class _CudaBinding:
         self.session: Any = None
         self.binding: Any = None
         self._buffers: list[Any] = []
-        self._turn = 0  # which set of host outputs the next batch copies into
+        self._turns = itertools.cycle(range(HOST_SETS))  # which set of host outputs a batch copies into
         h, w, c = spec.preprocess.hwc_shape
         self.hwc = (h, w, c)
         self.session = cuda_session(model.SerializeToString(), spec, settings, runtime)
@@ -417,7 +418,7 @@ class _CudaBinding:
         rt = self.runtime
         self._bind(rows)
         run_bound(self.session, self.binding, self.run_options, f"model {self.spec.name}", rt)
-        turn, self._turn = self._turn, (self._turn + 1) % HOST_SETS
+        turn = next(self._turns)
         views: Outputs = {}
         dynamic = None
         for i, out in enumerate(self.outputs):

@@ -36,6 +36,7 @@ GPU thread synchronises once. Addresses are set once at activation: our buffers 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,7 +139,7 @@ class TensorRTEngine:
         self._buffers: list[Any] = []
         self._u8: Any = None  # our uint8 batch buffer (the engine input itself, or the pre-processing input)
         self._outputs: list[tuple[str, Any, list[np.ndarray]]] = []  # name, device buffer, host sets
-        self._turn = 0  # which host set the next batch's outputs are copied into
+        self._turns = itertools.cycle(range(HOST_SETS))  # which host set a batch's outputs are copied into
         self._in_tail: tuple[int, ...] = ()
         self._min_rows = 1
         self._fixed = 0
@@ -338,7 +339,7 @@ class TensorRTEngine:
             if cuda_error_name(said):
                 raise device_error(exc, f"running model {self.spec.name}", rt.device_name)
             raise exc
-        turn, self._turn = self._turn, (self._turn + 1) % HOST_SETS
+        turn = next(self._turns)
         views: Outputs = {}
         for name, dev, hosts in self._outputs:
             host = hosts[turn]
