@@ -70,7 +70,8 @@ def _samples(exposition: bytes) -> dict[str, float]:
     for fam in text_string_to_metric_families(exposition.decode("utf-8", "replace")):
         for sample in fam.samples:
             if "le" not in sample.labels:
-                name = f"{sample.name}:{sample.labels['phase']}" if "phase" in sample.labels else sample.name
+                label = sample.labels.get("phase", sample.labels.get("decoded"))
+                name = f"{sample.name}:{label}" if label is not None else sample.name
                 out[name] = out.get(name, 0.0) + sample.value
     return out
 
@@ -243,6 +244,12 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "gpu_thread_busy_fraction": inference_s / wall,
         "gpu_phases_s": {k.split(":", 1)[1]: round(total(k), 3) for k in sorted(set().union(*samples))
                          if k.startswith("worker_gpu_phase_seconds_total:")},
+        # per kind of batch (decoder=hybrid: card, rows, mixed): how many, and their mean own GPU time
+        "gpu_batches_by_decode": {
+            k.split(":", 1)[1]: {"batches": int(total(k)),
+                                 "mean_ms": round(total("worker_gpu_batch_seconds_total:" + k.split(":", 1)[1])
+                                                  * 1000 / max(1.0, total(k)), 2)}
+            for k in sorted(set().union(*samples)) if k.startswith("worker_gpu_batches_total:")},
         "cpu_s": cpu,
         "cpu_counted_from": "the first message (intakes: each its own first message; see cpu_time)",
         "cpu_s_since_ready": cpu_since_ready,  # the former count: from every intake joined (misses work before)

@@ -263,6 +263,9 @@ def summary_lines(result: dict) -> list[str]:
         if run.get("gpu_phases_s"):
             lines.append(f"{label}, GPU thread seconds by phase: " + ", ".join(
                 f"{k} {v:.2f}" for k, v in run["gpu_phases_s"].items()))
+    if w.get("gpu_batches_by_decode"):
+        lines.append("worker run, GPU batches by where their images were decoded: " + ", ".join(
+            f"{k} {v['batches']} x {v['mean_ms']:.1f} ms" for k, v in w["gpu_batches_by_decode"].items()))
     if w.get("cpu_busy_fraction"):
         busy = ", ".join(f"{k} {v:.0%}" for k, v in sorted(w["cpu_busy_fraction"].items(), key=lambda kv: -kv[1]))
         per = ", ".join(f"{k} {v:.3f}" for k, v in sorted(w["cpu_ms_per_message"].items(), key=lambda kv: -kv[1]))

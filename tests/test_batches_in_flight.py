@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -180,3 +181,13 @@ async def test_a_batch_queued_behind_another_counts_only_its_own_time():
                     batches_in_flight=2, clock=lambda: now[0])
     outcomes = await _run(gpu, list(range(1, 13)))
     assert [round(o.inference_s, 6) for o in outcomes] == [0.010] * 12
+
+
+def test_batch_decoded_labels_where_a_batch_was_decoded():
+    from worker.gpu.thread import batch_decoded
+
+    card = SimpleNamespace(encoded=b"jpeg")
+    row = SimpleNamespace(encoded=None)
+    assert batch_decoded([card, card]) == "card"
+    assert batch_decoded([row]) == "rows"
+    assert batch_decoded([row, card]) == "mixed"

@@ -416,7 +416,8 @@ async def test_batches_by_decoder_keeps_card_jpegs_and_cpu_rows_apart_when_each_
     with batches of 4 each kind runs as a batch of its own (the row batch never calls the decoder)."""
     engine = ResidentEngine(PIPELINE.models[0], 4)
     decoder = FillDecoder(engine)
-    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=4, max_wait_ms=2000, warmup=False,
+    metrics = Metrics()
+    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=4, max_wait_ms=2000, warmup=False, metrics=metrics,
                     device_decoder=lambda runtime, engines, max_batch: decoder, batches_by_decoder=True)
     loop = asyncio.get_running_loop()
     size = int(np.prod(engine.spec.preprocess.hwc_shape))
@@ -437,6 +438,10 @@ async def test_batches_by_decoder_keeps_card_jpegs_and_cpu_rows_apart_when_each_
     staged = [tuple(v if not isinstance(v, list) else int(v[0].flat[0]) for v in items)
               for what, items in decoder.events if what == "stage"]
     assert staged == [(1, 3, 5, 7), (2, 4, 6, 8)]  # one batch per kind, not two mixed ones
+    batches = {kind: metrics.registry.get_sample_value("worker_gpu_batches_total", {"decoded": kind})
+               for kind in ("card", "rows", "mixed")}
+    assert batches == {"card": 1, "rows": 1, "mixed": None}  # what the bench reports per kind of batch
+    assert metrics.registry.get_sample_value("worker_gpu_batch_seconds_total", {"decoded": "rows"}) > 0
 
 
 async def test_a_decoder_that_cannot_start_leaves_decoding_to_the_cpu():

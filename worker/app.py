@@ -43,7 +43,6 @@ import time
 import os
 import signal
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -55,6 +54,7 @@ from worker.errors import FatalError
 from worker.intake.consume import Backpressure, LivePlan, Load, Plan, ProgressClock, RebalanceHooks
 from worker.gpu.thread import GpuThread
 from worker.intake.handle import MessageHandler
+from worker.intake.pool import decode_pool
 from worker.policy.offsets import OffsetTracker
 from worker.health import HealthState
 from worker.metrics import Metrics
@@ -111,7 +111,7 @@ class Worker(ClientsMixin, RebalanceMixin):
     # --- lifecycle -------------------------------------------------------------------------
     async def run(self) -> int:
         self._loop = asyncio.get_running_loop()
-        self._decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
+        self._decode_pool = decode_pool(self.settings.decode_threads, self.settings.decode_nice)
         self._install_signals()
         self._new_clients()
         stages: list[asyncio.Task] = []

@@ -71,6 +71,12 @@ class Metrics:
                                          "decoding: decode (host part, not prefetched), enqueue, prefetch (next "
                                          "batch's decode under this one's inference), wait (for the device).",
                                          ["phase"], registry=r)
+        self.gpu_batches_decoded = Counter("worker_gpu_batches", "Batches the GPU thread ran, by where their "
+                                           "images were decoded: card (every one a JPEG decoded on the GPU), "
+                                           "rows (every one by an intake), mixed.", ["decoded"], registry=r)
+        self.gpu_batch_seconds = Counter("worker_gpu_batch_seconds", "Each batch's own GPU time (as in "
+                                         "worker_inference_seconds), by where its images were decoded.",
+                                         ["decoded"], registry=r)
         self.in_flight = Gauge("worker_in_flight_messages", "Consumed and not yet finished.", registry=r)
         # The bounds of docs/guarantees.md "Bounds and deadlines", per intake process.
         self.in_flight_bytes = Gauge("worker_in_flight_bytes", "Value bytes of started, unfinished messages "

@@ -151,6 +151,10 @@ class Settings:
     # --- Decode ---------------------------------------------------------------------------
     decode_workers: int = _opt(0, "Decode threads per intake process. 0: the CPUs this process may use, "
                                   "shared among the intake processes.")
+    decode_nice: int = _opt(
+        0, "Nice value the intakes' decode threads lower themselves to (Linux, per thread; 0..19, 0: unchanged). "
+           "When decoding takes every core, the GPU process's thread and the intakes' event loops (Kafka I/O, "
+           "heartbeats) then run first: the GPU thread's kernel launches are what keeps the card busy.")
     intake_processes: int = _opt(
         0, "Intake processes (each an aiokafka consumer in the group, with its own decode pool, publisher "
            "and committer) feeding the one GPU-owning process through shared memory. 0: derived from the "
@@ -244,6 +248,8 @@ class Settings:
                      "message_deadline_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.decode_nice <= 19:
+            problems.append(f"decode_nice must be 0..19 (a lower priority only), got {self.decode_nice}")
         from worker.gpu.devices import parse as parse_gpu_devices
 
         try:

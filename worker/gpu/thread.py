@@ -69,6 +69,12 @@ def decoded_on_card(request: InferenceRequest) -> bool:
     return request.encoded is not None
 
 
+def batch_decoded(requests: Sequence[InferenceRequest]) -> str:
+    """Where a batch's images were decoded, a metrics label: card, rows (by the intakes) or mixed."""
+    on_card = sum(1 for req in requests if decoded_on_card(req))
+    return "card" if on_card == len(requests) else "rows" if on_card == 0 else "mixed"
+
+
 def batches_in_flight(setting: int, runtime: DeviceRuntime) -> int:
     """``gpu_batches_in_flight`` where the device runs batches while the host goes on (CUDA); 1 on the
     CPU runtime, whose models run inside ``enqueue``: a second batch in flight would only hold results back."""
@@ -466,6 +472,9 @@ class GpuThread:
         if self.metrics is not None:
             self.metrics.batch_size.observe(n)
             self.metrics.inference_seconds.observe(elapsed)
+            decoded = batch_decoded(requests)
+            self.metrics.gpu_batches_decoded.labels(decoded).inc()
+            self.metrics.gpu_batch_seconds.labels(decoded).inc(elapsed)
             self.metrics.gpu_memory.set(self.runtime.memory_in_use())
         oldest_wait = max(batch.started - r.enqueued_at for r in requests)
         self._log.debug("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
