@@ -17,6 +17,8 @@ and yet the GPU thread alone reached only ~0.68x the engine API. This separates 
   context overlap inference (the card time-slices contexts, but its JPEG engines are not SMs)? Its rows:
   the other process's decode ms per batch alone and beside inference, and inference's ms per batch beside it.
 
+``--trace FILE``: the decode beside inference under PyTorch's profiler (CUPTI: every CUDA call and
+kernel of the process, whichever library made it), summarised in the JSON; the run ends there.
 ``NONBLOCK=1`` creates the runtime's streams with CU_STREAM_NON_BLOCKING (to rule out implicit
 synchronisation with the legacy default stream). Run on the GPU machine:
 ``python3 -m benchmarks.decode_overlap --json out.json``. Results: docs/benchmarks.md ("decode and
@@ -133,7 +135,45 @@ def _other_process_row(settings: Any, infer_step: Callable[[], None], batch: int
             "infer_ms_beside_decode": round(1000 * (t1 - t0) / max(n, 1), 2), "infer_batches": n}
 
 
-def run(batch: int, seconds: float) -> dict[str, Any]:
+def _trace(step: Callable[[], None], path: str, iterations: int = 6) -> dict[str, Any]:
+    """``step`` (inference enqueued, then the decode call) under PyTorch's profiler, where torch is
+    importable: CUPTI records every CUDA runtime and driver call and every kernel of the process, whichever
+    library made it (ONNX Runtime, nvImageCodec, nvJPEG). Writes the Chrome trace to ``path`` and returns,
+    per API call and per kernel, count and total ms, plus the last iteration's timeline: what the decode
+    call waits on (a device-wide synchronisation, a free, the legacy stream) shows there."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError as exc:
+        return {"error": f"no torch here: {exc}"}
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            step()
+    prof.export_chrome_trace(path)
+    events = [e for e in json.load(open(path)).get("traceEvents", []) if e.get("ph") == "X"]
+    summary: dict[str, dict[str, list[float]]] = {}
+    for e in events:
+        cat = e.get("cat", "")
+        if cat in ("cuda_runtime", "cuda_driver", "kernel", "gpu_memcpy", "gpu_memset"):
+            key = e["name"][:90] + (f" [stream {e.get('args', {}).get('stream')}]" if cat.startswith("gpu") or cat == "kernel" else "")
+            row = summary.setdefault(cat, {}).setdefault(key, [0, 0.0])
+            row[0] += 1
+            row[1] += e.get("dur", 0) / 1000.0
+    top = {cat: dict(sorted(((k, [int(v[0]), round(v[1], 3)]) for k, v in rows.items()), key=lambda kv: -kv[1][1])[:25])
+           for cat, rows in summary.items()}
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    t0 = device[-1]["ts"] - 40_000 if device else 0  # the last ~40 ms of device work: one iteration
+    tail = [[round((e["ts"] - t0) / 1000, 3), round(e.get("dur", 0) / 1000, 3), e.get("cat"), e["name"][:60],
+             e.get("args", {}).get("stream")] for e in device if e["ts"] >= t0]
+    host = sorted((e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and e["ts"] >= t0
+                   and e.get("dur", 0) > 200), key=lambda e: e["ts"])
+    return {"iterations": iterations, "calls": top, "device_timeline_last_40ms": tail[:400],
+            "host_calls_over_0_2ms_last_40ms": [[round((e["ts"] - t0) / 1000, 3), round(e["dur"] / 1000, 3),
+                                                  e["name"][:80]] for e in host]}
+
+
+def run(batch: int, seconds: float, trace: str = "") -> dict[str, Any]:
     from worker import log
     from worker.decode.message import inspect_message
     from worker.decode.nvimgcodec import NvImageCodecDecoder
@@ -238,6 +278,13 @@ def run(batch: int, seconds: float) -> dict[str, Any]:
 
     row = loop("decode_beside_infer", beside)
     row["parts_ms"] = dict(zip(("codestream", "decode_call", "pointers", "sync"), mean_ms(parts)))
+    if trace:
+        out["trace"] = _trace(lambda: beside(0), trace)
+        print("trace", json.dumps(out["trace"])[:4000], flush=True)
+        dec.close()  # the trace is the whole run: the rows after this one are not measured
+        eng.deactivate()
+        rt.stop()
+        return out
     nxt = [dec.stage(batches[0])]
 
     def gpu_thread_pattern(i: int) -> None:
@@ -330,12 +377,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--json", default="")
+    parser.add_argument("--trace", default="", help="Chrome trace of the decode beside inference (needs torch); "
+                        "the run stops after it")
     args = parser.parse_args()
     if os.environ.get("NONBLOCK") == "1":
         _nonblocking_streams()
     from benchmarks.own_thread import on_own_thread
 
-    result = on_own_thread(lambda: run(args.batch, args.seconds), "bench-decode-overlap")
+    result = on_own_thread(lambda: run(args.batch, args.seconds, args.trace), "bench-decode-overlap")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

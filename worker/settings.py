@@ -143,18 +143,18 @@ class Settings:
            "not idle while results are handed over and the next inputs written. The CPU runtime uses 1 "
            "(its models run as they are queued; a second batch would only delay results).")
     gpu_batches_by_decoder: bool = _opt(
-        False, "With decoder hybrid: when the JPEGs to decode on the card, or the images the intakes decoded, "
-               "fill a batch on their own, run them as a batch apart (a batch that closes on max_wait_ms still "
-               "mixes them). On an H200 a batch with any card-decoded JPEG waits for the inference before it "
-               "inside nvImageCodec; a batch of decoded rows does not. Not yet measured in the worker "
-               "(docs/benchmarks.md, runs 10-13).")
+        True, "With decoder hybrid: when the JPEGs to decode on the card, or the images the intakes decoded, "
+              "fill a batch on their own, run them as a batch apart (a batch that closes on max_wait_ms still "
+              "mixes them). A batch with any card-decoded JPEG costs the card's decode on top of inference; a "
+              "batch of decoded rows does not (H100: 27 vs 24 ms per 128; docs/benchmarks.md, run 14).")
     # --- Decode ---------------------------------------------------------------------------
     decode_workers: int = _opt(0, "Decode threads per intake process. 0: the CPUs this process may use, "
                                   "shared among the intake processes.")
     decode_nice: int = _opt(
-        0, "Nice value the intakes' decode threads lower themselves to (Linux, per thread; 0..19, 0: unchanged). "
-           "When decoding takes every core, the GPU process's thread and the intakes' event loops (Kafka I/O, "
-           "heartbeats) then run first: the GPU thread's kernel launches are what keeps the card busy.")
+        10, "Nice value the intakes' decode threads lower themselves to (Linux, per thread; 0..19, 0: unchanged). "
+            "When decoding takes every core, the GPU process's thread and the intakes' event loops (Kafka I/O, "
+            "heartbeats) then run first: the GPU thread's kernel launches are what keeps the card busy (H100, "
+            "hybrid: 4,401 -> 4,691 images/s with 10).")
     intake_processes: int = _opt(
         0, "Intake processes (each an aiokafka consumer in the group, with its own decode pool, publisher "
            "and committer) feeding the one GPU-owning process through shared memory. 0: derived from the "
@@ -168,9 +168,10 @@ class Settings:
         Decoder,
     )
     hybrid_queue_per_thread: int = _opt(
-        4, "With decoder hybrid: JPEGs queued per decode thread of an intake before the next ones go to the "
-           "card as bytes. Higher: more of the decoding on the CPU (the card's decode takes turns with "
-           "inference); the threads must keep up between polls, or the queue is only latency.")
+        32, "With decoder hybrid: JPEGs queued per decode thread of an intake before the next ones go to the "
+            "card as bytes. Higher: more of the decoding on the CPU (the card's decode takes turns with "
+            "inference), more latency in the queue; 32 measured best on an H100 host of 16 cores "
+            "(docs/benchmarks.md, run 14).")
     nvimgcodec_backend: NvImageCodecBackend = _opt(
         NvImageCodecBackend.DEFAULT, "With decoder nvimgcodec or hybrid: which nvImageCodec decoders may take "
         "JPEGs: default (its own choice), hardware (the card's JPEG engines only; what they refuse is decoded "
