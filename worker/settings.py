@@ -137,10 +137,6 @@ class Settings:
         0.0, "Python's GIL switch interval (sys.setswitchinterval). The GPU thread drops the GIL in every "
              "CUDA and ONNX Runtime call and must win it back from the decode threads each time; a "
              "shorter interval hands it back sooner. 0: leave Python's default (5 ms).")
-    cuda_nonblocking_streams: bool = _opt(
-        False, "Create the GPU thread's streams with CU_STREAM_NON_BLOCKING: work on the legacy default stream "
-               "(a library's synchronous copy, an event recorded there) then neither waits for nor holds up our "
-               "inference. An experiment (docs/benchmarks.md, run 15): off by default until measured.")
     gpu_batches_in_flight: int = _opt(
         2, "Batches the GPU thread keeps queued on the device (1 or 2). With 2, when the next full batch is "
            "already waiting it is queued behind the running one before the thread waits, so the device does "

@@ -50,7 +50,7 @@ def create_runtime(settings: Settings) -> DeviceRuntime:
     if not why:
         from worker.engines.cuda import CudaRuntime
 
-        return CudaRuntime(settings.gpu_device_index, settings.cuda_nonblocking_streams)
+        return CudaRuntime(settings.gpu_device_index)
     if settings.device == "cuda":
         raise ConfigError(f"device=cuda but CUDA is not usable: {why}")
     _log.warning("cuda_unavailable_using_cpu", reason=why)

@@ -163,10 +163,8 @@ class CudaRuntime:
 
     kind = "cuda"
 
-    def __init__(self, device_index: int = 0, nonblocking_streams: bool = False) -> None:
+    def __init__(self, device_index: int = 0) -> None:
         self.device_index = device_index
-        # CU_STREAM_NON_BLOCKING: no implicit ordering with the legacy default stream (cuda_nonblocking_streams)
-        self.stream_flags = 1 if nonblocking_streams else 0
         self.device_name = f"cuda:{device_index}"
         self.gpu_name = ""
         self.compute_capability: tuple[int, int] = (0, 0)
@@ -200,8 +198,8 @@ class CudaRuntime:
             self._context.push()
             self._thread = threading.get_ident()
             try:
-                self.stream = cuda.Stream(self.stream_flags)
-                self.decode_stream = cuda.Stream(self.stream_flags)
+                self.stream = cuda.Stream()
+                self.decode_stream = cuda.Stream()
             except Exception:
                 self.stream = self.decode_stream = None
                 self._release_context()
