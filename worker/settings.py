@@ -163,8 +163,8 @@ class Settings:
         Decoder.CPU, "Image decoder: cpu (OpenCV), cpu-reduced (DCT-domain downscaled JPEG decode), nvimgcodec "
                "(nvImageCodec on the GPU thread, resized on the device; images it cannot decode go to OpenCV; "
                "without a GPU, nvImageCodec or NVRTC: cpu-reduced), or hybrid (nvimgcodec, and each intake's "
-               "idle decode threads take JPEGs too, cpu-reduced: decode on the card shares the SMs with "
-               "inference, so CPU cores that would idle raise throughput).",
+               "decode threads take JPEGs too, cpu-reduced: decode on the card takes turns with inference, "
+               "so CPU cores that would idle raise throughput).",
         Decoder,
     )
     hybrid_queue_per_thread: int = _opt(
