@@ -197,7 +197,7 @@ def test_defaults_deployment_key_fields(chart):
     assert env["WORKER_MAX_BATCH_SIZE"] == "32"
     assert env["WORKER_MAX_WAIT_MS"] == "5"
     assert env["WORKER_DECODE_WORKERS"] == "4"
-    assert env["WORKER_DECODER"] == "nvimgcodec"
+    assert env["WORKER_DECODER"] == "hybrid"
     assert env["WORKER_MAX_IN_FLIGHT"] == "1024"
     assert env["WORKER_DRAIN_TIMEOUT_S"] == "20"
     assert env["WORKER_HTTP_PORT"] == "8080"

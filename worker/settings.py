@@ -137,6 +137,12 @@ class Settings:
         0.0, "Python's GIL switch interval (sys.setswitchinterval). The GPU thread drops the GIL in every "
              "CUDA and ONNX Runtime call and must win it back from the decode threads each time; a "
              "shorter interval hands it back sooner. 0: leave Python's default (5 ms).")
+    cuda_max_connections: int = _opt(
+        32, "Hardware work queues per CUDA context (sets CUDA_DEVICE_MAX_CONNECTIONS before the driver starts, "
+            "unless the environment already has it; 1..32, 0: the driver's default of 8). nvImageCodec decodes "
+            "on 14 streams of its own; with 8 queues they share ours and the card's JPEG decode waited for the "
+            "inference before it (H100: 25.3 -> 22.5 ms per 128 images decoded beside inference; "
+            "docs/benchmarks.md, run 18).")
     gpu_batches_in_flight: int = _opt(
         2, "Batches the GPU thread keeps queued on the device (1 or 2). With 2, when the next full batch is "
            "already waiting it is queued behind the running one before the thread waits, so the device does "
@@ -249,6 +255,9 @@ class Settings:
                      "message_deadline_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.cuda_max_connections <= 32:
+            problems.append(f"cuda_max_connections must be 0..32 (0: the driver's default), "
+                            f"got {self.cuda_max_connections}")
         if not 0 <= self.decode_nice <= 19:
             problems.append(f"decode_nice must be 0..19 (a lower priority only), got {self.decode_nice}")
         from worker.gpu.devices import parse as parse_gpu_devices

@@ -6,6 +6,7 @@ Nothing here imports CUDA, pycuda or TensorRT at module level: a machine without
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from worker import log
@@ -42,10 +43,25 @@ def cuda_unusable(device_index: int = 0) -> str:
     return ""
 
 
+MAX_CONNECTIONS_VAR = "CUDA_DEVICE_MAX_CONNECTIONS"
+
+
+def set_cuda_connections(connections: int) -> str | None:
+    """Before the CUDA driver starts in this process: how many hardware work queues its contexts get
+    (``cuda_max_connections``; the driver's default is 8). Streams beyond that share queues, and work on
+    streams that share one runs in submission order. nvImageCodec decodes on 14 streams of its own; with 8
+    queues some of them share ours, and its decode waited for the whole inference queued before it (CUPTI
+    trace, docs/benchmarks.md run 18). The operator's own variable wins. Returns the value in effect."""
+    if connections > 0 and MAX_CONNECTIONS_VAR not in os.environ:
+        os.environ[MAX_CONNECTIONS_VAR] = str(connections)
+    return os.environ.get(MAX_CONNECTIONS_VAR)
+
+
 def create_runtime(settings: Settings) -> DeviceRuntime:
     """The device runtime for ``settings.device``: auto (CUDA if usable, else CPU), cuda, or cpu."""
     if settings.device == "cpu":
         return CpuRuntime()
+    set_cuda_connections(settings.cuda_max_connections)  # before cuInit below: read when the driver starts
     why = cuda_unusable(settings.gpu_device_index)
     if not why:
         from worker.engines.cuda import CudaRuntime
