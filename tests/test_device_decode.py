@@ -543,9 +543,13 @@ async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends
         held = [asyncio.create_task(handler.handle(tp, m)) for m in msgs[:room]]
         while handler._cpu_busy < room:  # the first JPEGs fill the pool's room (one decoding, the rest queued)
             await asyncio.sleep(0.001)
-        await handler.handle(tp, msgs[room])  # no room: its bytes go to the card
+        # no room: its bytes go to the card (its handling then waits for the decodes before it, so the
+        # decodes are released once the card's request is out, not after: each would wait its 10 s)
+        card = asyncio.create_task(handler.handle(tp, msgs[room]))
+        while not any(r.context["offset"] == room for r in gpu.requests):
+            await asyncio.sleep(0.001)
         release.set()
-        await asyncio.gather(*held)
+        await asyncio.gather(*held, card)
         await handler.handle(tp, msgs[room + 1])  # room again: decoded here
         await handler.handle(tp, msgs[room + 2])  # not a JPEG: always the CPU, as with nvimgcodec
     finally:
