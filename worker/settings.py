@@ -152,7 +152,8 @@ class Settings:
         True, "With decoder hybrid: when the JPEGs to decode on the card, or the images the intakes decoded, "
               "fill a batch on their own, run them as a batch apart (a batch that closes on max_wait_ms still "
               "mixes them). A batch with any card-decoded JPEG costs the card's decode on top of inference; a "
-              "batch of decoded rows does not (H100: 27 vs 24 ms per 128; docs/benchmarks.md, run 14).")
+              "batch of decoded rows does not (H100: 27 vs 24 ms per 128 with 8 hardware queues, 24.8 vs 24.0 "
+              "with cuda_max_connections 32; docs/benchmarks.md, runs 14 and 18).")
     # --- Decode ---------------------------------------------------------------------------
     decode_workers: int = _opt(0, "Decode threads per intake process. 0: the CPUs this process may use, "
                                   "shared among the intake processes.")
@@ -169,15 +170,14 @@ class Settings:
         Decoder.CPU, "Image decoder: cpu (OpenCV), cpu-reduced (DCT-domain downscaled JPEG decode), nvimgcodec "
                "(nvImageCodec on the GPU thread, resized on the device; images it cannot decode go to OpenCV; "
                "without a GPU, nvImageCodec or NVRTC: cpu-reduced), or hybrid (nvimgcodec, and each intake's "
-               "decode threads take JPEGs too, cpu-reduced: decode on the card takes turns with inference, "
-               "so CPU cores that would idle raise throughput).",
+               "decode threads take JPEGs too, cpu-reduced: CPU cores that would idle take decoding off the GPU "
+               "process).",
         Decoder,
     )
     hybrid_queue_per_thread: int = _opt(
         32, "With decoder hybrid: JPEGs queued per decode thread of an intake before the next ones go to the "
-            "card as bytes. Higher: more of the decoding on the CPU (the card's decode takes turns with "
-            "inference), more latency in the queue; 32 measured best on an H100 host of 16 cores "
-            "(docs/benchmarks.md, run 14).")
+            "card as bytes. Higher: more of the decoding on the CPU, more latency in the queue; 32 measured best "
+            "on an H100 host of 16 cores with 8 hardware queues (docs/benchmarks.md, run 14).")
     nvimgcodec_backend: NvImageCodecBackend = _opt(
         NvImageCodecBackend.DEFAULT, "With decoder nvimgcodec or hybrid: which nvImageCodec decoders may take "
         "JPEGs: default (its own choice), hardware (the card's JPEG engines only; what they refuse is decoded "
