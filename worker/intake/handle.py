@@ -78,8 +78,8 @@ class MessageHandler:
         # decoder=nvimgcodec falls back to cpu-reduced where the GPU thread could not start a decoder
         self._reduced = settings.cpu_decode_reduced
         # decoder=hybrid: a JPEG is decoded here while the pool has room, else on the card. The card's JPEG
-        # decode takes turns with inference (measured on an H200: decode beside ResNet-50 adds ~4 ms per
-        # 128 images to the batch), so each image a CPU core decodes is card time won. Room: queued per
+        # decode adds GPU time to its batch (H100: ~3 ms per 128 images with 8 hardware queues, ~1 with 32;
+        # docs/benchmarks.md runs 14 and 18), so each image a CPU core decodes is card time won. Room: queued per
         # thread (a decode takes 1-3 ms), so that the threads stay busy between polls; the rest of a
         # poll goes to the card at once.
         self._cpu_slots = (settings.decode_threads * settings.hybrid_queue_per_thread
