@@ -152,17 +152,19 @@ def _trace(step: Callable[[], None], path: str, iterations: int = 6) -> dict[str
             step()
     prof.export_chrome_trace(path)
     events = [e for e in json.load(open(path)).get("traceEvents", []) if e.get("ph") == "X"]
+    on_device = ("kernel", "gpu_memcpy", "gpu_memset")
     summary: dict[str, dict[str, list[float]]] = {}
     for e in events:
         cat = e.get("cat", "")
-        if cat in ("cuda_runtime", "cuda_driver", "kernel", "gpu_memcpy", "gpu_memset"):
-            key = e["name"][:90] + (f" [stream {e.get('args', {}).get('stream')}]" if cat.startswith("gpu") or cat == "kernel" else "")
-            row = summary.setdefault(cat, {}).setdefault(key, [0, 0.0])
+        if cat in ("cuda_runtime", "cuda_driver", *on_device):
+            stream = f" [stream {e.get('args', {}).get('stream')}]" if cat in on_device else ""
+            row = summary.setdefault(cat, {}).setdefault(e["name"][:90] + stream, [0, 0.0])
             row[0] += 1
             row[1] += e.get("dur", 0) / 1000.0
-    top = {cat: dict(sorted(((k, [int(v[0]), round(v[1], 3)]) for k, v in rows.items()), key=lambda kv: -kv[1][1])[:25])
+    top = {cat: dict(sorted(((k, [int(v[0]), round(v[1], 3)]) for k, v in rows.items()),
+                            key=lambda kv: -kv[1][1])[:25])
            for cat, rows in summary.items()}
-    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    device = sorted((e for e in events if e.get("cat") in on_device), key=lambda e: e["ts"])
     t0 = device[-1]["ts"] - 40_000 if device else 0  # the last ~40 ms of device work: one iteration
     tail = [[round((e["ts"] - t0) / 1000, 3), round(e.get("dur", 0) / 1000, 3), e.get("cat"), e["name"][:60],
              e.get("args", {}).get("stream")] for e in device if e["ts"] >= t0]
