@@ -197,6 +197,12 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
             n = max(20, int(rate * opts.rate_seconds))
             say(f"broker round trip, no worker: {n} small records at {rate:.0f}/s ({fraction:.0%} of peak)")
             await part("round_trip", lambda: broker_round_trip(bootstrap, parts_for(opts, settings), rate, n))
+            # The same at the images' mean size: how much of a rate run's latency outside the worker the
+            # broker takes with records of this size (information only: the bound keeps the small records)
+            size = sum(len(b) for b in distinct) // len(distinct) if distinct else 64
+            say(f"broker round trip, no worker: {n} records of {size} B at {rate:.0f}/s")
+            await part("round_trip_image_sized", lambda: broker_round_trip(
+                bootstrap, parts_for(opts, settings), rate, n, payload_bytes=size))
         if "rates" not in opts.skip and opts.rates and peak:
             result["rates"] = []
             for fraction in opts.rates:

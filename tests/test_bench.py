@@ -98,6 +98,10 @@ def test_broker_round_trip_and_the_latency_bound_of_the_50_percent_run(bench):
     assert lb["bound_ms"] == pytest.approx(rate["settings"]["max_wait_ms"] + 3 * rate["gpu_batch_ms"]
                                            + rt["latency_ms"]["p99"])
     assert "latency at 50% of peak: p99" in text and "broker round trip, no worker" in text
+    # the same at the images' size, reported beside it; the bound keeps the small records
+    big = result["round_trip_image_sized"]
+    assert big["received"] == big["count"] == rt["count"] and big["payload_bytes"] > 10 * rt["payload_bytes"]
+    assert f"records of {big['payload_bytes']} B" in text
 
 
 def test_intake_cpu_is_counted_per_intake_from_its_first_message(bench):
