@@ -246,10 +246,11 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
                          if k.startswith("worker_gpu_phase_seconds_total:")},
         # per kind of batch (decoder=hybrid: card, rows, mixed): how many, and their mean own GPU time
         "gpu_batches_by_decode": {
-            k.split(":", 1)[1]: {"batches": int(total(k)),
-                                 "mean_ms": round(total("worker_gpu_batch_seconds_total:" + k.split(":", 1)[1])
-                                                  * 1000 / max(1.0, total(k)), 2)}
-            for k in sorted(set().union(*samples)) if k.startswith("worker_gpu_batches_total:")},
+            kind: {"batches": int(total(f"worker_gpu_batches_total:{kind}")),
+                   "mean_ms": round(total(f"worker_gpu_batch_seconds_total:{kind}") * 1000
+                                    / max(1.0, total(f"worker_gpu_batches_total:{kind}")), 2)}
+            for kind in sorted(k.split(":", 1)[1] for k in set().union(*samples)
+                               if k.startswith("worker_gpu_batches_total:"))},
         "cpu_s": cpu,
         "cpu_counted_from": "the first message (intakes: each its own first message; see cpu_time)",
         "cpu_s_since_ready": cpu_since_ready,  # the former count: from every intake joined (misses work before)

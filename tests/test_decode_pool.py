@@ -57,3 +57,13 @@ def test_a_thread_already_nicer_is_not_raised_back():
 def test_decode_nice_out_of_range_is_a_config_error(bad):
     with pytest.raises(ConfigError, match="decode_nice must be 0..19"):
         Settings(decode_nice=bad)
+
+
+@linux_only
+def test_a_refused_priority_change_leaves_the_pool_decoding(monkeypatch):
+    def refused(*args):
+        raise PermissionError("not permitted here")
+
+    monkeypatch.setattr(os, "setpriority", refused)
+    with decode_pool(1, 10) as pool:  # the initializer must not break the pool
+        assert pool.submit(lambda: 6 * 7).result() == 42

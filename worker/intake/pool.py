@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from worker import log
+
 T = TypeVar("T")
 
 
@@ -30,7 +32,10 @@ def lower_thread_priority(nice: int) -> None:
     if nice <= 0 or not sys.platform.startswith("linux"):
         return
     tid = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+    except OSError as exc:  # a pool initializer that raises breaks the pool: decoding matters more than a hint
+        log.get("worker").warning("decode thread priority unchanged", decode_nice=nice, error=str(exc))
 
 
 def chunks(items: Sequence[T], n: int) -> list[Sequence[T]]:
