@@ -212,6 +212,8 @@ def rows(result: dict) -> list[tuple[str, ...]]:
             note += f"; {run['found_after_reread']} seen only after the collector re-read its topics"
         if "over_ceiling" in run:
             note += f"; {run['over_ceiling']:.2f}x ceiling"
+        if run.get("images_per_s_middle") and run["mode"] != "rate":
+            note += f"; middle 80% of results {run['images_per_s_middle']:,.0f}/s"
         out.append((label, _f(run["images_per_s"]), _f(lat["p50"]), _f(lat["p95"]), _f(lat["p99"]),
                     _f(run["mean_batch_size"]), note))
     if result.get("baseline"):

@@ -41,6 +41,7 @@ def _complete(run: dict, expected: int) -> None:
     assert counts["published"] == run["results"] and counts["dead_lettered"] == run["dead_lettered"]
     assert counts["failed"] == 0
     assert run["images_per_s"] > 0 and run["batches"] >= 1
+    assert run["images_per_s_middle"] is None or run["images_per_s_middle"] > 0  # None under 10 results
     assert 1 <= run["mean_batch_size"] <= run["settings"]["max_batch_size"]
     assert set(run["latency_ms"]) >= {"p50", "p95", "p99"}
     assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]

@@ -106,3 +106,20 @@ def test_intake_cpu_gives_the_event_loops_share_per_finished_message():
     reports = [{"pid": 10, "cpu_at_first_message_s": 1.0, "consumed": 4000, "loop_cpu_s": 0.4, "loop_finished": 4000}]
     out = cpu_time.intake_cpu({10: 5.0}, reports)
     assert out["processes"][0]["loop_ms_per_message"] == pytest.approx(0.1)
+
+
+def test_middle_rate_leaves_out_the_ramp_and_the_tail():
+    from benchmarks.end_to_end import middle_rate
+
+    # 100 results: the first 10 over 5 s (ramp), 80 at 100/s, the last 10 over 5 s (tail)
+    times = [i * 0.5 for i in range(10)] + [5.0 + i * 0.01 for i in range(80)] + [5.8 + i * 0.5 for i in range(10)]
+    assert middle_rate(times[::-1]) == pytest.approx(100.0, rel=0.05)  # order of arrival does not matter
+    whole = len(times) / (max(times) - min(times))
+    assert whole < 10.0  # the whole run's rate is the headline: ramp and tail weigh on it
+
+
+def test_middle_rate_needs_enough_results_and_time():
+    from benchmarks.end_to_end import middle_rate
+
+    assert middle_rate([1.0, 2.0, 3.0]) is None
+    assert middle_rate([4.0] * 20) is None
