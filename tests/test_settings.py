@@ -119,3 +119,18 @@ def test_check_crcs_is_read_and_reaches_the_consumer():
 
     assert asyncio.run(consumer_flag(s)) is False
     assert asyncio.run(consumer_flag(settings_mod.load({}, environ={}))) is True
+
+
+def test_gil_switch_interval_is_set_for_the_calling_process_and_zero_leaves_it():
+    import sys
+
+    from worker.service import set_gil_switch_interval
+
+    before = sys.getswitchinterval()
+    try:
+        set_gil_switch_interval(settings_mod.Settings(gil_switch_interval_ms=0))
+        assert sys.getswitchinterval() == before
+        set_gil_switch_interval(settings_mod.Settings(gil_switch_interval_ms=0.5))
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)

@@ -53,6 +53,12 @@ def tune_process(settings: Settings) -> None:
     """Per-process knobs of an intake (or a single-process worker): socket reads, GIL switch interval."""
     if settings.socket_read_bytes:
         widen_socket_reads(settings.socket_read_bytes, max(settings.fetch_max_bytes, settings.socket_read_bytes))
+    set_gil_switch_interval(settings)
+
+
+def set_gil_switch_interval(settings: Settings) -> None:
+    """``gil_switch_interval_ms`` for this process (every process of the worker: in the GPU process the GPU
+    thread wins the GIL back, after each CUDA call, from the links' receive and reply threads)."""
     if settings.gil_switch_interval_ms > 0:
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
 

@@ -134,8 +134,9 @@ class Settings:
            "most scratch memory a layer's kernels may use, so larger allows faster tactics. Part of the engine "
            "cache key. 0: TensorRT's default (the device's memory).")
     gil_switch_interval_ms: float = _opt(
-        0.0, "Python's GIL switch interval (sys.setswitchinterval). The GPU thread drops the GIL in every "
-             "CUDA and ONNX Runtime call and must win it back from the decode threads each time; a "
+        0.0, "Python's GIL switch interval (sys.setswitchinterval), in every process of the worker. The GPU "
+             "thread drops the GIL in every CUDA and ONNX Runtime call and must win it back from the GPU "
+             "process's link threads each time (in an intake: the event loop from the decode threads); a "
              "shorter interval hands it back sooner. 0: leave Python's default (5 ms).")
     cuda_max_connections: int = _opt(
         32, "Hardware work queues per CUDA context (sets CUDA_DEVICE_MAX_CONNECTIONS before the driver starts, "

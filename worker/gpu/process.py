@@ -55,8 +55,9 @@ def _run(settings: Settings, links: list[tuple[Any, str]], control: Any, row: Ro
     from worker.decode.nvimgcodec import decoder_factory
     from worker.gpu.thread import GpuThread
     from worker.gpu.link import IntakeLink
-    from worker.service import pipeline_for
+    from worker.service import pipeline_for, set_gil_switch_interval
 
+    set_gil_switch_interval(settings)
     logger = log.get("gpu")
     metrics = Metrics()
     failed = threading.Event()
