@@ -1,5 +1,4 @@
-"""The intake's decode pool threads lower their own priority (decode_nice); the event loop's does not, unless
-the intake process lowered itself at its start (intake_nice)."""
+"""The intake's decode pool threads lower their own priority (decode_nice); the event loop's does not."""
 
 from __future__ import annotations
 
@@ -54,34 +53,10 @@ def test_a_thread_already_nicer_is_not_raised_back():
     assert result[0] >= 10
 
 
-@pytest.mark.parametrize("name", ["decode_nice", "intake_nice"])
 @pytest.mark.parametrize("bad", [-1, 20])
-def test_nice_out_of_range_is_a_config_error(name, bad):
-    with pytest.raises(ConfigError, match=f"{name} must be 0..19"):
-        Settings(**{name: bad})
-
-
-@linux_only
-def test_threads_started_after_the_change_inherit_it():
-    """What intake_nice relies on: an intake lowers its main thread before starting any other, and every
-    thread it starts later (the loop's executors, the decode pool) runs at that value or lower."""
-    from worker.intake.pool import lower_thread_priority
-
-    def intake_main() -> tuple[int, int]:
-        target = min(19, _nice_of_calling_thread() + 4)
-        lower_thread_priority(target)
-        seen: list[int] = []
-        child = threading.Thread(target=lambda: seen.append(_nice_of_calling_thread()))
-        child.start()
-        child.join()
-        return target, seen[0]
-
-    out: list[tuple[int, int]] = []
-    t = threading.Thread(target=lambda: out.append(intake_main()))
-    t.start()
-    t.join()
-    target, child = out[0]
-    assert child == target
+def test_decode_nice_out_of_range_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match="decode_nice must be 0..19"):
+        Settings(decode_nice=bad)
 
 
 @linux_only

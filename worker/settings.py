@@ -163,12 +163,6 @@ class Settings:
             "When decoding takes every core, the GPU process's thread and the intakes' event loops (Kafka I/O, "
             "heartbeats) then run first: the GPU thread's kernel launches are what keeps the card busy (H100, "
             "hybrid: 4,401 -> 4,691 images/s with 10).")
-    intake_nice: int = _opt(
-        0, "Nice value each intake process lowers itself to at start (Linux; 0..19, 0: unchanged): its event loop "
-           "and every thread it starts (decode threads go on to decode_nice when that is higher). The GPU process "
-           "keeps its priority, so when the intakes fill the cores its thread still launches the next batch on "
-           "time. Only intake processes apply it (an in-process worker, whose GPU thread shares the process, "
-           "does not).")
     intake_processes: int = _opt(
         0, "Intake processes (each an aiokafka consumer in the group, with its own decode pool, publisher "
            "and committer) feeding the one GPU-owning process through shared memory. 0: derived from the "
@@ -265,9 +259,8 @@ class Settings:
         if not 0 <= self.cuda_max_connections <= 32:
             problems.append(f"cuda_max_connections must be 0..32 (0: the driver's default), "
                             f"got {self.cuda_max_connections}")
-        for name in ("decode_nice", "intake_nice"):
-            if not 0 <= getattr(self, name) <= 19:
-                problems.append(f"{name} must be 0..19 (a lower priority only), got {getattr(self, name)}")
+        if not 0 <= self.decode_nice <= 19:
+            problems.append(f"decode_nice must be 0..19 (a lower priority only), got {self.decode_nice}")
         from worker.gpu.devices import parse as parse_gpu_devices
 
         try:

@@ -27,16 +27,15 @@ def decode_pool(threads: int, nice: int = 0) -> ThreadPoolExecutor:
 
 def lower_thread_priority(nice: int) -> None:
     """Raise the calling thread's nice value to ``nice`` (never lowers it: that needs privileges). Linux
-    keeps a nice value per thread (setpriority on the thread id), and threads started afterwards inherit
-    it; elsewhere that call would change the whole process, event loop included, so nothing is done
-    there. Used by each decode thread (decode_nice) and by an intake process at its start (intake_nice)."""
+    keeps a nice value per thread (setpriority on the thread id); elsewhere that call would change the
+    whole process, event loop included, so nothing is done there."""
     if nice <= 0 or not sys.platform.startswith("linux"):
         return
     tid = threading.get_native_id()
     try:
         os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
     except OSError as exc:  # a pool initializer that raises breaks the pool: decoding matters more than a hint
-        log.get("worker").warning("thread priority unchanged", nice=nice, error=str(exc))
+        log.get("worker").warning("decode thread priority unchanged", decode_nice=nice, error=str(exc))
 
 
 def chunks(items: Sequence[T], n: int) -> list[Sequence[T]]:

@@ -17,7 +17,6 @@ import sys
 from typing import Any, Protocol
 
 from worker import log
-from worker.intake.pool import lower_thread_priority
 from worker.ipc.board import Row, intake_row
 from worker.ipc.lifetime import die_with_parent
 from worker.metrics import Metrics, write_snapshot
@@ -42,9 +41,6 @@ def main(index: int, settings: Settings, plan: Any, conns: list[Any], link_name:
          slot_bytes: int, decodes_on_device: bool, board: Any, run_dir: str, parent_pid: int,
          hooks: IntakeHooks | None = None, gpus: tuple[str, ...] = ("0",)) -> None:
     die_with_parent(parent_pid)
-    # Before any thread starts: Linux keeps a nice value per thread and new threads inherit it, so this
-    # lowers the event loop and everything it starts (the GPU process keeps its priority).
-    lower_thread_priority(settings.intake_nice)
     # A SIGTERM before the worker installs its handlers (the supervisor stopping during our first
     # second) must still mean "drain and exit 0", not death by signal: noted here, honoured at start.
     early: list[int] = []
