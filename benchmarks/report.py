@@ -221,11 +221,11 @@ def rows(result: dict) -> list[tuple[str, ...]]:
         lat = b["latency_ms"]
         out.append(("baseline (per message, batch 1)", _f(b["images_per_s"]), _f(lat["p50"]), _f(lat["p95"]),
                     _f(lat["p99"]), "1", f"{b['results']}/{b['count']} results; consume->ack+commit"))
-    for key in ("round_trip", "round_trip_image_sized"):
+    for key, what in (("round_trip", ""), ("round_trip_image_sized", ", image-sized records")):
         if result.get(key):
             rt = result[key]
             lat = rt["latency_ms"]
-            out.append((f"broker round trip, no worker ({rt['target_rate']:.0f}/s)", _f(rt["achieved_send_rate"]),
+            out.append((f"broker round trip, no worker ({rt['target_rate']:.0f}/s{what})", _f(rt["achieved_send_rate"]),
                         _f(lat["p50"]), _f(lat["p95"]), _f(lat["p99"]), "",
                         f"{rt['received']}/{rt['count']} records of {rt['payload_bytes']} B; produce->consumed"))
     if result.get("broker"):
