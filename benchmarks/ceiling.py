@@ -215,7 +215,7 @@ async def gpu_thread_ceiling(settings: Settings, pipeline: PipelineSpec, inputs:
         busy = (metrics.registry.get_sample_value("worker_inference_seconds_sum") or 0.0) - busy0
         batches = gpu.batches - batches0
         phases = {ph: metrics.registry.get_sample_value("worker_gpu_phase_seconds_total", {"phase": ph})
-                  for ph in ("decode", "enqueue", "prefetch", "wait")}
+                  for ph in ("decode", "enqueue", "prefetch", "decode_wait", "decode_thread", "wait")}
         return {"count": count, "images_per_s": count / wall, "wall_s": wall, "batches": batches,
                 "gpu_phases_s": {k: round(v, 3) for k, v in phases.items() if v is not None},
                 "mean_batch_size": (gpu.images - images0) / max(1, batches),

@@ -84,6 +84,7 @@ def environment(opts: Any, settings: Settings, pipeline: PipelineSpec) -> dict:
                      "partitions": opts.partitions or "2 per intake process of each run",
                      "device": settings.device, "gpu_batches_in_flight": settings.gpu_batches_in_flight,
                      "gpu_batches_by_decoder": settings.gpu_batches_by_decoder,
+                     "gpu_decode_thread": settings.gpu_decode_thread,
                      "hybrid_queue_per_thread": settings.hybrid_queue_per_thread,
                      "nvimgcodec_backend": str(settings.nvimgcodec_backend),
                      "nvimgcodec_options": settings.nvimgcodec_options},

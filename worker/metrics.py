@@ -69,7 +69,9 @@ class Metrics:
                                             "decoded by OpenCV on the GPU thread instead.", registry=r)
         self.gpu_phase_seconds = Counter("worker_gpu_phase_seconds", "GPU thread time per batch phase with device "
                                          "decoding: decode (host part, not prefetched), enqueue, prefetch (next "
-                                         "batch's decode under this one's inference), wait (for the device).",
+                                         "batch's decode under this one's inference, or handing it to the decode "
+                                         "thread), decode_wait (for the decode thread's result), wait (for the "
+                                         "device); decode_thread: the decode thread's own time.",
                                          ["phase"], registry=r)
         self.gpu_batches_decoded = Counter("worker_gpu_batches", "Batches the GPU thread ran, by where their "
                                            "images were decoded: card (every one a JPEG decoded on the GPU), "

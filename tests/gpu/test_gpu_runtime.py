@@ -608,3 +608,44 @@ def test_tensorrt_engine_built_from_onnx_matches_the_reference_and_is_cached(tmp
 
 def test_device_error_type_is_retriable():
     assert DeviceError("x", cuda_error="CUDA_ERROR_OUT_OF_MEMORY").retriable
+
+
+def _current_context() -> int:
+    """cuCtxGetCurrent on the calling thread, asked of libcuda itself (not pycuda's own bookkeeping)."""
+    import ctypes
+
+    ctx = ctypes.c_void_p()
+    assert ctypes.CDLL("libcuda.so.1").cuCtxGetCurrent(ctypes.byref(ctx)) == 0
+    return ctx.value or 0
+
+
+def test_helper_context_makes_the_gpu_threads_primary_context_current_on_the_decode_thread_only():
+    """The decode thread (gpu_decode_thread) runs in the GPU thread's context, the primary one, not a
+    context of its own; before and after its block it has none; the GPU thread itself may not call it."""
+    import threading
+
+    from worker.engines.cuda import CudaRuntime
+
+    rt = CudaRuntime(0)
+    rt.start()
+    seen: dict[str, int] = {}
+    try:
+        main = _current_context()
+
+        def helper() -> None:
+            seen["before"] = _current_context()
+            with rt.helper_context():
+                seen["inside"] = _current_context()
+            seen["after"] = _current_context()
+
+        thread = threading.Thread(target=helper)
+        thread.start()
+        thread.join(30)
+        with pytest.raises(RuntimeError, match="not the GPU thread"):
+            with rt.helper_context():
+                pass
+        assert _current_context() == main  # the refused call left the GPU thread's stack as it was
+    finally:
+        rt.stop()
+    assert main != 0
+    assert seen == {"before": 0, "inside": main, "after": 0}

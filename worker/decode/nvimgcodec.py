@@ -32,6 +32,7 @@ CPU (``cpu-reduced``) instead: see worker.gpu.thread.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ class Staged:
     images: list[Any] = field(default_factory=list)  # nvImageCodec images, alive until ``release``
     fallbacks: int = 0  # JPEGs nvImageCodec could not decode, decoded by OpenCV instead
     host_s: float = 0.0
-    decoded: Any = None  # event on the decode stream after this batch's decode (None: one stream)
+    on_card: bool = False  # nvImageCodec decoded some of it on the decode stream (``write`` orders after it)
 
 
 class NvImageCodecDecoder:
@@ -148,6 +149,9 @@ class NvImageCodecDecoder:
         # GPU thread has synchronised and calls ``release``; released images go back to nvImageCodec
         # as buffers to reuse instead of allocating (and freeing) per batch.
         self._free: list[Any] = []
+        # ``stage`` may run on the GPU process's decode thread (worker.gpu.decode_ahead) while the GPU
+        # thread releases an earlier batch: the two pools above change under this lock.
+        self._pools = threading.Lock()
         self._last: Staged | None = None
 
     def warm_up(self) -> None:
@@ -195,11 +199,28 @@ class NvImageCodecDecoder:
         self._last = self.stage(items)
         return self.write(self._last)
 
+    def reserve(self) -> None:
+        """On the GPU thread, before ``stage`` runs on the decode thread: a pinned row set is free for it
+        (allocating one is a runtime call, which only the GPU thread makes)."""
+        with self._pools:
+            if self._pinned_free:
+                return
+        pinned = self._new_pinned()
+        with self._pools:
+            self._pinned_free.append(pinned)
+
+    def _new_pinned(self) -> list[np.ndarray]:
+        return [self.runtime.host_buffer((self.max_batch, *e.spec.preprocess.hwc_shape), np.uint8)
+                for e in self.engines]
+
     def stage(self, items: Sequence[Encoded | Sequence[np.ndarray]]) -> Staged:
-        """Decode the Encoded ``items`` with nvImageCodec (device images, ordered before the stream's
-        next work), OpenCV for what it cannot; touches no batch row, so it may run while the stream still
-        executes the previous batch. The other items (one pre-processed array per model, decoded by the
-        pool) and OpenCV's fallbacks are copied into pinned rows here, ahead of the device ones."""
+        """Decode the Encoded ``items`` with nvImageCodec (device images, on the decode stream), OpenCV
+        for what it cannot; touches no batch row, so it may run while the stream still executes the
+        previous batch. The other items (one pre-processed array per model, decoded by the pool) and
+        OpenCV's fallbacks are copied into pinned rows here, ahead of the device ones.
+
+        Calls no runtime method when a pinned row set is free (``reserve``): so it may run on the
+        decode thread, with the runtime's context current there (``helper_context``)."""
         started = time.perf_counter()
         streams: list[Any] = []
         positions: list[int] = []
@@ -216,7 +237,7 @@ class NvImageCodecDecoder:
         if streams:
             for i, image in zip(positions, self._decode_streams(streams)):
                 images[i] = image
-            staged.decoded = self._decode_done()
+            staged.on_card = True
         host: list[tuple[int, Sequence[np.ndarray]]] = []  # (item, per-model arrays) decoded on the CPU
         gpu: list[tuple[int, tuple[int, int, int, int]]] = []  # (item, device image)
         for i, (item, image) in enumerate(zip(items, images)):
@@ -245,9 +266,9 @@ class NvImageCodecDecoder:
         staged.kept = [i for i, _ in host] + [i for i, _ in gpu]
         staged.sources = [src for _, src in gpu]
         if host:
-            staged.pinned = self._pinned_free.pop() if self._pinned_free else [
-                self.runtime.host_buffer((self.max_batch, *e.spec.preprocess.hwc_shape), np.uint8)
-                for e in self.engines]
+            with self._pools:
+                pinned = self._pinned_free.pop() if self._pinned_free else None
+            staged.pinned = pinned if pinned is not None else self._new_pinned()
             try:
                 for row, (_, arrays) in enumerate(host):
                     for e, pinned in enumerate(staged.pinned):
@@ -265,8 +286,13 @@ class NvImageCodecDecoder:
         row 0..k-1, CPU-decoded items first, each group in item order; rejected)."""
         h = staged.host_rows
         gpu_rows = list(range(h, h + len(staged.sources)))
-        if staged.decoded is not None:  # the resize reads what the decode stream wrote
-            self.runtime.wait_for(staged.decoded)
+        if staged.on_card and getattr(self.runtime, "decode_stream_handle", 0):
+            # The resize reads what the decode stream wrote. The event is recorded here, on the GPU
+            # thread, not in ``stage``: everything of this batch's decode was queued on the decode stream
+            # when ``stage`` returned, and the next batch's ``stage`` starts only after this ``write``
+            # (the GPU thread submits it once this batch is launched), so the event covers this batch's
+            # decode and nothing after it.
+            self.runtime.wait_for(self.runtime.decode_done())
         tables = next(self._tables)
         for e, engine in enumerate(self.engines):
             pre = engine.spec.preprocess
@@ -288,18 +314,20 @@ class NvImageCodecDecoder:
         nvJPEG's hardware decode writes its outputs when it is called, not in stream order (reported
         against nvJPEG 12.3-13.2 in pytorch/torchcodec#1634), so a stream-ordered hand-back would not
         keep it from overwriting rows a queued resize still reads."""
-        self._free.extend(staged.images)
-        del self._free[: max(0, len(self._free) - 2 * self.max_batch)]
+        with self._pools:
+            self._free.extend(staged.images)
+            del self._free[: max(0, len(self._free) - 2 * self.max_batch)]
+            if staged.pinned is not None:
+                self._pinned_free.append(staged.pinned)
         staged.images = []
-        if staged.pinned is not None:
-            self._pinned_free.append(staged.pinned)
-            staged.pinned = None
+        staged.pinned = None
 
     def _decode_streams(self, streams: list[Any]) -> list[Any]:
         """nvImageCodec over the batch; None where an image failed. Reuses released images' buffers."""
         reuse = None
-        if len(self._free) >= len(streams):  # buffers of batches the stream has finished with
-            reuse, self._free = self._free[:len(streams)], self._free[len(streams):]
+        with self._pools:
+            if len(self._free) >= len(streams):  # buffers of batches the stream has finished with
+                reuse, self._free = self._free[:len(streams)], self._free[len(streams):]
         for attempt in (reuse, None) if reuse is not None else (None,):
             try:
                 return list(self._decoder.decode(streams, images=attempt, params=self._params,
@@ -314,11 +342,6 @@ class NvImageCodecDecoder:
     def _decode_stream(self) -> int:
         """The runtime's decode stream where it has one (CUDA), else its only stream."""
         return getattr(self.runtime, "decode_stream_handle", 0) or self.runtime.stream_handle
-
-    def _decode_done(self) -> Any:
-        if not getattr(self.runtime, "decode_stream_handle", 0):
-            return None  # one stream: decode and resize are in order already
-        return self.runtime.decode_done()
 
 
 def decoder_factory(settings: Any, pipeline: PipelineSpec) -> Any:

@@ -9,12 +9,14 @@ Inference is split into ``enqueue`` (queue copies and kernels on the runtime's s
 collector) and the collector (read outputs after the runtime synchronised), so that a pipeline of
 several models costs one synchronisation per batch.
 
-Every method of both is called on the GPU thread only.
+Every method of both is called on the GPU thread only, but ``helper_context`` (the decode thread's).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import numpy as np
@@ -52,6 +54,10 @@ class DeviceRuntime(Protocol):
 
     def memory_in_use(self) -> int:
         """Bytes of device memory in use (0 where unknown)."""
+
+    def helper_context(self) -> AbstractContextManager[None]:
+        """On a helper thread of the GPU process (the decode thread, worker.gpu.decode_ahead): the
+        runtime's context current there while the block runs. The one method not for the GPU thread."""
 
 
 class InferenceEngine(Protocol):
@@ -99,3 +105,6 @@ class CpuRuntime:
 
     def memory_in_use(self) -> int:
         return 0
+
+    def helper_context(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()

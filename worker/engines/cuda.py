@@ -240,6 +240,28 @@ class CudaRuntime:
         self._release_context()
         _log.info("cuda_runtime_stopped", device=self.device_name)
 
+    @contextlib.contextmanager
+    def helper_context(self) -> Iterator[None]:
+        """Make this runtime's primary context current on the calling helper thread (the GPU process's
+        decode thread: worker.gpu.decode_ahead) for as long as the block runs, then pop it.
+
+        Why a helper may: the rule that one thread does the GPU work exists to keep every CUDA call in
+        the one primary context (a second context is what breaks ONNX Runtime and TensorRT beside each
+        other). nvImageCodec already calls CUDA from threads of its own, in that same primary context;
+        a helper that only calls nvImageCodec, with this context current, adds no new context, stream
+        or buffer. The helper calls no method of this runtime: those stay on the GPU thread."""
+        if self._context is None:
+            raise RuntimeError("CudaRuntime.helper_context before start() or after stop()")
+        if threading.get_ident() == self._thread:
+            raise RuntimeError("CudaRuntime.helper_context is for a helper thread, not the GPU thread")
+        with cuda_errors("making the primary context current on the decode thread", self.device_name):
+            self._context.push()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # after a sticky CUDA error the pop still leaves the stack
+                self._cuda.Context.pop()
+
     def _release_context(self) -> None:
         with contextlib.suppress(Exception):
             self._cuda.Context.pop()

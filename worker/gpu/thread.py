@@ -36,6 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ import numpy as np
 from worker import log
 from worker.engines.base import HOST_SETS, Collector, DeviceRuntime, InferenceEngine, Outputs
 from worker.errors import ConfigError, EngineFailure, FatalError, ModelRejectedInput, WorkerError
+from worker.gpu.decode_ahead import DecodeAhead
 from worker.gpu.requests import (DecoderFactory, DeviceDecoder, InferenceRequest, InferenceResult, as_device_error,
                                  decoder_items, resolve)
 from worker.gpu.results import ResultPoster
@@ -92,7 +94,7 @@ class GpuThread:
                  on_fatal: Callable[[BaseException], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, warmup: bool = True,
                  device_decoder: DecoderFactory | None = None, batches_in_flight: int = 1,
-                 batches_by_decoder: bool = False) -> None:
+                 batches_by_decoder: bool = False, decode_thread: bool = False) -> None:
         if not 1 <= batches_in_flight <= HOST_SETS:
             raise ConfigError(f"gpu_batches_in_flight must be 1..{HOST_SETS}, got {batches_in_flight}")
         self.runtime = runtime
@@ -104,7 +106,10 @@ class GpuThread:
         # (after ``start``) to choose between sending bytes and decoding in the pool.
         self.device_decoder: DeviceDecoder | None = None
         self.decodes_on_device = False
-        self._next: tuple[list[InferenceRequest], Any] | None = None  # prefetched batch and its decode
+        # prefetched batch and its decode: the decoder's staged batch, None, or the decode thread's Future
+        self._next: tuple[list[InferenceRequest], Any] | None = None
+        self._decode_thread = decode_thread  # gpu_decode_thread: the next batch's decode off this thread
+        self._ahead: DecodeAhead | None = None
         self._stopping = False
         self.engines = list(engines)
         self.max_batch_size = max_batch_size
@@ -133,7 +138,8 @@ class GpuThread:
         """The GPU thread as ``settings`` (worker.settings.Settings) configure it; ``kw``: metrics, on_fatal."""
         return cls(runtime, engines, settings.max_batch_size, settings.max_wait_ms, device_decoder=device_decoder,
                    batches_in_flight=batches_in_flight(settings.gpu_batches_in_flight, runtime),
-                   batches_by_decoder=settings.gpu_batches_by_decoder, **kw)
+                   batches_by_decoder=settings.gpu_batches_by_decoder,
+                   decode_thread=settings.gpu_decode_thread, **kw)
 
     # --- called from the event loop ------------------------------------------------------
     async def start(self) -> None:
@@ -196,11 +202,15 @@ class GpuThread:
                 self._warm_up()
             if self._decoder_factory is not None:
                 self._start_decoder()
+            if self.device_decoder is not None and self._decode_thread:
+                self._ahead = DecodeAhead(self.device_decoder, self.runtime,
+                                          on_stage=lambda seconds: self._phase("decode_thread", seconds))
+                self._ahead.start()
         except BaseException as exc:  # noqa: BLE001 - reported to start() and re-raised there
             self._startup_error = exc if isinstance(exc, WorkerError) else FatalError(
                 f"model start-up failed: {type(exc).__name__}: {exc}")
+            self._teardown(activated, started)  # before start() raises: the device is released by then
             self._ready.set()
-            self._teardown(activated, started)
             return
         self.decodes_on_device = self.device_decoder is not None
         if self.metrics is not None:  # an operator sees a silent fall back to CPU decoding here
@@ -255,7 +265,7 @@ class GpuThread:
             if self._next is not None:  # taken (and decoded) while the previous batch ran: runs now
                 requests, staged = self._next
                 self._next = None
-                self._run_batch(requests, self._clock(), staged)
+                self._run_batch(requests, self._clock(), self._decoded_ahead(staged))
                 continue
             if self._launched:  # nothing ready to follow it: its results go out before we wait for input
                 self._finish_launched()
@@ -397,12 +407,29 @@ class GpuThread:
             return
         requests = [req for req, _ in self._batcher.take()]
         staged = None
-        if self.device_decoder is not None:
+        if self._ahead is not None:  # decoded on the decode thread while this one goes on
+            staged = self._ahead.submit(decoder_items(requests))
+        elif self.device_decoder is not None:
             try:
                 staged = self.device_decoder.stage(decoder_items(requests))
             except Exception as exc:  # noqa: BLE001 - decoded again, with errors handled, when the batch runs
                 self._log.debug("prefetch decode failed; the batch decodes when it runs", error=str(exc))
         self._next = (requests, staged)
+
+    def _decoded_ahead(self, staged: Any) -> Any:
+        """A prefetched batch's decode: the decode thread's result, waited for here, or None where it
+        raised (the batch is then decoded again when it runs, on this thread, where each error is
+        classified: a device error stops the thread, an image nvImageCodec cannot take goes to OpenCV)."""
+        if not isinstance(staged, Future):
+            return staged
+        t = self._clock()
+        try:
+            return staged.result()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self._log.debug("decode thread failed on the batch; it decodes when it runs", error=str(exc))
+            return None
+        finally:
+            self._phase("decode_wait", self._clock() - t)
 
     def _run_batch(self, requests: list[InferenceRequest], now: float, staged: Any = None) -> None:
         """Launch the batch, take the next one if it is waiting, then finish the batches launched before:
@@ -586,7 +613,10 @@ class GpuThread:
         while len(self._batcher):
             pending.extend(req for req, _ in self._batcher.take())
         if self._next is not None:
-            pending.extend(self._next[0])
+            requests, staged = self._next
+            if isinstance(staged, Future):
+                staged.cancel()  # not started yet: never decoded; running: finishes and is dropped
+            pending.extend(requests)
             self._next = None
         while self._launched:  # queued on the device, never finished (already resolved ones stay as they are)
             pending.extend(self._launched.popleft().requests)
@@ -606,7 +636,10 @@ class GpuThread:
         self._log.error("gpu thread failed", error=f"{type(exc).__name__}: {exc}", cuda_error=name or None)
 
     def _teardown(self, activated: list[InferenceEngine], started: bool) -> None:
-        """Reverse order of start: sync the stream, the decoder, engines last-in first-out, then the runtime."""
+        """Reverse order of start: the decode thread, sync the stream, the decoder, engines last-in
+        first-out, then the runtime."""
+        if self._ahead is not None:
+            self._ahead.stop()  # its job in hand finishes first; its context is popped before the runtime stops
         try:
             if started:
                 self.runtime.synchronize()
