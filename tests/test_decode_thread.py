@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -46,11 +47,11 @@ class ThreadedFillDecoder(FillDecoder):
     def __init__(self, engine: ResidentEngine, fail_on_decode_thread: int = 0) -> None:
         super().__init__(engine)
         self.threads: list[tuple[str, tuple, str]] = []
-        self.reserved: list[str] = []
+        self.reserved: list[tuple[str, int]] = []  # (thread, batches the engine had queued by then)
         self.fail_on_decode_thread = fail_on_decode_thread
 
     def reserve(self) -> None:
-        self.reserved.append(threading.current_thread().name)
+        self.reserved.append((threading.current_thread().name, len(self.engine.batch_sizes)))
 
     def stage(self, items):
         name = threading.current_thread().name
@@ -103,7 +104,9 @@ async def test_the_next_batches_are_staged_on_the_decode_thread_and_written_on_t
         assert order.index(("write", batches[k - 1])) < order.index(("stage", batches[k]))
     assert sorted(s for what, s in decoder.events if what == "release") == batches  # every batch released
     if decode_thread:
-        assert decoder.reserved == ["gpu"] * 3  # runtime buffers reserved on the GPU thread, before each job
+        # each job submitted on the GPU thread (buffers reserved there) once the batch before was written and
+        # before its models were queued: the decode then overlaps that enqueue and the wait for the device
+        assert decoder.reserved == [("gpu", 0), ("gpu", 1), ("gpu", 2)]
         # the context made current on the decode thread, and left there before the runtime stopped
         assert runtime.events == [("enter", "gpu-decode"), ("exit", "gpu-decode"), ("stop", "gpu")]
     else:
@@ -137,3 +140,33 @@ async def test_a_decode_thread_that_cannot_take_the_context_fails_start_up_and_t
         await gpu.start()
     assert runtime.events == [("stop", "gpu")]
     assert not gpu.alive()
+
+
+def test_one_stage_at_a_time_when_the_gpu_thread_decodes_while_the_decode_thread_does():
+    """A batch the GPU thread decodes itself (items retried one by one after a model error) while the decode
+    thread has a job: nvImageCodec's decoder is never called from both at once (the decoder's staging lock)."""
+    import time
+
+    from tests.test_device_decode import _encoded, _fake_decoder
+    from worker.samples import encode
+
+    dec, _, _ = _fake_decoder()
+    inside, overlaps = [], []
+    real = dec._decoder.decode
+
+    def decode(streams, images=None, params=None, cuda_stream=0):
+        if inside:
+            overlaps.append(threading.current_thread().name)
+        inside.append(1)
+        time.sleep(0.01)  # long enough for the other thread to arrive while this call runs
+        inside.pop()
+        return real(streams, images=images, params=params, cuda_stream=cuda_stream)
+
+    dec._decoder = SimpleNamespace(decode=decode)
+    jpeg = _encoded(encode(np.zeros((20, 30, 3), np.uint8), "jpeg"))
+    threads = [threading.Thread(target=lambda: [dec.stage([jpeg]) for _ in range(10)]) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert overlaps == []

@@ -179,7 +179,8 @@ def _fake_decoder(max_batch: int = 8) -> tuple[NvImageCodecDecoder, FakeRuntime,
     dec.fallbacks, dec._nv, dec._decoder, dec._params, dec._kernel = 0, nv, nv, None, kernel
     dec._tables = itertools.cycle([[np.zeros(max_batch, SOURCE_DTYPE) for _ in engines] for _ in range(HOST_SETS)])
     dec._device_tables = [SimpleNamespace(ptr=0x900000 + i) for i in range(len(engines))]
-    dec._pinned_free, dec._free, dec._last, dec._pools = [], [], None, threading.Lock()
+    dec._pinned_free, dec._free, dec._last = [], [], None
+    dec._pools, dec._staging = threading.Lock(), threading.Lock()
     return dec, rt, kernel
 
 

@@ -152,6 +152,9 @@ class NvImageCodecDecoder:
         # ``stage`` may run on the GPU process's decode thread (worker.gpu.decode_ahead) while the GPU
         # thread releases an earlier batch: the two pools above change under this lock.
         self._pools = threading.Lock()
+        # One ``stage`` at a time (nvImageCodec's decoder is not for concurrent calls): the GPU thread's own
+        # (a batch the decode thread failed, items retried one by one) waits for the decode thread's job.
+        self._staging = threading.Lock()
         self._last: Staged | None = None
 
     def warm_up(self) -> None:
@@ -221,6 +224,10 @@ class NvImageCodecDecoder:
 
         Calls no runtime method when a pinned row set is free (``reserve``): so it may run on the
         decode thread, with the runtime's context current there (``helper_context``)."""
+        with self._staging:
+            return self._stage(items)
+
+    def _stage(self, items: Sequence[Encoded | Sequence[np.ndarray]]) -> Staged:
         started = time.perf_counter()
         streams: list[Any] = []
         positions: list[int] = []
