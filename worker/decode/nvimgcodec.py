@@ -5,9 +5,10 @@ Why: CPU decoding bounds a ResNet-50 worker on a 16-core H200 machine (OpenCV 4.
 threads against a 7k images/s inference ceiling, see docs/benchmarks.md), and 16 decode threads
 compete with the event loop and the GPU thread for the GIL.
 
-Per batch, on the GPU thread (the only thread with our context current):
+Per batch, on the GPU thread, but for step 1 of the next full batch, which runs on the GPU process's decode
+thread (worker.gpu.decode_ahead, ``gpu_decode_thread``) with the same primary context current there:
 
-1. ``Decoder.decode`` of NVIDIA's nvImageCodec over every request's bytes, with our stream as its
+1. ``Decoder.decode`` of NVIDIA's nvImageCodec over every request's bytes, with our decode stream as its
    ``cuda_stream``: it decodes on its own streams (the hardware JPEG engine of A100/H100/H200 or CUDA
    nvJPEG, with its CPU threads doing Huffman decoding; CPU codecs for other formats) and makes our
    stream wait for the results. Images come back RGB, interleaved, in device memory; EXIF orientation
@@ -106,7 +107,8 @@ class Staged:
 
 
 class NvImageCodecDecoder:
-    """Decodes batches of ``Encoded`` images into the engines' device input rows (GPU thread only)."""
+    """Decodes batches of ``Encoded`` images into the engines' device input rows (GPU thread only, but
+    ``stage``, which the decode thread may run)."""
 
     def __init__(self, runtime: Any, engines: Sequence[Any], max_batch: int, pipeline: PipelineSpec,
                  max_bytes: int, max_pixels: int, backend: str = "default", options: str = "") -> None:
