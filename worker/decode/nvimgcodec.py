@@ -255,13 +255,16 @@ class NvImageCodecDecoder:
                 continue
             if image is not None:
                 staged.images.append(image)
-                problem = decoded_size_problem(item, image.shape)
+                # One call per image for shape, pitch and pointer: each property of an nvImageCodec image drops
+                # and retakes the GIL, and a retake can wait for another thread's switch interval (5 ms)
+                cai = image.__cuda_array_interface__
+                shape = tuple(cai["shape"])
+                problem = decoded_size_problem(item, shape)
                 if problem:
                     staged.rejected.append((i, UndecodableImage(problem)))
                     continue
-                cai = image.__cuda_array_interface__
-                pitch = (cai.get("strides") or (image.shape[1] * 3, 3, 1))[0]
-                gpu.append((i, (int(cai["data"][0]), int(pitch), int(image.shape[0]), int(image.shape[1]))))
+                pitch = (cai.get("strides") or (shape[1] * 3, 3, 1))[0]
+                gpu.append((i, (int(cai["data"][0]), int(pitch), int(shape[0]), int(shape[1]))))
                 continue
             try:  # nvImageCodec could not: OpenCV, exactly as decoder=cpu would (same verdict, same reason)
                 arrays = decode_encoded(item, self.pipeline, self.max_bytes, self.max_pixels)
