@@ -119,3 +119,41 @@ def test_rows_written_by_the_client_are_read_back_as_views(tmp_path) -> None:
     second = np.frombuffer(buf, np.uint8, rows[1].size, 10 + rows[0].size).reshape(rows[1].shape)
     np.testing.assert_array_equal(first, rows[0])
     np.testing.assert_array_equal(second, rows[1])
+
+
+async def test_a_send_that_fails_after_the_gpu_process_said_why_reports_why_not_the_broken_pipe() -> None:
+    """The GPU process sends its FATAL message (a CUDA error) and exits; an intake's next send fails on the
+    closed pipe before its loop has run the reader thread's news. The worker must stop naming the CUDA
+    error (CI saw "link broken: BrokenPipeError" win this race once), and the request fails with it."""
+    import asyncio
+    import time
+    from multiprocessing import Pipe
+
+    from worker.gpu.requests import InferenceRequest
+    from worker.ipc.client import GpuClient
+
+    ours, theirs = Pipe()
+    theirs.send_bytes(wire.pack_fatal("DeviceError: CUDA error: an illegal memory access was encountered"))
+    theirs.close()
+    name = shm.segment_name("test-link")
+    seg = shm.Segment.create(name, 4 * 1024)
+    client = GpuClient([ours], seg, slots=4, slot_bytes=1024, decodes_on_device=False)
+    told: list[BaseException] = []
+    client.on_fatal = told.append
+    try:
+        await client.start()
+        time.sleep(0.3)  # the loop is blocked: the reader has read the FATAL message, its news waits in the loop
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        await client.put(InferenceRequest([np.zeros((4, 4, 3), np.uint8)], future, loop, {"partition": 0, "offset": 0}))
+        client._flush()  # the send fails on the closed pipe, still before the reader's news is run
+        with pytest.raises(errors.FatalError) as caught:
+            await asyncio.wait_for(future, 5)
+        await asyncio.sleep(1.2)  # past the broken pipe's own verdict: it must not replace the first
+    finally:
+        client.stop()
+        seg.close()
+        seg.unlink()
+    assert "illegal memory access" in str(caught.value)
+    assert "illegal memory access" in str(client.fatal_error) and "Broken" not in str(client.fatal_error)
+    assert len(told) == 1

@@ -38,6 +38,9 @@ from worker.ipc import payload, wire
 from worker.ipc.router import GpuRouter
 from worker.ipc.shm import Segment, unlink
 
+# How long a failed send waits for the reader thread's account of why the GPU process went (see ``_flush``).
+LINK_VERDICT_S = 1.0
+
 
 class GpuClient:
     def __init__(self, conns: Sequence[Connection], segment: Segment, slots: int, slot_bytes: int,
@@ -63,6 +66,7 @@ class GpuClient:
         self._outgoing: list[list[wire.Request]] = [[] for _ in self.conns]
         self._flush_scheduled = False
         self._closing = False
+        self._broken: set[int] = set()  # links a send failed on, waiting for their reader's verdict
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers = [threading.Thread(target=self._read, args=(g,), daemon=True,
                                           name="gpu-link" if len(self.conns) == 1 else f"gpu-link-{d}")
@@ -132,12 +136,18 @@ class GpuClient:
         self._flush_scheduled = False
         for gpu, conn in enumerate(self.conns):
             batch, self._outgoing[gpu] = self._outgoing[gpu], []
-            if not batch or self.fatal_error is not None:
+            if not batch or self.fatal_error is not None or gpu in self._broken:
                 continue
             try:
                 conn.send_bytes(wire.pack_requests(batch))
             except (OSError, ValueError) as exc:
-                self._gpu_gone(FatalError(f"{self._who(gpu)} link broken: {type(exc).__name__}: {exc}"))
+                # The GPU process closed its end. Why is for the reader thread to say: its FATAL message
+                # (the CUDA error, say), or the end of the stream, may be read a moment after this send
+                # failed, and the pod's log must name the cause, not the broken pipe. This verdict stands
+                # only if the reader says nothing within LINK_VERDICT_S (``_gpu_gone`` keeps the first).
+                self._broken.add(gpu)
+                asyncio.get_running_loop().call_later(LINK_VERDICT_S, self._gpu_gone, FatalError(
+                    f"{self._who(gpu)} link broken: {type(exc).__name__}: {exc}"))
 
     def _release(self, slot: int) -> None:
         self._free.append(slot)
