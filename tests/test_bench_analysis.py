@@ -123,3 +123,16 @@ def test_middle_rate_needs_enough_results_and_time():
 
     assert middle_rate([1.0, 2.0, 3.0]) is None
     assert middle_rate([4.0] * 20) is None
+
+
+def test_analysis_gives_the_bound_with_small_records_and_beside_it_with_image_sized_ones():
+    from benchmarks.report import analysis
+    from worker.settings import Settings
+
+    result = {"rates": [_rate_run(p99=60.0, batch_ms=6.0)], "round_trip": RTT,
+              "round_trip_image_sized": {"latency_ms": {"p50": 20.0, "p99": 40.0}}}
+    out = analysis(result, Settings())
+    assert out["latency_bound"]["bound_ms"] == pytest.approx(30.5) and out["latency_bound"]["met"] is False
+    sized = out["latency_bound_image_sized"]
+    assert sized["bound_ms"] == pytest.approx(5.0 + 18.0 + 40.0) and sized["met"] is True
+    assert "latency_bound_image_sized" not in analysis({"rates": result["rates"], "round_trip": RTT}, Settings())
