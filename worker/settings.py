@@ -156,11 +156,12 @@ class Settings:
               "batch of decoded rows does not (H100: 27 vs 24 ms per 128 with 8 hardware queues, 24.8 vs 24.0 "
               "with cuda_max_connections 32; docs/benchmarks.md, runs 14 and 18).")
     gpu_decode_thread: bool = _opt(
-        True, "With decoder nvimgcodec or hybrid: the next full batch's nvImageCodec decode "
-              "call runs on a second thread of the GPU process (the primary context current there too), while "
-              "the GPU thread queues this batch's models and waits for the one before. Off: the GPU thread makes "
-              "that call itself, between batches (its host work per batch was then 18-23 ms of the device's "
-              "15.5-22; docs/benchmarks.md, run 19).")
+        False, "With decoder nvimgcodec or hybrid: the next full batch's nvImageCodec decode call runs on a second "
+               "thread of the GPU process (the primary context current there too) while the GPU thread queues "
+               "this batch's models and waits for the one before, instead of on the GPU thread between batches. "
+               "For hosts where the GPU thread is host-bound (its phase timers: little 'wait', much 'prefetch'). "
+               "Off by default: on an H100 it changed nothing in fp32 and lost 9-12 per cent in fp16, whose faster GPU "
+               "side then drained the queue into more padded partial batches (docs/benchmarks.md, run 20).")
     # --- Decode ---------------------------------------------------------------------------
     decode_workers: int = _opt(0, "Decode threads per intake process. 0: the CPUs this process may use, "
                                   "shared among the intake processes.")
