@@ -77,7 +77,6 @@ def batches_in_flight(setting: int, runtime: DeviceRuntime) -> int:
     return setting if runtime.kind == "cuda" else 1
 
 
-
 class GpuThread(FailureIsolation):
     def __init__(self, runtime: DeviceRuntime, engines: Sequence[InferenceEngine], max_batch_size: int,
                  max_wait_ms: float, metrics: Metrics | None = None,
