@@ -160,7 +160,7 @@ class Settings:
                "thread of the GPU process (the primary context current there too) while the GPU thread queues "
                "this batch's models and waits for the one before, instead of on the GPU thread between batches. "
                "For hosts where the GPU thread is host-bound (its phase timers: little 'wait', much 'prefetch'). "
-               "Off by default: on an H100 it changed nothing in fp32 and lost 9-12 per cent in fp16, whose faster GPU "
+               "Off by default: on an H100 it changed nothing in fp32 and lost 9-11 per cent in fp16, whose faster GPU "
                "side then drained the queue into more padded partial batches (docs/benchmarks.md, run 20).")
     # --- Decode ---------------------------------------------------------------------------
     decode_workers: int = _opt(0, "Decode threads per intake process. 0: the CPUs this process may use, "
