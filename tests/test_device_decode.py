@@ -324,6 +324,9 @@ class FillDecoder:
     def warm_up(self) -> None:
         pass
 
+    def reserve(self) -> None:
+        pass
+
     def stage(self, items):
         staged = _Staged(items)
         staged.fallbacks = sum(1 for v in staged if isinstance(v, int) and v == 5)  # as if OpenCV decoded the 5s

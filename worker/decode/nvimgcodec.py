@@ -300,10 +300,11 @@ class NvImageCodecDecoder:
         gpu_rows = list(range(h, h + len(staged.sources)))
         if staged.on_card and getattr(self.runtime, "decode_stream_handle", 0):
             # The resize reads what the decode stream wrote. The event is recorded here, on the GPU
-            # thread, not in ``stage``: everything of this batch's decode was queued on the decode stream
-            # when ``stage`` returned, and the next batch's ``stage`` starts only after this ``write``
-            # (the GPU thread submits it once this batch is launched), so the event covers this batch's
-            # decode and nothing after it.
+            # thread, not in ``stage`` (the decode thread calls no runtime method): everything of this
+            # batch's decode was queued on the decode stream when ``stage`` returned, so the event covers
+            # it. The decode thread's next job is submitted only after this ``write``, so the event covers
+            # nothing later; only a batch retried item by item on this thread while a job runs may make
+            # the resize wait for part of that job too: a wait too long, never too short.
             self.runtime.wait_for(self.runtime.decode_done())
         tables = next(self._tables)
         for e, engine in enumerate(self.engines):

@@ -9,7 +9,7 @@ Inference is split into ``enqueue`` (queue copies and kernels on the runtime's s
 collector) and the collector (read outputs after the runtime synchronised), so that a pipeline of
 several models costs one synchronisation per batch.
 
-Every method of both is called on the GPU thread only, but ``helper_context`` (the decode thread's).
+Every method of both is called on the GPU thread only, except ``helper_context`` (the decode thread's).
 """
 
 from __future__ import annotations

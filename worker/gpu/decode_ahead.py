@@ -15,8 +15,8 @@ method of the runtime, creates no stream and no buffer of ours, and touches no b
 writes rows, orders the resize after the decode stream, runs the engines and releases the images).
 Buffers ``stage`` might need from the runtime are reserved on the GPU thread before each job.
 
-One job at a time: the GPU thread submits a batch once it has launched the one before, and takes the
-result before it launches it, so a job never overlaps the ``write`` of an earlier batch.
+One job at a time: the GPU thread submits a batch once the batch before has its rows written, and takes
+the result before it writes this one, so a job never overlaps the ``write`` of an earlier batch.
 """
 
 from __future__ import annotations
@@ -60,9 +60,7 @@ class DecodeAhead:
     def submit(self, items: Sequence[Any]) -> Future:
         """On the GPU thread: reserve what ``stage`` may need from the runtime, then queue the job. The
         future gives the decoder's staged batch, or what ``stage`` raised."""
-        reserve = getattr(self._decoder, "reserve", None)
-        if reserve is not None:
-            reserve()
+        self._decoder.reserve()
         future: Future = Future()
         self._jobs.put((items, future))
         return future
@@ -77,27 +75,27 @@ class DecodeAhead:
 
     def _main(self) -> None:
         try:
-            context = self._runtime.helper_context()
-            context.__enter__()
-        except BaseException as exc:  # noqa: BLE001 - raised by start() on the GPU thread
+            with self._runtime.helper_context():
+                self._started.set()
+                self._serve()
+        except BaseException as exc:  # noqa: BLE001 - taking the context: start() raises it on the GPU thread
+            if self._started.is_set():  # not the context: a bug in the loop itself, loud
+                self._log.error("gpu decode thread failed", error=f"{type(exc).__name__}: {exc}")
+                raise
             self._start_error = exc
             self._started.set()
-            return
-        self._started.set()
-        try:
-            while (job := self._jobs.get()) is not _STOP:
-                items, future = job
-                if not future.set_running_or_notify_cancel():
-                    continue
-                started = time.perf_counter()
-                try:
-                    staged = self._decoder.stage(items)
-                except BaseException as exc:  # noqa: BLE001 - the GPU thread decides what it means
-                    future.set_exception(exc)
-                    continue
-                finally:
-                    if self._on_stage is not None:
-                        self._on_stage(time.perf_counter() - started)
-                future.set_result(staged)
-        finally:
-            context.__exit__(None, None, None)
+
+    def _serve(self) -> None:
+        """Jobs until the stop mark; what a job raises goes to its future, never out of here."""
+        while (job := self._jobs.get()) is not _STOP:
+            items, future = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            started = time.perf_counter()
+            try:
+                future.set_result(self._decoder.stage(items))
+            except BaseException as exc:  # noqa: BLE001 - the GPU thread decides what it means
+                future.set_exception(exc)
+            finally:
+                if self._on_stage is not None:
+                    self._on_stage(time.perf_counter() - started)

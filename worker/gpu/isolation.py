@@ -26,6 +26,7 @@ from worker.gpu.requests import InferenceRequest, InferenceResult, as_device_err
 _NOT_THE_INPUT = (TypeError, AttributeError, NameError, LookupError, AssertionError, ImportError,
                   NotImplementedError, RecursionError, MemoryError)
 
+
 class FailureIsolation:
     """The GPU thread's verdicts on a failed batch (see the module docstring)."""
 
@@ -41,9 +42,7 @@ class FailureIsolation:
         told apart by running its items one by one."""
         device_error = as_device_error(exc)
         if device_error is not None:
-            for req in requests:
-                req.loop.call_soon_threadsafe(resolve, req.future, None, device_error)
-            raise device_error from exc
+            self._fail_batch(requests, device_error, exc)
         self._isolate(requests, exc)
 
     def _isolate(self, requests: list[InferenceRequest], batch_error: BaseException) -> None:

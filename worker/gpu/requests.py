@@ -34,6 +34,9 @@ class DeviceDecoder(Protocol):
 
     def warm_up(self) -> None: ...
 
+    def reserve(self) -> None:
+        """On the GPU thread, before ``stage`` runs on the decode thread: the runtime buffers it may need."""
+
     def stage(self, items: Sequence[Any]) -> Any:
         """Decode, touching no batch row: may run while the stream still executes the previous batch."""
 

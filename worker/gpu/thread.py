@@ -1,4 +1,5 @@
-"""The GPU thread: the only thread that touches the device.
+"""The GPU thread: the thread that owns the device and does its work (the optional decode thread,
+worker.gpu.decode_ahead, only makes nvImageCodec's decode call, in the same primary context).
 
 It owns the runtime (on CUDA: the primary context, pushed once, and one stream) and every engine,
 micro-batches requests from all partitions, runs each batch through every model of the pipeline with
