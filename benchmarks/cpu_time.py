@@ -20,6 +20,7 @@ import bisect
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -84,12 +85,15 @@ class FirstMessageCpu:
         self.loop_at_first: float | None = None
         self.loop_at_last: float | None = None
         self.finished_at_last = 0
+        self.t_first: float | None = None  # time.monotonic() (one clock for every process) at the first message
+        self.t_last: float | None = None  # ... and when the last finished count was seen
 
     async def during(self, worker) -> None:
         counts = getattr(worker, "counts", {})
         while not counts.get("consumed"):
             await asyncio.sleep(self.poll_s)
         self.at_first = process_cpu(os.getpid())
+        self.t_first = time.monotonic()
         main = Path(f"/proc/self/task/{os.getpid()}/stat")
         self.loop_at_first = _stat_seconds(main)
         while True:
@@ -98,13 +102,14 @@ class FirstMessageCpu:
             if finished != self.finished_at_last:
                 self.finished_at_last = finished
                 self.loop_at_last = _stat_seconds(main)
+                self.t_last = time.monotonic()
 
     def report(self, worker, code: int) -> dict:
         return {"pid": os.getpid(), "cpu_at_first_message_s": self.at_first,
                 "consumed": int(getattr(worker, "counts", {}).get("consumed", 0)), "exit_code": code,
                 "loop_cpu_s": (None if self.loop_at_last is None or self.loop_at_first is None
                                else self.loop_at_last - self.loop_at_first),
-                "loop_finished": self.finished_at_last}
+                "loop_finished": self.finished_at_last, "t_first": self.t_first, "t_last": self.t_last}
 
 
 def intake_cpu(end_cpu: dict[int, float], reports: list[dict]) -> dict:

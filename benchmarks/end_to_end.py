@@ -56,6 +56,26 @@ def middle_rate(times: list[float] | np.ndarray, share: float = 0.8) -> float | 
     return float((hi - lo) / span) if span > 0 else None
 
 
+def timeline(times: list[float] | np.ndarray, t0: float, bin_s: float = 0.05) -> list[int]:
+    """Results received per ``bin_s`` from ``t0`` (the run's first message): where a short run's ramp and
+    tail are."""
+    t = np.asarray(times, dtype=float) - t0
+    if t.size == 0:
+        return []
+    bins = int(np.floor(max(0.0, float(t.max())) / bin_s)) + 1
+    return np.bincount(np.clip((t // bin_s).astype(int), 0, bins - 1), minlength=bins).tolist()
+
+
+def intake_spans(reports: list[dict], t0: float) -> list[list[float] | None]:
+    """Each intake's [first message consumed, last message finished] in seconds from ``t0`` (the bench's
+    hook inside it, polling: to ~20 ms): the intake that finishes last is the run's tail."""
+    out: list[list[float] | None] = []
+    for r in reports:
+        first, last = r.get("t_first"), r.get("t_last")
+        out.append(None if first is None or last is None else [round(first - t0, 3), round(last - t0, 3)])
+    return out
+
+
 def _stages(rows: list[dict]) -> dict:
     out = {}
     for stage in ("decode", "queue", "inference", "end_to_end"):
@@ -249,6 +269,8 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "wall_s": wall,
         "images_per_s": len(rows) / wall,
         "images_per_s_middle": middle_rate(recv),  # the middle 80% of the results: no ramp, no tail
+        "results_per_50ms": timeline(recv, t_first),
+        "intake_spans_s": intake_spans([r for o in outcomes for r in o.reports], t_first),
         "latency_ms": percentiles([r["timings_ms"]["end_to_end"] for r in results]),
         "latency_kind": "worker: consumed -> result published (timings_ms.end_to_end)",
         "stages_ms": _stages(rows),

@@ -118,6 +118,21 @@ def test_middle_rate_leaves_out_the_ramp_and_the_tail():
     assert whole < 10.0  # the whole run's rate is the headline: ramp and tail weigh on it
 
 
+def test_timeline_counts_results_per_bin_from_the_first_message():
+    from benchmarks.end_to_end import timeline
+
+    assert timeline([10.01, 10.02, 10.07, 10.26], 10.0) == [2, 1, 0, 0, 0, 1]
+    assert timeline([9.99, 10.0], 10.0) == [2]  # a result stamped before t0 (clock jitter) counts in the first
+    assert timeline([], 10.0) == []
+
+
+def test_intake_spans_are_seconds_from_the_first_message():
+    from benchmarks.end_to_end import intake_spans
+
+    reports = [{"t_first": 100.05, "t_last": 101.5}, {"t_first": None, "t_last": None}, {}]
+    assert intake_spans(reports, 100.0) == [[0.05, 1.5], None, None]
+
+
 def test_middle_rate_needs_enough_results_and_time():
     from benchmarks.end_to_end import middle_rate
 

@@ -194,9 +194,11 @@ def cuda_as_cpu(monkeypatch):
     class Binding:
         def __init__(self, inner):
             self.inner = inner
+            self.shape = None  # the input shape last bound
 
         def bind_input(self, name, device, device_id, dtype, shape, ptr):
             assert device == "cuda"
+            self.shape = tuple(shape)
             self.inner.bind_input(name, "cpu", 0, dtype, shape, ptr)
 
         def bind_output(self, name, device="cpu", device_id=0, dtype=None, shape=None, ptr=None):
@@ -213,6 +215,7 @@ def cuda_as_cpu(monkeypatch):
         def __init__(self, model_bytes, options, providers):
             self.providers = providers
             self.runs: list = []
+            self.shapes: set = set()  # input shapes it ran at
             self._s = real(model_bytes, options, providers=["CPUExecutionProvider"])
             made.append(self)
 
@@ -233,6 +236,7 @@ def cuda_as_cpu(monkeypatch):
 
         def run_with_iobinding(self, binding, options):
             self.runs.append(options)
+            self.shapes.add(binding.shape)
             self._s.run_with_iobinding(binding.inner, options)
 
     monkeypatch.setattr(ort, "InferenceSession", Session)
@@ -269,6 +273,27 @@ def test_cuda_path_binds_our_buffers_on_our_stream_and_copies_back_only_at_sync(
     for batch, collector in zip(batches, collectors):
         for key, want in reference(batch).items():
             np.testing.assert_allclose(collector()[key], want, rtol=1e-5, atol=1e-5)
+    engine.deactivate()
+    assert runtime.memory == {}
+
+
+@pytest.mark.parametrize("shapes, sessions", [("max", {(4,)}), ("pow2", {(1,), (2,), (4,)})])
+def test_cuda_path_runs_each_bucket_on_a_session_that_never_changes_shape(spec, cuda_as_cpu, shapes, sessions):
+    """ONNX Runtime re-prepares a session whenever its input shape changes: pow2 gives every bucket a session
+    of its own, so no session ever sees two shapes, and a batch of 3 runs at 4 rows on its bucket's session."""
+    runtime = FakeCudaRuntime()
+    engine = create_engine(spec, Settings(device="cuda", ort_batch_shapes=shapes))
+    engine.activate(runtime, 4)
+    assert {tuple(s[0] for s in made.shapes) for made in cuda_as_cpu} == sessions  # each: one batch size
+    rng = np.random.default_rng(5)
+    for n in (3, 1, 4, 2, 1, 3):
+        batch = rng.integers(0, 256, size=(n, *PRE.hwc_shape), dtype=np.uint8)
+        collector = engine.enqueue(batch)
+        runtime.synchronize()
+        for key, want in reference(batch).items():
+            np.testing.assert_allclose(collector()[key], want, rtol=1e-5, atol=1e-5)
+    assert all(len(made.shapes) == 1 for made in cuda_as_cpu)
+    assert len(runtime.memory) == 3  # one input and two output buffers, shared by every session
     engine.deactivate()
     assert runtime.memory == {}
 

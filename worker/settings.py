@@ -121,10 +121,12 @@ class Settings:
         CudnnSearch.HEURISTIC, "ONNX Runtime cuDNN convolution algorithm search.", CudnnSearch
     )
     ort_batch_shapes: BatchShapes = _opt(
-        BatchShapes.MAX, "ONNX Runtime CUDA provider: batch shapes a session runs at. max: every batch padded to "
-               "max_batch_size (one shape; ORT re-prepares its convolutions whenever the batch shape "
-               "changes, ~100 ms for ResNet-50 on an H200); pow2: padded to the next power of two (less "
-               "padding, but a change of shape between batches costs that again).", BatchShapes
+        BatchShapes.MAX, "ONNX Runtime CUDA provider: batch shapes the model runs at. max: every batch padded to "
+               "max_batch_size (one session, one shape). pow2: padded to the next power of two, with a "
+               "session per shape (ORT re-prepares a session's convolutions whenever its input shape "
+               "changes, ~100 ms for ResNet-50, so each session keeps one): a batch of 40 costs a batch of "
+               "64, not of max_batch_size, for a copy of the weights and of the working memory per shape "
+               "and a longer start.", BatchShapes
     )
     engine_cache_dir: str = _opt(
         "", "Where TensorRT engines built from ONNX files are cached. Empty: ~/.cache/gpu-worker/engines."

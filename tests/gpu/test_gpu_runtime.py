@@ -120,13 +120,14 @@ def assert_clean_exit(out: subprocess.CompletedProcess, code: int = 0) -> None:
 
 # --- 1. ONNX Runtime CUDA == CPU, every batch size, through the real GPU thread ---------------------
 
-def test_onnxruntime_cuda_equals_cpu_for_every_batch_size_through_the_gpu_thread(tmp_path):
+@pytest.mark.parametrize("shapes", ["max", "pow2"])  # pow2: a session per bucket (1, 2, 4, 8) on the one stream
+def test_onnxruntime_cuda_equals_cpu_for_every_batch_size_through_the_gpu_thread(tmp_path, shapes):
     from worker.gpu.thread import GpuThread
     from worker.gpu.requests import InferenceRequest
 
     max_batch = 8
     specs = pipeline(tmp_path)
-    settings = Settings(device="cuda", max_batch_size=max_batch)
+    settings = Settings(device="cuda", max_batch_size=max_batch, ort_batch_shapes=shapes)
     cpu = [create_engine(s, Settings(device="cpu")) for s in specs]
     for e in cpu:
         e.activate(CpuRuntime(), max_batch)

@@ -321,8 +321,9 @@ def batch_buckets(max_batch: int, shapes: str = "pow2") -> list[int]:
     again whenever it changes (worker bench, H200, ResNet-50: 101-106 ms for the first run of a new
     shape, against 2.4-11.8 ms for the second). The GPU thread's micro-batches come in any size up to
     the maximum; unpadded, nearly every batch paid that (worker: 70 ms per batch, p95 158, against
-    18 ms for the engine at a fixed size). Each batch is padded up to its bucket; every bucket runs
-    once while the model loads.
+    18 ms for the engine at a fixed size). Each batch is padded up to its bucket, and each bucket has a
+    session of its own (``_CudaBinding``), run once while the model loads: one session alternating
+    between buckets paid the preparation on every change (docs/benchmarks.md, run 17).
     """
     if shapes == "max":
         return [max_batch]
@@ -346,7 +347,13 @@ class _Output:
 
 
 class _CudaBinding:
-    """The CUDA half of OnnxRuntimeEngine: session on our stream, IO bound to our buffers."""
+    """The CUDA half of OnnxRuntimeEngine: sessions on our stream, IO bound to our buffers.
+
+    One session per batch shape (``batch_buckets``): ONNX Runtime's convolutions prepare again whenever
+    a session's input shape changes (~100 ms for ResNet-50), so a session that only ever sees one shape
+    never pays it, and a batch of 40 runs at 64 rows instead of being padded to 128. Every session reads
+    the same input buffer and writes the same output buffers (sized for the largest bucket); they run
+    one after another on our one stream. ``session``/``binding`` are the largest bucket's."""
 
     def __init__(self, spec: ModelSpec, settings: Settings, runtime: Any, model: Any, output_names: list[str],
                  max_batch: int) -> None:
@@ -354,11 +361,13 @@ class _CudaBinding:
         self.output_names = output_names
         self.session: Any = None
         self.binding: Any = None
+        self.sessions: dict[int, tuple[Any, Any]] = {}  # bucket -> (session, its IO binding)
         self._buffers: list[Any] = []
         self._turns = itertools.cycle(range(HOST_SETS))  # which set of host outputs a batch copies into
         h, w, c = spec.preprocess.hwc_shape
         self.hwc = (h, w, c)
-        self.session = cuda_session(model.SerializeToString(), spec, settings, runtime)
+        model_bytes = model.SerializeToString()
+        self.session = cuda_session(model_bytes, spec, settings, runtime)
         self.input_name = self.session.get_inputs()[0].name
         self.fixed_batch = fixed_batch(self.session, spec, max_batch)
         rows = self.fixed_batch or max_batch
@@ -378,34 +387,40 @@ class _CudaBinding:
                     self._buffers.append(out.device)
                     out.hosts = [runtime.host_buffer((rows, *out.tail), out.dtype) for _ in range(HOST_SETS)]
                 self.outputs.append(out)
+            self.binding = self.session.io_binding()
+            self.run_options = run_options(settings, runtime)
+            self.buckets = ([self.fixed_batch] if self.fixed_batch
+                            else batch_buckets(max_batch, settings.ort_batch_shapes))
+            self.sessions[self.buckets[-1]] = (self.session, self.binding)
+            for bucket in self.buckets[:-1]:  # the smaller shapes: a session each (see the class docstring)
+                session = cuda_session(model_bytes, spec, settings, runtime, what=f"model {spec.name} at batch {bucket}")
+                self.sessions[bucket] = (session, session.io_binding())
+            self._warm_up()
         except BaseException:
             self.close()
             raise
-        self.binding = self.session.io_binding()
-        self.run_options = run_options(settings, runtime)
-        self.buckets = ([self.fixed_batch] if self.fixed_batch
-                        else batch_buckets(max_batch, settings.ort_batch_shapes))
-        self._warm_up()
 
-    def _bind(self, rows: int) -> None:
+    def _bind(self, rows: int, binding: Any = None) -> None:
+        """Point ``binding`` (the largest bucket's by default) at our buffers, ``rows`` rows."""
+        binding = self.binding if binding is None else binding
         dev = self.runtime.device_index
-        self.binding.bind_input(self.input_name, "cuda", dev, np.uint8, (rows, *self.hwc), self.input.ptr)
+        binding.bind_input(self.input_name, "cuda", dev, np.uint8, (rows, *self.hwc), self.input.ptr)
         for out in self.outputs:
             if out.tail is not None:
-                self.binding.bind_output(out.name, "cuda", dev, out.dtype, (rows, *out.tail), out.device.ptr)
+                binding.bind_output(out.name, "cuda", dev, out.dtype, (rows, *out.tail), out.device.ptr)
             else:
-                self.binding.bind_output(out.name, "cuda", dev)
+                binding.bind_output(out.name, "cuda", dev)
 
     def _warm_up(self) -> None:
-        """Run every bucket once (on whatever the input buffer holds) so that no batch on the hot path
-        is the first of its shape."""
+        """Run every bucket's session once (on whatever the input buffer holds) so that no batch on the hot
+        path is the first of its shape."""
         import onnxruntime as ort
 
         options = ort.RunOptions()  # without the arena shrinkage of ort_arena=false: kept for the hot path
         options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        for rows in self.buckets:
-            self._bind(rows)
-            run_bound(self.session, self.binding, options, f"warm-up of model {self.spec.name}", self.runtime)
+        for rows, (session, binding) in self.sessions.items():
+            self._bind(rows, binding)
+            run_bound(session, binding, options, f"warm-up of model {self.spec.name} at batch {rows}", self.runtime)
         self.runtime.synchronize()
 
     def enqueue(self, batch: np.ndarray) -> Collector:
@@ -416,8 +431,9 @@ class _CudaBinding:
         """Run on the first ``n`` rows already in the input buffer (GPU decoding wrote them there)."""
         rows = bucket_for(n, self.buckets)  # rows past n hold stale inputs; their outputs are never read
         rt = self.runtime
-        self._bind(rows)
-        run_bound(self.session, self.binding, self.run_options, f"model {self.spec.name}", rt)
+        session, binding = self.sessions[rows]
+        self._bind(rows, binding)
+        run_bound(session, binding, self.run_options, f"model {self.spec.name}", rt)
         turn = next(self._turns)
         views: Outputs = {}
         dynamic = None
@@ -428,7 +444,7 @@ class _CudaBinding:
                 rt.to_host(host[:rows], out.device.ptr, f"output {out.name} of {self.spec.name}")
                 views[out.name] = host[:n]
             else:
-                dynamic = dynamic if dynamic is not None else self.binding.get_outputs()
+                dynamic = dynamic if dynamic is not None else binding.get_outputs()
                 views[out.name] = self._copy_dynamic(out, dynamic[i], turn)[:n]
         return lambda: views
 
@@ -445,6 +461,7 @@ class _CudaBinding:
 
     def close(self) -> None:
         """Session and binding first (they may still reference our buffers), then the buffers."""
+        self.sessions.clear()
         self.binding = None
         self.session = None
         for buf in self._buffers:
