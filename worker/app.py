@@ -43,6 +43,7 @@ import time
 import os
 import signal
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -70,8 +71,12 @@ HEARTBEAT_S = 1.0  # the loop's beat for /healthz, and how often message_deadlin
 class Worker(ClientsMixin, RebalanceMixin):
     def __init__(self, settings: Settings, pipeline: PipelineSpec, gpu: GpuThread,
                  metrics: Metrics | None = None, plan: Plan | None = None,
-                 health: HealthState | None = None, intake_index: int = 1) -> None:
+                 health: HealthState | None = None, intake_index: int = 1,
+                 before_join: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.settings = settings
+        # awaited once the clients are connected, before the consumer subscribes (joins its group): an
+        # intake process waits there for the pod's other intakes (worker.intake.process.join_together)
+        self._before_join = before_join
         self.intake_index = intake_index  # part of the transactional id (exactly-once)
         self.exactly_once = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
         self.pipeline = pipeline
@@ -116,7 +121,8 @@ class Worker(ClientsMixin, RebalanceMixin):
         self._new_clients()
         stages: list[asyncio.Task] = []
         try:
-            if await self._connect():
+            if await self._connect() and (self._before_join is None
+                                          or await self._unless_stopped(self._before_join())):
                 self._connected = True
                 self.handler = MessageHandler(self.settings, self.pipeline, self.gpu, self.publisher,
                                               self.tracker, self.metrics, self.counts, self._decode_pool,

@@ -17,13 +17,14 @@ import sys
 from typing import Any, Protocol
 
 from worker import log
-from worker.ipc.board import Row, intake_row
+from worker.ipc.board import Row, intake_row, intake_rows
 from worker.ipc.lifetime import die_with_parent
 from worker.metrics import Metrics, write_snapshot
 from worker.settings import Settings
 
 REPORT_EVERY_S = 0.5
 SNAPSHOT_EVERY = 4  # reports
+JOIN_TOGETHER_S = 5.0  # the longest an intake waits for the pod's other intakes before it joins anyway
 
 
 class IntakeHooks(Protocol):
@@ -35,6 +36,27 @@ class IntakeHooks(Protocol):
 
     def report(self, worker: Any, code: int) -> dict[str, Any]:
         """A JSON document for the supervisor's ``Outcome.reports``, made after the worker stopped."""
+
+
+async def join_together(own: Row, others: list[Row], bound_s: float = JOIN_TOGETHER_S,
+                        poll_s: float = 0.005) -> bool:
+    """Say this intake is connected, then wait (at most ``bound_s``) until every intake of the pod is, so
+    that they join the consumer group together; True if they all were in time.
+
+    Spawned one after another, the intakes are ready to join up to ~0.7 s apart (H100 host, 7 intakes:
+    imports and connections on a loaded machine). Joins that far apart cost: a broker that times the
+    first rebalance per member (the local tansu) hands out the assignments as far apart, so the first
+    intakes work through the backlog alone while the last still wait; on Kafka, a member that joins a
+    group that is not empty starts a rebalance of its own, each revoking (draining) what the members
+    before it had taken. Joined together, they get one generation, at once."""
+    own.set(connected=True)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound_s
+    while not all(row.get("connected") for row in others):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(poll_s)
+    return True
 
 
 def main(index: int, settings: Settings, plan: Any, conns: list[Any], link_name: str, slots: int,
@@ -73,8 +95,17 @@ async def _run(index: int, settings: Settings, plan: Any, conns: list[Any], link
                        on_sent=[metrics.gpu_requests.labels(gpu=d).inc for d in gpus])
     metrics.gpu_decoding.set(1 if decodes_on_device else 0)
     health = HealthState(models_ready=True)
+    others = [Row(board, r) for r in intake_rows(board, len(gpus)) if r != intake_row(index, len(gpus))]
+    log_ = log.get("intake")
+
+    async def before_join() -> bool:
+        if not await join_together(row, others):
+            log_.warning("joining the consumer group without every intake of the pod: not all connected in time",
+                         waited_s=JOIN_TOGETHER_S)
+        return True
+
     worker = Worker(settings, pipeline_for(settings), client, metrics=metrics, plan=plan, health=health,
-                    intake_index=index)
+                    intake_index=index, before_join=before_join)
     client.on_fatal = worker.fail
     await client.start()
     snapshot = os.path.join(run_dir, f"metrics-intake-{index}.prom")

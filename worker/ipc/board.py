@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-FIELDS = ("beat", "ready", "joined", "broker_ok")
+FIELDS = ("beat", "ready", "joined", "broker_ok", "connected")  # connected: an intake about to join
 WIDTH = len(FIELDS)
 
 
@@ -21,6 +21,11 @@ def new_board(ctx: Any, rows: int) -> Any:
 def intake_row(index: int, gpus: int) -> int:
     """The row of intake ``index`` (1..K) on a board whose first ``gpus`` rows are the GPU processes."""
     return gpus + index - 1
+
+
+def intake_rows(board: Sequence[float], gpus: int) -> list[int]:
+    """Every intake's row on ``board`` (the rows after the GPU processes')."""
+    return list(range(gpus, len(board) // WIDTH))
 
 
 class Row:
