@@ -278,6 +278,9 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "mean_batch_size": batch_images / batches if batches else 0.0,
         "gpu_batch_ms": inference_s * 1000 / batches if batches else None,
         "gpu_thread_busy_fraction": inference_s / wall,
+        # the card's memory in use at the last batch (every process on it: cudaMemGetInfo), e.g. what a
+        # session per batch shape (ort_batch_shapes=pow2) costs
+        "gpu_memory_used_gib": round(total("worker_gpu_memory_used_bytes") / 2**30, 2),
         "gpu_phases_s": {k.split(":", 1)[1]: round(total(k), 3) for k in sorted(set().union(*samples))
                          if k.startswith("worker_gpu_phase_seconds_total:")},
         # per kind of batch (decoder=hybrid: card, rows, mixed): how many, and their mean own GPU time
