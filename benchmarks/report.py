@@ -294,6 +294,11 @@ def summary_lines(result: dict) -> list[str]:
         if stages.get("decode", {}).get("mean") is not None:
             lines.append("worker run, mean ms per message: " + ", ".join(
                 f"{k} {v['mean']:.2f}" for k, v in stages.items() if v.get("mean") is not None))
+        spans = [span for span in w.get("intake_spans_s") or [] if span]
+        if len(spans) > 1:  # intakes starting apart make a short run's ramp and tail (docs/benchmarks.md, run 21)
+            firsts, lasts = [span[0] for span in spans], [span[1] for span in spans]
+            lines.append(f"worker run, intakes' first messages {max(firsts) - min(firsts):.2f} s apart, last ones "
+                         f"{max(lasts) - min(lasts):.2f} s apart (of {max(lasts):.2f} s)")
         intake = w.get("intake") or {}
         if intake.get("polls"):
             lines.append(f"worker run, intake: {intake['records_per_poll']:.1f} records per poll, "

@@ -151,3 +151,17 @@ def test_analysis_gives_the_bound_with_small_records_and_beside_it_with_image_si
     sized = out["latency_bound_image_sized"]
     assert sized["bound_ms"] == pytest.approx(5.0 + 18.0 + 40.0) and sized["met"] is True
     assert "latency_bound_image_sized" not in analysis({"rates": result["rates"], "round_trip": RTT}, Settings())
+
+
+def test_summary_says_how_far_apart_the_intakes_started_and_ended():
+    from benchmarks import report
+
+    result = {"bench": {"pipeline": {"name": "demo", "label": "x"}, "device": {"requested": "cpu"},
+                        "settings": {"max_batch_size": 8, "max_wait_ms": 5.0, "decoder": "cpu", "decode_threads": 2},
+                        "date": "2026-12-06", "git_commit": "0" * 40, "host": {"cpu_count": 2, "cpu": "x"},
+                        "versions": {"python": "3", "onnxruntime": "1", "numpy": "2", "cv2": "4"}},
+              "images": {"count": 10, "mean_bytes": 1000},
+              "worker": {"cpu_busy_fraction": {"intake_processes": 1.0}, "cpu_ms_per_message": {"intake_processes": 0.1},
+                         "intake_spans_s": [[0.0, 1.0], None, [0.5, 1.6]]}}
+    assert ("worker run, intakes' first messages 0.50 s apart, last ones 0.60 s apart (of 1.60 s)"
+            in report.summary_lines(result))
