@@ -96,11 +96,11 @@ async def _run(index: int, settings: Settings, plan: Any, conns: list[Any], link
     metrics.gpu_decoding.set(1 if decodes_on_device else 0)
     health = HealthState(models_ready=True)
     others = [Row(board, r) for r in intake_rows(board, len(gpus)) if r != intake_row(index, len(gpus))]
-    log_ = log.get("intake")
+    intake_log = log.get("intake")
 
     async def before_join() -> bool:
         if not await join_together(row, others):
-            log_.warning("joining the consumer group without every intake of the pod: not all connected in time",
+            intake_log.warning("joining the consumer group without every intake of the pod: not all connected in time",
                          waited_s=JOIN_TOGETHER_S)
         return True
 
