@@ -46,9 +46,8 @@ async def test_the_wait_is_bounded_when_an_intake_never_connects():
 async def test_the_worker_subscribes_only_after_before_join(monkeypatch):
     gate = asyncio.Event()
 
-    async def before_join() -> bool:
+    async def before_join() -> None:
         await gate.wait()
-        return True
 
     worker, consumer, _, _ = make_worker(monkeypatch)
     worker._before_join = before_join
@@ -62,9 +61,8 @@ async def test_the_worker_subscribes_only_after_before_join(monkeypatch):
 
 
 async def test_a_stop_while_waiting_to_join_exits_cleanly_without_subscribing(monkeypatch):
-    async def never() -> bool:
+    async def never() -> None:
         await asyncio.Event().wait()
-        return True
 
     worker, consumer, _, _ = make_worker(monkeypatch)
     worker._before_join = never

@@ -74,8 +74,9 @@ class Worker(ClientsMixin, RebalanceMixin):
                  health: HealthState | None = None, intake_index: int = 1,
                  before_join: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.settings = settings
-        # awaited once the clients are connected, before the consumer subscribes (joins its group): an
-        # intake process waits there for the pod's other intakes (worker.intake.process.join_together)
+        # awaited once the clients are connected, before the consumer subscribes (joins its group); what it
+        # returns is not used: an intake process waits there for the pod's other intakes
+        # (worker.intake.process.join_together)
         self._before_join = before_join
         self.intake_index = intake_index  # part of the transactional id (exactly-once)
         self.exactly_once = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE

@@ -98,11 +98,10 @@ async def _run(index: int, settings: Settings, plan: Any, conns: list[Any], link
     others = [Row(board, r) for r in intake_rows(board, len(gpus)) if r != intake_row(index, len(gpus))]
     intake_log = log.get("intake")
 
-    async def before_join() -> bool:
+    async def before_join() -> None:
         if not await join_together(row, others):
-            intake_log.warning("joining the consumer group without every intake of the pod: not all connected in time",
-                         waited_s=JOIN_TOGETHER_S)
-        return True
+            intake_log.warning("joining the consumer group without every intake of the pod: not all connected "
+                               "in time", waited_s=JOIN_TOGETHER_S)
 
     worker = Worker(settings, pipeline_for(settings), client, metrics=metrics, plan=plan, health=health,
                     intake_index=index, before_join=before_join)
