@@ -27,6 +27,7 @@ from worker.decode.nvimgcodec import (
     decoded_size_problem,
     decoder_factory,
     decoder_kwargs,
+    warm_up_jpeg,
 )
 from worker.decode.resize_kernel import SOURCE, SOURCE_DTYPE, fill_sources
 from worker.errors import ConfigError, ModelRejectedInput, UndecodableImage
@@ -154,9 +155,15 @@ class FakeRuntime:
 
     def __init__(self) -> None:
         self.copies: list[tuple[int, np.ndarray]] = []
+        self.buffers: list[np.ndarray] = []
+        self.synchronized = 0
 
     def host_buffer(self, shape, dtype):
-        return np.zeros(shape, dtype)
+        self.buffers.append(np.zeros(shape, dtype))
+        return self.buffers[-1]
+
+    def synchronize(self) -> None:
+        self.synchronized += 1
 
     def to_device(self, dst: int, src: np.ndarray, what: str = "") -> None:
         self.copies.append((dst, src.copy()))
@@ -179,7 +186,8 @@ def _fake_decoder(max_batch: int = 8) -> tuple[NvImageCodecDecoder, FakeRuntime,
     dec.fallbacks, dec._nv, dec._decoder, dec._params, dec._kernel = 0, nv, nv, None, kernel
     dec._tables = itertools.cycle([[np.zeros(max_batch, SOURCE_DTYPE) for _ in engines] for _ in range(HOST_SETS)])
     dec._device_tables = [SimpleNamespace(ptr=0x900000 + i) for i in range(len(engines))]
-    dec._pinned_free, dec._free, dec._last = [], [], None
+    dec._pinned_free, dec._free, dec._last, dec._pool_batches = [], [], None, 2
+    dec.backend, dec.options = "default", ""
     dec._pools, dec._staging = threading.Lock(), threading.Lock()
     return dec, rt, kernel
 
@@ -260,6 +268,46 @@ def test_cpu_decoded_rows_keep_their_pinned_set_until_released():
     assert len(dec._pinned_free) == 2  # ... and reused: two sets were ever made
 
 
+def test_warm_up_leaves_images_and_a_pinned_row_set_for_every_batch_alive_at_once():
+    """Three batches alive at once (two in flight, one prefetched) after ``warm_up(3)``: each reuses
+    images of the pool and takes a pinned row set from it; nothing is allocated for them. Before, the
+    warm-up left one batch's images, so the second and third real batches allocated on the hot path."""
+    dec, rt, _ = _fake_decoder(max_batch=4)
+    calls: list = []
+    real = dec._decoder.decode
+
+    def spy(streams, images=None, params=None, cuda_stream=0):
+        calls.append((len(streams), images))
+        return real(streams, images=images, params=params, cuda_stream=cuda_stream)
+
+    dec._decoder = SimpleNamespace(decode=spy)
+    dec.warm_up(3)
+    assert [n for n, _ in calls] == [4, 4, 4] and rt.synchronized == 1  # full batches, then one wait
+    warm = {id(image) for image in dec._free}
+    assert len(warm) == 12 and len(dec._pinned_free) == 3
+    pinned = [id(s) for s in dec._pinned_free]
+    made = len(rt.buffers)
+    jpeg = _encoded(encode(np.zeros((20, 30, 3), np.uint8), "jpeg"))
+    rows = tuple(np.full(m.preprocess.hwc_shape, 9, np.uint8) for m in PIPELINE.models)
+    staged = [dec.stage([jpeg] * 4) for _ in range(3)] + [dec.stage([rows]) for _ in range(3)]
+    reused = [images for _, images in calls[3:]]
+    assert len(reused) == 3 and all(images is not None and {id(i) for i in images} <= warm for images in reused)
+    assert sorted(id(s.pinned) for s in staged[3:]) == sorted(pinned)
+    assert len(rt.buffers) == made  # no pinned set allocated for a real batch
+    for s in staged:
+        dec.release(s)
+    assert len(dec._free) == 12  # the pool keeps all three batches' images
+
+
+def test_warm_up_jpeg_is_a_large_baseline_jpeg_of_the_asked_size():
+    data = warm_up_jpeg()
+    info = _encoded(data).info
+    assert (info.format, info.width, info.height, info.jpeg_sof) == ("jpeg", 640, 480, 0xC0)
+    # noise: far more bitstream than a photo of that size (the bundled samples: ~76 KB)
+    assert len(data) > 200_000
+    assert warm_up_jpeg() == data  # the same every start
+
+
 def test_decoded_images_are_held_for_the_next_batch_and_passed_back_for_reuse():
     dec, _, _ = _fake_decoder()
     seen: list = []
@@ -320,9 +368,10 @@ class FillDecoder:
         self.engine = engine
         self.closed = False
         self.events: list[tuple[str, tuple]] = []
+        self.warmed: int | None = None
 
-    def warm_up(self) -> None:
-        pass
+    def warm_up(self, batches: int = 1) -> None:
+        self.warmed = batches
 
     def reserve(self) -> None:
         pass
@@ -388,8 +437,9 @@ async def test_gpu_thread_runs_device_decoded_rows_rejects_poison_and_isolates_m
 async def test_the_next_full_batch_is_decoded_while_the_device_runs_the_current_one(in_flight):
     engine = ResidentEngine(PIPELINE.models[0], 4)
     decoder = FillDecoder(engine)
-    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=4, max_wait_ms=2000, warmup=False,
+    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=4, max_wait_ms=2000, warmup=True,
                     device_decoder=lambda runtime, engines, max_batch: decoder, batches_in_flight=in_flight)
+    gpu._warm_up = lambda: None  # the engines' own warm-up (host rows) is not what this test is about
     loop = asyncio.get_running_loop()
     values = list(range(1, 13))
     futures = [loop.create_future() for _ in values]
@@ -414,6 +464,12 @@ async def test_the_next_full_batch_is_decoded_while_the_device_runs_the_current_
             ("stage", batches[0]), ("write", batches[0]), ("stage", batches[1]),
             ("write", batches[1]), ("stage", batches[2]), ("release", batches[0]),
             ("write", batches[2]), ("release", batches[1]), ("release", batches[2])]
+    # the decoder's warm-up made as many batches as were ever alive at once (staged, not yet released)
+    alive = peak = 0
+    for event, _ in decoder.events:
+        alive += {"stage": 1, "release": -1}.get(event, 0)
+        peak = max(peak, alive)
+    assert decoder.warmed == peak == in_flight + 1
 
 
 async def test_batches_by_decoder_keeps_card_jpegs_and_cpu_rows_apart_when_each_fills_a_batch():

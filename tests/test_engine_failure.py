@@ -216,7 +216,7 @@ class FillDecoder:
     def __init__(self, engine: ResidentEngine) -> None:
         self.engine = engine
 
-    def warm_up(self) -> None:
+    def warm_up(self, batches: int = 1) -> None:
         pass
 
     def stage(self, items):

@@ -150,6 +150,53 @@ def _decode_rows(pipeline: PipelineSpec, payloads: list[bytes], limits: tuple[in
     return encoded, _with_device(work)
 
 
+def test_after_warm_up_the_batches_alive_at_once_decode_into_the_warm_up_buffers():
+    """warm_up(3): three batches staged back to back (two in flight and the prefetched one, as the GPU
+    thread holds them) decode into images the warm-up allocated; none is allocated on the hot path. The
+    stage times of those batches, against a decoder warmed with one batch, are printed (information)."""
+    import time
+
+    from worker.decode.nvimgcodec import NvImageCodecDecoder
+
+    pipeline = _pipeline({"imagenet": IMAGENET})
+    rng = np.random.default_rng(5)
+    encoded = [inspect_message(encode(synth_image(rng, 640, 480, 3), "jpeg"), None, *LIMITS) for _ in range(16)]
+
+    def ptr(image) -> int:
+        return int(image.__cuda_array_interface__["data"][0])
+
+    def work(runtime):
+        buf = runtime.device_buffer(len(encoded) * int(np.prod(IMAGENET.hwc_shape)), "rows")
+        engines = [SimpleNamespace(spec=pipeline.models[0], device_input=buf.ptr)]
+        out = {}
+        for batches in (1, 3):
+            decoder = NvImageCodecDecoder(runtime, engines, len(encoded), pipeline, *LIMITS)
+            try:
+                decoder.warm_up(batches)
+                warm = {ptr(image) for image in decoder._free}
+                staged, ms = [], []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    staged.append(decoder.stage(encoded))
+                    decoder.write(staged[-1])
+                    runtime.synchronize()
+                    ms.append(round((time.perf_counter() - t) * 1000, 2))
+                out[batches] = (warm, [{ptr(image) for image in s.images} for s in staged], ms)
+                for s in staged:
+                    decoder.release(s)
+            finally:
+                decoder.close()
+        return out
+
+    out = _with_device(work)
+    for batches, (warm, used, ms) in out.items():
+        print(f"\nwarm_up({batches}): {len(warm)} images pooled; the next three batches' stage+write ms: {ms}")
+    warm, used, _ = out[3]
+    assert len(warm) == 3 * len(encoded)
+    assert all(len(u) == len(encoded) and u <= warm for u in used)
+    assert len(set().union(*used)) == 3 * len(encoded)  # three batches alive at once: three sets of buffers
+
+
 # nvimgcodec_backend: every choice decodes the same rows. On the H200 (nvImageCodec 0.9) the CUDA backend
 # alone cannot be created: that is a ConfigError naming the setting (the worker then decodes on the CPU)
 @pytest.mark.parametrize("backend", ["default", "hardware", "cuda"])

@@ -32,6 +32,7 @@ CPU (``cpu-reduced``) instead: see worker.gpu.thread.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -106,6 +107,17 @@ class Staged:
     on_card: bool = False  # nvImageCodec decoded some of it on the decode stream (``write`` orders after it)
 
 
+def warm_up_jpeg(width: int = 640, height: int = 480) -> bytes:
+    """A baseline JPEG (4:2:0, quality 90) of uniform noise, the same every time: its bitstream is near
+    the largest a JPEG of that size has, unlike a smooth test pattern's (for the decoder's warm-up)."""
+    import cv2
+
+    noise = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", noise, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if not ok:
+        raise ConfigError("OpenCV could not encode the decoder's warm-up JPEG")
+    return jpeg.tobytes()
+
 class NvImageCodecDecoder:
     """Decodes batches of ``Encoded`` images into the engines' device input rows (GPU thread only, but
     ``stage``, which the decode thread may run)."""
@@ -151,6 +163,7 @@ class NvImageCodecDecoder:
         # GPU thread has synchronised and calls ``release``; released images go back to nvImageCodec
         # as buffers to reuse instead of allocating (and freeing) per batch.
         self._free: list[Any] = []
+        self._pool_batches = 2  # batches of images the pool keeps (warm_up raises it to what can be alive)
         # ``stage`` may run on the GPU process's decode thread (worker.gpu.decode_ahead) while the GPU
         # thread releases an earlier batch: the two pools above change under this lock.
         self._pools = threading.Lock()
@@ -159,27 +172,45 @@ class NvImageCodecDecoder:
         self._staging = threading.Lock()
         self._last: Staged | None = None
 
-    def warm_up(self) -> None:
-        """One full batch of 640x480 JPEGs through decode and resize before the worker reports ready:
-        nvImageCodec's first decode initialises its codecs and allocates, and a kernel that cannot run
-        here fails start-up rather than the first real batch."""
-        import cv2
+    def warm_up(self, batches: int = 1) -> None:
+        """``batches`` full batches through decode and resize before the worker reports ready, all alive at
+        once: as many as the GPU thread holds at its busiest (its batches in flight and the prefetched one).
+        A batch's decoded images stay allocated until the stream is done with it, so each batch alive at
+        once needs its own; allocated here, they go back to the pool, and the first real batches reuse them
+        instead of allocating on the hot path (on an H200 one of the first real batches took 100-370 ms
+        against ~22 ms, and the run's first results came 0.15-0.3 s late: docs/benchmarks.md, run 22). A
+        pinned row set per batch (images decoded on the CPU: decoder=hybrid, OpenCV fallbacks) likewise.
 
+        The JPEG is high-entropy (noise, quality 90): its bitstream is larger than a typical 640x480 photo's,
+        so the hardware decoder's bitstream buffers grow here rather than under the first real batch. A
+        kernel that cannot run here fails start-up, not the first real batch."""
         from worker.decode.headers import sniff
 
-        y, x = np.mgrid[0:480, 0:640]
-        image = np.dstack([x % 256, y % 256, (x + y) % 256]).astype(np.uint8)
-        _, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        data = jpeg.tobytes()
+        data = warm_up_jpeg()
         item = Encoded(data, sniff(data), None, 0.0)
-        _, rejected = self.decode([item] * self.max_batch)
-        self.runtime.synchronize()
-        assert self._last is not None
-        self.release(self._last)
-        self._last = None
-        if rejected or self.fallbacks:
-            raise ConfigError(f"nvImageCodec could not decode a plain baseline JPEG at start-up "
-                              f"(rejected: {[str(e) for _, e in rejected][:1]}, fallbacks: {self.fallbacks})")
+        batches = max(1, batches)
+        self._pool_batches = max(self._pool_batches, batches)
+        staged: list[Staged] = []
+        synced = False
+        try:
+            for _ in range(batches):
+                staged.append(self.stage([item] * self.max_batch))
+                _, rejected = self.write(staged[-1])
+                if rejected or self.fallbacks:
+                    raise ConfigError(f"nvImageCodec could not decode a plain baseline JPEG at start-up "
+                                      f"(rejected: {[str(e) for _, e in rejected][:1]}, "
+                                      f"fallbacks: {self.fallbacks})")
+            self.runtime.synchronize()
+            synced = True
+        finally:
+            if not synced:  # kernels may still read the images: let them finish (or fail) first
+                with contextlib.suppress(BaseException):
+                    self.runtime.synchronize()
+            for s in staged:
+                self.release(s)
+        with self._pools:
+            while len(self._pinned_free) < batches:
+                self._pinned_free.append(self._new_pinned())
         self._log_ready()
 
     def _log_ready(self) -> None:
@@ -329,7 +360,7 @@ class NvImageCodecDecoder:
         keep it from overwriting rows a queued resize still reads."""
         with self._pools:
             self._free.extend(staged.images)
-            del self._free[: max(0, len(self._free) - 2 * self.max_batch)]
+            del self._free[: max(0, len(self._free) - self._pool_batches * self.max_batch)]
             if staged.pinned is not None:
                 self._pinned_free.append(staged.pinned)
         staged.images = []

@@ -32,7 +32,9 @@ class DeviceDecoder(Protocol):
     """Decodes images on the GPU thread into the engines' device input rows (worker.decode.nvimgcodec).
     Items are Encoded images, or the per-model rows the pool already decoded (not JPEG)."""
 
-    def warm_up(self) -> None: ...
+    def warm_up(self, batches: int = 1) -> None:
+        """Before the worker is ready: ``batches`` full batches decoded, all alive at once, so that the
+        first real batches allocate nothing."""
 
     def reserve(self) -> None:
         """On the GPU thread, before ``stage`` runs on the decode thread: the runtime buffers it may need."""

@@ -226,8 +226,8 @@ class GpuThread(FailureIsolation):
         decoder = None
         try:
             decoder = self._decoder_factory(self.runtime, self.engines, self.max_batch_size)
-            if self.warmup:
-                decoder.warm_up()
+            if self.warmup:  # every batch that can be alive at once: those in flight and the prefetched one
+                decoder.warm_up(self.batches_in_flight + 1)
         except ConfigError as exc:
             self._log.warning("gpu decoding unavailable; images are decoded on the CPU (cpu-reduced)",
                               reason=str(exc))
