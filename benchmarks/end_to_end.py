@@ -76,6 +76,24 @@ def intake_spans(reports: list[dict], t0: float) -> list[list[float] | None]:
     return out
 
 
+def slowest_batches(rows: list[dict], t0: float, n: int = 3) -> list[dict]:
+    """The ``n`` slowest GPU batches of a run: each result carries its batch's own GPU time
+    (``timings_ms.inference``), so the results sharing one make a batch; with how many results it had and
+    when the first of them was consumed, in seconds from ``t0`` (the run's first message). A slow batch at
+    ~0 s is a start-up cost the warm-up missed (docs/benchmarks.md, run 22), one later is the steady state's."""
+    batches: dict[float, list[float]] = {}  # GPU ms -> [results, first consumed]
+    for r in rows:
+        timings = r.get("timings_ms") or {}
+        if r["dlq"] or "inference" not in timings or "end_to_end" not in timings:
+            continue
+        consumed = r["recv_t"] - timings["end_to_end"] / 1000.0 - t0
+        batch = batches.setdefault(timings["inference"], [0, consumed])
+        batch[0] += 1
+        batch[1] = min(batch[1], consumed)
+    slowest = sorted(batches.items(), key=lambda item: -item[0])[:n]
+    return [{"ms": ms, "images": int(count), "consumed_at_s": round(at, 3)} for ms, (count, at) in slowest]
+
+
 def _stages(rows: list[dict]) -> dict:
     out = {}
     for stage in ("decode", "queue", "inference", "end_to_end"):
@@ -271,6 +289,7 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "images_per_s_middle": middle_rate(recv),  # the middle 80% of the results: no ramp, no tail
         "results_per_50ms": timeline(recv, t_first),
         "intake_spans_s": intake_spans([r for o in outcomes for r in o.reports], t_first),
+        "slowest_batches": slowest_batches(rows, t_first),
         "latency_ms": percentiles([r["timings_ms"]["end_to_end"] for r in results]),
         "latency_kind": "worker: consumed -> result published (timings_ms.end_to_end)",
         "stages_ms": _stages(rows),

@@ -299,6 +299,10 @@ def summary_lines(result: dict) -> list[str]:
             firsts, lasts = [span[0] for span in spans], [span[1] for span in spans]
             lines.append(f"worker run, intakes' first messages {max(firsts) - min(firsts):.2f} s apart, last ones "
                          f"{max(lasts) - min(lasts):.2f} s apart (of {max(lasts):.2f} s)")
+        if w.get("slowest_batches"):
+            lines.append("worker run, slowest GPU batches: " + ", ".join(
+                f"{b['ms']:.1f} ms ({b['images']} images, consumed {b['consumed_at_s']:.2f} s after the first message)"
+                for b in w["slowest_batches"]))
         intake = w.get("intake") or {}
         if intake.get("polls"):
             lines.append(f"worker run, intake: {intake['records_per_poll']:.1f} records per poll, "

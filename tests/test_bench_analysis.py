@@ -133,6 +133,21 @@ def test_intake_spans_are_seconds_from_the_first_message():
     assert intake_spans(reports, 100.0) == [[0.05, 1.5], None, None]
 
 
+def test_slowest_batches_are_told_apart_by_their_gpu_time_with_when_they_started():
+    from benchmarks.end_to_end import slowest_batches
+
+    def row(gpu_ms: float, consumed: float, dlq: bool = False) -> dict:  # received 0.5 s after consumed
+        return {"dlq": dlq, "recv_t": consumed + 0.5, "timings_ms": {"inference": gpu_ms, "end_to_end": 500.0}}
+
+    rows = ([row(369.5, 100.02), row(369.5, 100.01)] + [row(22.1, 100.4 + i * 0.01) for i in range(3)]
+            + [row(23.7, 101.0), row(999.0, 100.0, dlq=True), {"dlq": False, "recv_t": 101.0, "timings_ms": {}}])
+    assert slowest_batches(rows, 100.0) == [{"ms": 369.5, "images": 2, "consumed_at_s": 0.01},
+                                           {"ms": 23.7, "images": 1, "consumed_at_s": 1.0},
+                                           {"ms": 22.1, "images": 3, "consumed_at_s": 0.4}]
+    assert slowest_batches(rows, 100.0, n=1)[0]["ms"] == 369.5
+    assert slowest_batches([], 100.0) == []
+
+
 def test_middle_rate_needs_enough_results_and_time():
     from benchmarks.end_to_end import middle_rate
 
@@ -162,6 +177,9 @@ def test_summary_says_how_far_apart_the_intakes_started_and_ended():
                         "versions": {"python": "3", "onnxruntime": "1", "numpy": "2", "cv2": "4"}},
               "images": {"count": 10, "mean_bytes": 1000},
               "worker": {"cpu_busy_fraction": {"intake_processes": 1.0}, "cpu_ms_per_message": {"intake_processes": 0.1},
-                         "intake_spans_s": [[0.0, 1.0], None, [0.5, 1.6]]}}
-    assert ("worker run, intakes' first messages 0.50 s apart, last ones 0.60 s apart (of 1.60 s)"
-            in report.summary_lines(result))
+                         "intake_spans_s": [[0.0, 1.0], None, [0.5, 1.6]],
+                         "slowest_batches": [{"ms": 369.53, "images": 128, "consumed_at_s": 0.012}]}}
+    lines = report.summary_lines(result)
+    assert "worker run, intakes' first messages 0.50 s apart, last ones 0.60 s apart (of 1.60 s)" in lines
+    assert ("worker run, slowest GPU batches: 369.5 ms (128 images, consumed 0.01 s after the first message)"
+            in lines)
