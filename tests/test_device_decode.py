@@ -299,6 +299,15 @@ def test_warm_up_leaves_images_and_a_pinned_row_set_for_every_batch_alive_at_onc
     assert len(dec._free) == 12  # the pool keeps all three batches' images
 
 
+def test_a_warm_up_nvimgcodec_cannot_decode_is_a_config_error_after_the_stream_is_done_with_its_images():
+    dec, rt, _ = _fake_decoder(max_batch=4)
+    dec._nv.refuse.add(warm_up_jpeg())  # nvImageCodec cannot parse it: OpenCV would, which is no warm-up
+    with pytest.raises(ConfigError, match="could not decode a plain baseline JPEG at start-up"):
+        dec.warm_up(3)
+    assert rt.synchronized == 1  # waited for before anything goes back to the pools
+    assert dec._pinned_free  # the first batch's row set (the fallback's) was released, not leaked
+
+
 def test_warm_up_jpeg_is_a_large_baseline_jpeg_of_the_asked_size():
     data = warm_up_jpeg()
     info = _encoded(data).info

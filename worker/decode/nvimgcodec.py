@@ -118,6 +118,7 @@ def warm_up_jpeg(width: int = 640, height: int = 480) -> bytes:
         raise ConfigError("OpenCV could not encode the decoder's warm-up JPEG")
     return jpeg.tobytes()
 
+
 class NvImageCodecDecoder:
     """Decodes batches of ``Encoded`` images into the engines' device input rows (GPU thread only, but
     ``stage``, which the decode thread may run)."""
@@ -191,7 +192,6 @@ class NvImageCodecDecoder:
         batches = max(1, batches)
         self._pool_batches = max(self._pool_batches, batches)
         staged: list[Staged] = []
-        synced = False
         try:
             for _ in range(batches):
                 staged.append(self.stage([item] * self.max_batch))
@@ -201,16 +201,18 @@ class NvImageCodecDecoder:
                                       f"(rejected: {[str(e) for _, e in rejected][:1]}, "
                                       f"fallbacks: {self.fallbacks})")
             self.runtime.synchronize()
-            synced = True
+        except BaseException:
+            with contextlib.suppress(BaseException):  # kernels may still read the images: let them finish first
+                self.runtime.synchronize()
+            raise
         finally:
-            if not synced:  # kernels may still read the images: let them finish (or fail) first
-                with contextlib.suppress(BaseException):
-                    self.runtime.synchronize()
             for s in staged:
                 self.release(s)
         with self._pools:
-            while len(self._pinned_free) < batches:
-                self._pinned_free.append(self._new_pinned())
+            missing = batches - len(self._pinned_free)
+        pinned = [self._new_pinned() for _ in range(missing)]  # runtime calls outside the lock, as in reserve()
+        with self._pools:
+            self._pinned_free.extend(pinned)
         self._log_ready()
 
     def _log_ready(self) -> None:
