@@ -76,11 +76,18 @@ class FirstMessageCpu:
     the look (a few milliseconds at most) is left out, against thousands of messages. From then on it
     also reads the event loop's own CPU (the main thread: the decode pool's threads left out) every
     ``loop_every_s`` while messages finish, so ``loop_ms_per_message`` is the loop's share alone, counted
-    to the last finished message (issue 11's bound is on that share)."""
+    to the last finished message (issue 11's bound is on that share). Every ``groups_every_s`` it also
+    reads each thread group's CPU (``thread_cpu``: the loop, the decode pool, a Kafka client's threads),
+    so the intake's CPU per message can be told apart from its decoding: with kafka_consumer=librdkafka
+    the fetch path runs on native threads, off the loop."""
 
-    def __init__(self, poll_s: float = 0.002, loop_every_s: float = 0.02) -> None:
+    def __init__(self, poll_s: float = 0.002, loop_every_s: float = 0.02, groups_every_s: float = 0.1) -> None:
         self.poll_s = poll_s
         self.loop_every_s = loop_every_s
+        self.groups_every_s = groups_every_s
+        self.groups_at_first: dict[str, float] | None = None
+        self.groups_at_last: dict[str, float] | None = None
+        self.groups_finished = 0
         self.at_first: float | None = None
         self.loop_at_first: float | None = None
         self.loop_at_last: float | None = None
@@ -96,6 +103,8 @@ class FirstMessageCpu:
         self.t_first = time.monotonic()
         main = Path(f"/proc/self/task/{os.getpid()}/stat")
         self.loop_at_first = _stat_seconds(main)
+        self.groups_at_first = thread_cpu()
+        groups_due = self.t_first + self.groups_every_s
         while True:
             await asyncio.sleep(self.loop_every_s)
             finished = counts.get("published", 0) + counts.get("dead_lettered", 0)
@@ -103,19 +112,27 @@ class FirstMessageCpu:
                 self.finished_at_last = finished
                 self.loop_at_last = _stat_seconds(main)
                 self.t_last = time.monotonic()
+                if self.t_last >= groups_due:
+                    self.groups_at_last, self.groups_finished = thread_cpu(), finished
+                    groups_due = self.t_last + self.groups_every_s
 
     def report(self, worker, code: int) -> dict:
         return {"pid": os.getpid(), "cpu_at_first_message_s": self.at_first,
                 "consumed": int(getattr(worker, "counts", {}).get("consumed", 0)), "exit_code": code,
                 "loop_cpu_s": (None if self.loop_at_last is None or self.loop_at_first is None
                                else self.loop_at_last - self.loop_at_first),
-                "loop_finished": self.finished_at_last, "t_first": self.t_first, "t_last": self.t_last}
+                "loop_finished": self.finished_at_last, "t_first": self.t_first, "t_last": self.t_last,
+                "groups_cpu_s": (delta(self.groups_at_first, self.groups_at_last)
+                                 if self.groups_at_first is not None and self.groups_at_last is not None else None),
+                "groups_finished": self.groups_finished}
 
 
 def intake_cpu(end_cpu: dict[int, float], reports: list[dict]) -> dict:
     """The intake processes' CPU from each one's first message to ``end_cpu`` (pid -> CPU seconds, read
     when the run's last result arrived). An intake that consumed nothing adds 0 and is counted apart."""
     procs, idle = [], 0
+    group_s: dict[str, float] = {}
+    group_n = 0
     for r in reports:
         first, pid = r.get("cpu_at_first_message_s"), r.get("pid")
         if first is None or pid not in end_cpu:
@@ -124,8 +141,19 @@ def intake_cpu(end_cpu: dict[int, float], reports: list[dict]) -> dict:
         cpu = max(0.0, end_cpu[pid] - first)
         n = r.get("consumed") or 0
         loop_s, finished = r.get("loop_cpu_s"), r.get("loop_finished") or 0
+        groups, counted = r.get("groups_cpu_s") or {}, r.get("groups_finished") or 0
+        if groups and counted:
+            group_n += counted
+            for g, v in groups.items():
+                group_s[g] = group_s.get(g, 0.0) + v
         procs.append({"pid": pid, "cpu_s": round(cpu, 3), "consumed": n,
                       "ms_per_message": round(cpu * 1000 / n, 4) if n else None,
-                      "loop_ms_per_message": round(loop_s * 1000 / finished, 4) if loop_s and finished else None})
+                      "loop_ms_per_message": round(loop_s * 1000 / finished, 4) if loop_s and finished else None,
+                      # per thread group (event_loop, decode, rdkafka-poll, native: librdkafka's own threads)
+                      "groups_ms_per_message": ({g: round(v * 1000 / counted, 4) for g, v in groups.items()}
+                                                if groups and counted else None)})
     return {"cpu_s": round(sum(p["cpu_s"] for p in procs), 3), "processes": procs, "without_messages": idle,
+            # all intakes together: each thread group's CPU over the messages finished while it was read
+            "groups_ms_per_message": {g: round(v * 1000 / group_n, 4) for g, v in sorted(group_s.items())}
+            if group_n else None,
             "counted_from": "each intake's first consumed message"}

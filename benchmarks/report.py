@@ -286,6 +286,10 @@ def summary_lines(result: dict) -> list[str]:
         if procs:
             lines.append("worker run, intake CPU ms per message, per process: " + ", ".join(
                 f"{p['ms_per_message']:.3f} ({p['consumed']})" for p in procs if p["ms_per_message"] is not None))
+        groups = (w.get("intake_cpu") or {}).get("groups_ms_per_message")
+        if groups:
+            lines.append("worker run, intake CPU ms per message by thread group (all intakes): " + ", ".join(
+                f"{g} {v:.3f}" for g, v in sorted(groups.items(), key=lambda kv: -kv[1])))
         if w.get("gc_pauses"):
             lines.append("worker run, garbage-collector pauses (they hold the GIL): " + ", ".join(
                 f"{g} {v['count']} x, {v['total_ms']:.0f} ms total, max {v['max_ms']:.1f} ms"

@@ -33,7 +33,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from worker.broker import BrokerProcess, free_port
+from worker.broker import BrokerProcess
 
 KAFKA_VERSION = os.environ.get("WORKER_KAFKA_VERSION", "4.4.0")
 # The SLF4J 1.7 binding to Log4j 2 that Kafka's own distribution ships (kafka_2.13 leaves it out).
@@ -78,6 +78,21 @@ def _both_brokers():
 
 # Decorate a test (or set as a module's ``pytestmark``) whose ``broker`` should be tansu and Apache Kafka.
 both_brokers = _both_brokers()
+
+
+def distinct_free_ports(n: int) -> list[int]:
+    """``n`` free loopback ports, all bound at once while they are picked: one at a time, the system can
+    hand out the same port twice, and the broker then refuses two listeners on one port."""
+    sockets = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def tools_missing() -> str | None:
@@ -162,7 +177,7 @@ class KafkaBroker(BrokerProcess):
         self.version = ""
         self.home = Path(tempfile.mkdtemp(prefix="kafka-"))
         self.log_file = self.home / "logs" / "server.log"
-        self.ports = {name: free_port() for name in ("PLAINTEXT", "SASL_SSL", "SSL", "MTLS", "CONTROLLER")}
+        self.ports = dict(zip(("PLAINTEXT", "SASL_SSL", "SSL", "MTLS", "CONTROLLER"), distinct_free_ports(5)))
         self.bootstrap = f"127.0.0.1:{self.ports['PLAINTEXT']}"
         self.sasl_ssl = f"127.0.0.1:{self.ports['SASL_SSL']}"
         self.ssl = f"127.0.0.1:{self.ports['SSL']}"

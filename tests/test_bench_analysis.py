@@ -102,6 +102,37 @@ async def test_first_message_hook_reads_this_process_cpu_once_a_message_was_cons
     assert report["loop_finished"] == 2 and report["loop_cpu_s"] >= 0
 
 
+async def test_first_message_hook_reads_each_thread_groups_cpu_as_messages_finish():
+    hook = cpu_time.FirstMessageCpu(poll_s=0.001, loop_every_s=0.005, groups_every_s=0.0)
+    worker = _Worker()
+    worker.counts["consumed"] = 1
+    task = asyncio.create_task(hook.during(worker))
+    while hook.at_first is None:
+        await asyncio.sleep(0.005)
+    sum(i * i for i in range(300_000))  # CPU on the event loop between the first reading and the next
+    worker.counts["published"] = 5
+    for _ in range(500):
+        if hook.groups_finished == 5:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    report = hook.report(worker, 0)
+    assert report["groups_finished"] == 5 and report["groups_cpu_s"]["event_loop"] > 0
+
+
+def test_intake_cpu_splits_each_intakes_cpu_by_thread_group():
+    reports = [{"pid": 10, "cpu_at_first_message_s": 1.0, "consumed": 4000, "groups_finished": 1000,
+                "groups_cpu_s": {"event_loop": 0.1, "decode": 0.5, "native": 0.05}},
+               {"pid": 11, "cpu_at_first_message_s": 1.0, "consumed": 4000, "groups_finished": 3000,
+                "groups_cpu_s": {"event_loop": 0.3, "decode": 1.5}},
+               {"pid": 12, "cpu_at_first_message_s": 1.0, "consumed": 10}]  # never read: left out of the split
+    out = cpu_time.intake_cpu({10: 5.0, 11: 5.0, 12: 1.1}, reports)
+    assert out["processes"][0]["groups_ms_per_message"] == {"event_loop": 0.1, "decode": 0.5, "native": 0.05}
+    assert out["processes"][2]["groups_ms_per_message"] is None
+    # all intakes: CPU seconds over messages, not a mean of the per-intake figures
+    assert out["groups_ms_per_message"] == {"decode": 0.5, "event_loop": 0.1, "native": 0.0125}
+
+
 def test_intake_cpu_gives_the_event_loops_share_per_finished_message():
     reports = [{"pid": 10, "cpu_at_first_message_s": 1.0, "consumed": 4000, "loop_cpu_s": 0.4, "loop_finished": 4000}]
     out = cpu_time.intake_cpu({10: 5.0}, reports)

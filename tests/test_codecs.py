@@ -103,9 +103,10 @@ async def assert_stored_compressed(bootstrap: str, topic: str, codec: str) -> No
 
 @both_brokers
 @pytest.mark.parametrize("codec", CODECS)
-async def test_every_codec_in_from_aiokafka_and_librdkafka_and_out(settings, codec):
-    """Input batches of ``codec`` from both clients → one result per input offset; results written with
-    output_compression=``codec`` and read back."""
+@pytest.mark.parametrize("kafka_consumer", ["aiokafka", "librdkafka"])
+async def test_every_codec_in_from_aiokafka_and_librdkafka_and_out(settings, codec, kafka_consumer):
+    """Input batches of ``codec`` from both clients → one result per input offset, read by either of the
+    intake's consumers (kafka_consumer); results written with output_compression=``codec`` and read back."""
     await create_topics(settings.bootstrap_servers, [(settings.input_topic, PARTITIONS),
                                                     (settings.output_topic, PARTITIONS), (settings.dlq_topic, 1)])
     blobs_a, pixels_a = images(PER_PRODUCER, seed=1)
@@ -120,7 +121,7 @@ async def test_every_codec_in_from_aiokafka_and_librdkafka_and_out(settings, cod
     if codec != "none":
         await assert_stored_compressed(settings.bootstrap_servers, settings.input_topic, codec)
 
-    (records,), worker, code = await run_until(settings.replace(output_compression=codec),
+    (records,), worker, code = await run_until(settings.replace(output_compression=codec, kafka_consumer=kafka_consumer),
                                                {settings.output_topic: len(pixels)}, timeout_s=120.0)
     assert code == 0
     by_source: dict[tuple[int, int], list] = {}

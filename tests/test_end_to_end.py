@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
+import pytest
 
 from tests.helpers import check_demo_result, headers_of, produce, read_all, result_doc, source_of
 from tests.kafka_broker import both_brokers
@@ -43,7 +45,9 @@ async def run_until(settings, expected: dict[str, int], timeout_s: float = 180.0
 
 
 @both_brokers
-async def test_500_images_over_4_partitions_each_result_matches_its_own_image(settings):
+@pytest.mark.parametrize("kafka_consumer", ["aiokafka", "librdkafka"])
+async def test_500_images_over_4_partitions_each_result_matches_its_own_image(settings, kafka_consumer):
+    settings = dataclasses.replace(settings, kafka_consumer=kafka_consumer)
     await create_topics(settings.bootstrap_servers, [(settings.input_topic, 4), (settings.output_topic, 4),
                                                     (settings.dlq_topic, 1)])
     blobs, pixels = lossless_images(500)
@@ -75,7 +79,9 @@ async def test_500_images_over_4_partitions_each_result_matches_its_own_image(se
 
 
 @both_brokers
-async def test_poison_goes_to_dlq_with_reason_and_the_rest_is_processed(settings):
+@pytest.mark.parametrize("kafka_consumer", ["aiokafka", "librdkafka"])
+async def test_poison_goes_to_dlq_with_reason_and_the_rest_is_processed(settings, kafka_consumer):
+    settings = dataclasses.replace(settings, kafka_consumer=kafka_consumer)
     await create_topics(settings.bootstrap_servers, [(settings.input_topic, 2), (settings.output_topic, 2),
                                                     (settings.dlq_topic, 1)])
     blobs, pixels = lossless_images(6)

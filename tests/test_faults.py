@@ -60,9 +60,14 @@ def events(proc: WorkerProc, name: str) -> list[dict]:
     return [e for e in proc.events() if e.get("event") == name]
 
 
+# The live intake's two Kafka consumers (kafka_consumer): the delivery tests run with each.
+CONSUMERS = pytest.mark.parametrize("kafka_consumer", ["aiokafka", "librdkafka"])
+
+
 # --- 1. kill -9 ------------------------------------------------------------------------------------------
 @pytest.mark.timeout(240)
-async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, tmp_path):
+@CONSUMERS
+async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, tmp_path, kafka_consumer):
     """SIGKILL the worker 5 times at random moments while 5 000 messages stream in; restart each time.
 
     Bound on duplicates. A result is duplicated only when it was published by a process that died
@@ -80,7 +85,8 @@ async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, t
     rng = random.Random(seed)
     print(f"\nkill -9 test: seed={seed}")
     await create_test_topics(broker.bootstrap, topics, partitions)
-    env = worker_env(broker.bootstrap, topics, max_in_flight=max_in_flight, commit_interval_ms=commit_ms,
+    env = worker_env(broker.bootstrap, topics, kafka_consumer=kafka_consumer, max_in_flight=max_in_flight,
+                     commit_interval_ms=commit_ms,
                      max_batch_size=16)
     values, _ = small_pngs(n)
     producer = PacedProducer(broker.bootstrap, topics["input"], values, partitions, rate=n / 45.0)
@@ -131,10 +137,11 @@ async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, t
 
 # --- 2. broker stalled -----------------------------------------------------------------------------------
 @pytest.mark.timeout(180)
-async def test_broker_stopped_for_20s_mid_stream(broker, topics, tmp_path):
+@CONSUMERS
+async def test_broker_stopped_for_20s_mid_stream(broker, topics, tmp_path, kafka_consumer):
     n, partitions, stall_s = 2000, 4, 20.0
     await create_test_topics(broker.bootstrap, topics, partitions)
-    env = worker_env(broker.bootstrap, topics, max_in_flight=128)
+    env = worker_env(broker.bootstrap, topics, max_in_flight=128, kafka_consumer=kafka_consumer)
     values, _ = small_pngs(n)
     producer = PacedProducer(broker.bootstrap, topics["input"], values, partitions, rate=100.0)
     async with TopicReader(broker.bootstrap, topics["output"]) as out:
@@ -225,7 +232,8 @@ async def test_broker_unreachable_at_start_then_appears(topics, tmp_path):
 
 # --- 3. two workers, one joins and leaves --------------------------------------------------------------
 @pytest.mark.timeout(180)
-async def test_second_worker_joins_and_leaves_mid_stream(broker, topics, tmp_path):
+@CONSUMERS
+async def test_second_worker_joins_and_leaves_mid_stream(broker, topics, tmp_path, kafka_consumer):
     """No loss, and no result published after the other member committed past it.
 
     The check, precisely: every worker logs each acknowledged commit (``committed``, with the positions
@@ -247,7 +255,7 @@ async def test_second_worker_joins_and_leaves_mid_stream(broker, topics, tmp_pat
     """
     n, partitions = 3000, 4
     await create_test_topics(broker.bootstrap, topics, partitions)
-    common = dict(rebalance_timeout_s=0.2, drain_timeout_s=15, log_level="debug")
+    common = dict(rebalance_timeout_s=0.2, drain_timeout_s=15, log_level="debug", kafka_consumer=kafka_consumer)
     env_a = worker_env(broker.bootstrap, topics, max_in_flight=4096, max_batch_size=2048, max_wait_ms=10000,
                        **common)
     env_b = worker_env(broker.bootstrap, topics, max_in_flight=256, max_batch_size=64, max_wait_ms=5, **common)
@@ -435,11 +443,13 @@ async def test_malformed_corpus_goes_to_dlq_with_its_reason_and_good_images_get_
 
 # --- 5. SIGTERM and restart ------------------------------------------------------------------------------
 @pytest.mark.timeout(150)
-async def test_sigterm_mid_stream_then_restart_has_no_duplicates(broker, topics, tmp_path):
+@CONSUMERS
+async def test_sigterm_mid_stream_then_restart_has_no_duplicates(broker, topics, tmp_path, kafka_consumer):
     n, partitions = 3000, 4
     await create_test_topics(broker.bootstrap, topics, partitions)
     # Batches close on time only (2 s): a few hundred messages are in flight at almost any moment.
-    env = worker_env(broker.bootstrap, topics, max_in_flight=1024, drain_timeout_s=15, max_batch_size=512,
+    env = worker_env(broker.bootstrap, topics, kafka_consumer=kafka_consumer, max_in_flight=1024, drain_timeout_s=15,
+                     max_batch_size=512,
                      max_wait_ms=2000, log_level="debug")  # the GPU process logs each batch at debug
     values, _ = small_pngs(n)
     producer = PacedProducer(broker.bootstrap, topics["input"], values, partitions, rate=150.0)

@@ -64,11 +64,12 @@ async def setup(broker, topics, partitions: int = 4) -> None:
 
 
 @pytest.mark.timeout(180)
-async def test_two_intakes_every_result_exact_one_view_and_nothing_left_in_shm(broker, topics, tmp_path):
+@pytest.mark.parametrize("kafka_consumer", ["aiokafka", "librdkafka"])
+async def test_two_intakes_every_result_exact_one_view_and_nothing_left_in_shm(broker, topics, tmp_path, kafka_consumer):
     n = 600
     await setup(broker, topics)
     values, pixels = pngs(n)
-    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_batch_size=32)
+    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_batch_size=32, kafka_consumer=kafka_consumer)
     async with TopicReader(broker.bootstrap, topics["output"]) as out:
         worker = WorkerProc(env, tmp_path / "w.log").start()
         await worker.wait_ready(90)
@@ -129,7 +130,7 @@ async def _interrupt_and_restart(broker, topics, tmp_path, n: int, rate: float, 
     return coords, records
 
 
-async def _kill_mid_stream(broker, topics, tmp_path, victim: str) -> None:
+async def _kill_mid_stream(broker, topics, tmp_path, victim: str, **settings) -> None:
     """kill -9 one child (the GPU process or intake 1) mid-stream: the worker exits 1 with nothing of the
     dead one's unfinished work committed; a restart finishes everything: 0 lost, duplicates bounded."""
     n, max_in_flight, commit_ms = 1500, 64, 200
@@ -145,7 +146,8 @@ async def _kill_mid_stream(broker, topics, tmp_path, victim: str) -> None:
         assert ("gpu process exited" if victim == "gpu" else "intake exited; stopping the worker") in text
 
     coords, records = await _interrupt_and_restart(broker, topics, tmp_path, n, n / 12.0, kill,
-                                                   max_in_flight=max_in_flight, commit_interval_ms=commit_ms)
+                                                   max_in_flight=max_in_flight, commit_interval_ms=commit_ms,
+                                                   **settings)
     stamps = sorted(r.timestamp for r in records)
     peak = max(np.searchsorted(stamps, t + commit_ms + 500, side="right") - i for i, t in enumerate(stamps))
     bound = K * max_in_flight + peak
@@ -164,8 +166,9 @@ async def test_kill_9_of_the_gpu_process_mid_stream(broker, topics, tmp_path):
 
 @both_brokers
 @pytest.mark.timeout(300)
-async def test_kill_9_of_one_intake_mid_stream(broker, topics, tmp_path):
-    await _kill_mid_stream(broker, topics, tmp_path, "intake")
+@pytest.mark.parametrize("kafka_consumer", ["aiokafka", "librdkafka"])
+async def test_kill_9_of_one_intake_mid_stream(broker, topics, tmp_path, kafka_consumer):
+    await _kill_mid_stream(broker, topics, tmp_path, "intake", kafka_consumer=kafka_consumer)
 
 
 @pytest.mark.timeout(240)

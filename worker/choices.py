@@ -72,6 +72,13 @@ class SaslMechanism(Choice):
     SCRAM_SHA_512 = "SCRAM-SHA-512"
 
 
+class KafkaConsumer(Choice):
+    """kafka_consumer: which client reads the input topic in a live intake (worker.intake.rdkafka_consumer)."""
+
+    AIOKAFKA = "aiokafka"  # pure Python on the intake's event loop
+    LIBRDKAFKA = "librdkafka"  # confluent-kafka: fetch, decompression and parsing on native threads
+
+
 class Compression(Choice):
     """output_compression; NONE is the producer's compression_type=None (worker.codecs)."""
 

@@ -22,6 +22,7 @@ from worker.choices import (
     CudnnSearch,
     Decoder,
     Device,
+    KafkaConsumer,
     LogFormat,
     LogLevel,
     NvImageCodecBackend,
@@ -33,7 +34,7 @@ from worker.choices import (
 from worker.errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "GPU_DECODERS", "SECRET_FIELDS", "BatchShapes", "Compression", "CudnnSearch", "Decoder",
-           "Device", "LogFormat", "LogLevel", "OffsetReset", "ProcessingGuarantee", "SaslMechanism",
+           "Device", "KafkaConsumer", "LogFormat", "LogLevel", "OffsetReset", "ProcessingGuarantee", "SaslMechanism",
            "SecurityProtocol", "Settings", "add_arguments", "load"]
 SECRET_FIELDS = frozenset({"sasl_password", "ssl_keyfile_password"})
 
@@ -80,6 +81,12 @@ class Settings:
     fetch_max_wait_ms: int = _opt(
         500, "Longest the broker may hold a fetch that has no data yet. Kafka answers as soon as data "
              "arrives; some brokers (the local tansu) hold it this long anyway, adding it to latency.")
+    kafka_consumer: KafkaConsumer = _opt(
+        KafkaConsumer.AIOKAFKA, "The client a live intake reads the input topic with. aiokafka parses fetch responses "
+        "in Python on the intake's event loop (most of its CPU per message with images); librdkafka (the "
+        "confluent-kafka package) fetches, decompresses and parses on native threads, about a quarter of the "
+        "CPU per 76 KB message (docs/benchmarks.md). Same group protocol, commits and drain on revoke. A replay "
+        "and exactly-once read with aiokafka (exactly-once: librdkafka here is refused).", KafkaConsumer)
     check_crcs: bool = _opt(
         True, "Check each fetched record batch's CRC-32C (Kafka's Java consumer does by default; librdkafka "
               "does not). Images make it dear: ~37 us of the intake's event loop per 76 KB message, a fifth "
@@ -280,6 +287,10 @@ class Settings:
 
         if not 1 <= self.gpu_batches_in_flight <= HOST_SETS:
             problems.append(f"gpu_batches_in_flight must be 1..{HOST_SETS}, got {self.gpu_batches_in_flight}")
+        if (self.kafka_consumer is KafkaConsumer.LIBRDKAFKA
+                and self.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE):
+            problems.append("kafka_consumer=librdkafka cannot be combined with processing_guarantee=exactly-once "
+                            "(its transactions commit offsets with aiokafka's group membership): use aiokafka")
         if self.resume_in_flight > self.max_in_flight:
             problems.append(
                 f"resume_in_flight={self.resume_in_flight} must not exceed max_in_flight={self.max_in_flight}"

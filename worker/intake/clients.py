@@ -1,6 +1,7 @@
 """The intake's Kafka clients: made, connected with retries, and closed within bounds (a part of Worker).
 
-A mixin of ``worker.app.Worker``: the consumer and the publisher (a plain one, or with exactly-once a
+A mixin of ``worker.app.Worker``: the consumer (aiokafka's, or with ``kafka_consumer=librdkafka`` and a
+live plan the one in worker.intake.rdkafka_consumer) and the publisher (a plain one, or with exactly-once a
 transactional one) are made here (``_new_clients``, again after a failed start: aiokafka clients are not
 restartable), started with retries and backoff while the broker is unreachable (``_connect``: the worker
 waits for a broker instead of crash-looping, a SIGTERM meanwhile ends it at once), and closed with every
@@ -17,7 +18,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from worker import codecs
+from worker.choices import KafkaConsumer
 from worker.errors import ConfigError, FatalError
+from worker.intake.consume import LivePlan
 from worker.intake.publish import Publisher
 from worker.intake.transact import TRANSACTION_TIMEOUT_MS, TransactionalPublisher, transactional_id
 
@@ -27,14 +30,7 @@ class ClientsMixin:
 
     def _new_clients(self) -> None:
         s = self.settings
-        self.consumer = AIOKafkaConsumer(
-            group_id=self.plan.group_id, client_id=s.client_id, enable_auto_commit=False,
-            auto_offset_reset=s.auto_offset_reset, session_timeout_ms=s.session_timeout_ms,
-            max_poll_interval_ms=s.max_poll_interval_ms, fetch_max_bytes=s.fetch_max_bytes,
-            max_partition_fetch_bytes=s.max_partition_fetch_bytes, fetch_max_wait_ms=s.fetch_max_wait_ms,
-            check_crcs=s.check_crcs,
-            isolation_level="read_committed" if self.exactly_once else "read_uncommitted",
-            **s.kafka_common())
+        self.consumer = self._new_consumer()
         if self.exactly_once:
             self.publisher = self._transactional_publisher()
             return
@@ -44,6 +40,23 @@ class ClientsMixin:
                              compression_type=codecs.producer_compression(s.output_compression),
                              **s.kafka_common()),
             s.producer_max_pending, on_broker_trouble=self._broker_trouble)
+
+    def _new_consumer(self) -> Any:
+        """aiokafka's consumer, or with kafka_consumer=librdkafka and a live plan the one on librdkafka
+        (a replay assigns partitions by hand and seeks: that stays aiokafka's)."""
+        s = self.settings
+        if s.kafka_consumer is KafkaConsumer.LIBRDKAFKA and isinstance(self.plan, LivePlan):
+            from worker.intake import rdkafka_consumer
+
+            return rdkafka_consumer.RdKafkaConsumer(rdkafka_consumer.config(s, self.plan.group_id))
+        return AIOKafkaConsumer(
+            group_id=self.plan.group_id, client_id=s.client_id, enable_auto_commit=False,
+            auto_offset_reset=s.auto_offset_reset, session_timeout_ms=s.session_timeout_ms,
+            max_poll_interval_ms=s.max_poll_interval_ms, fetch_max_bytes=s.fetch_max_bytes,
+            max_partition_fetch_bytes=s.max_partition_fetch_bytes, fetch_max_wait_ms=s.fetch_max_wait_ms,
+            check_crcs=s.check_crcs,
+            isolation_level="read_committed" if self.exactly_once else "read_uncommitted",
+            **s.kafka_common())
 
     def _transactional_publisher(self) -> TransactionalPublisher:
         s = self.settings
