@@ -73,6 +73,14 @@ def test_intake_cpu_without_an_end_reading_leaves_that_intake_out():
     assert out["cpu_s"] == 0 and out["processes"] == [] and out["without_messages"] == 1
 
 
+async def _eventually(check, tries: int = 500) -> None:
+    """Let the hook's task run until ``check()`` holds (or the tries run out: the asserts then say why)."""
+    for _ in range(tries):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+
+
 class _Worker:
     def __init__(self) -> None:
         self.counts = {"consumed": 0}
@@ -85,16 +93,10 @@ async def test_first_message_hook_reads_this_process_cpu_once_a_message_was_cons
     await asyncio.sleep(0.01)
     assert not task.done() and hook.at_first is None  # nothing consumed yet: still looking
     worker.counts["consumed"] = 3
-    for _ in range(500):
-        if hook.at_first is not None:
-            break
-        await asyncio.sleep(0.01)
+    await _eventually(lambda: hook.at_first is not None)
     assert hook.at_first is not None and hook.at_first >= 0
     worker.counts["published"] = 2  # the event loop's own CPU is read as messages finish
-    for _ in range(500):
-        if hook.finished_at_last == 2:
-            break
-        await asyncio.sleep(0.01)
+    await _eventually(lambda: hook.finished_at_last == 2)
     task.cancel()
     report = hook.report(worker, 0)
     assert report["pid"] == os.getpid() and report["consumed"] == 3
@@ -111,10 +113,7 @@ async def test_first_message_hook_reads_each_thread_groups_cpu_as_messages_finis
         await asyncio.sleep(0.005)
     sum(i * i for i in range(300_000))  # CPU on the event loop between the first reading and the next
     worker.counts["published"] = 5
-    for _ in range(500):
-        if hook.groups_finished == 5:
-            break
-        await asyncio.sleep(0.01)
+    await _eventually(lambda: hook.groups_finished == 5)
     task.cancel()
     report = hook.report(worker, 0)
     assert report["groups_finished"] == 5 and report["groups_cpu_s"]["event_loop"] > 0

@@ -66,8 +66,7 @@ CONSUMERS = pytest.mark.parametrize("kafka_consumer", ["aiokafka", "librdkafka"]
 
 # --- 1. kill -9 ------------------------------------------------------------------------------------------
 @pytest.mark.timeout(240)
-@CONSUMERS
-async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, tmp_path, kafka_consumer):
+async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, tmp_path, kafka_consumer="aiokafka"):
     """SIGKILL the worker 5 times at random moments while 5 000 messages stream in; restart each time.
 
     Bound on duplicates. A result is duplicated only when it was published by a process that died
