@@ -84,14 +84,16 @@ class Settings:
     kafka_consumer: KafkaConsumer = _opt(
         KafkaConsumer.AIOKAFKA, "The client a live intake reads the input topic with. aiokafka parses fetch responses "
         "in Python on the intake's event loop (most of its CPU per message with images); librdkafka (the "
-        "confluent-kafka package) fetches, decompresses and parses on native threads, about a quarter of the "
-        "CPU per 76 KB message (docs/benchmarks.md). Same group protocol, commits and drain on revoke. A replay "
+        "confluent-kafka package) fetches, decompresses and parses on native threads: the consumer alone took a "
+        "quarter of aiokafka's CPU per 76 KB message, the intake's event loop about half (2-CPU VM, "
+        "docs/benchmarks.md; not yet measured on a GPU host). Same group protocol, commits and drain on revoke. A replay "
         "and exactly-once read with aiokafka (exactly-once: librdkafka here is refused).", KafkaConsumer)
     check_crcs: bool = _opt(
         True, "Check each fetched record batch's CRC-32C (Kafka's Java consumer does by default; librdkafka "
               "does not). Images make it dear: ~37 us of the intake's event loop per 76 KB message, a fifth "
-              "of its loop time (docs/benchmarks.md). Off trusts TCP's checksum and the broker's check at "
-              "produce time, and gives up detecting corruption at rest on the broker.")
+              "of its loop time (docs/benchmarks.md; with kafka_consumer=librdkafka it runs on librdkafka's "
+              "threads). Off trusts TCP's checksum and the broker's check at produce time, and gives up "
+              "detecting corruption at rest on the broker.")
     socket_read_bytes: int = _opt(
         4194304, "Largest socket read per event-loop iteration, and the buffered bytes before aiokafka "
                  "stops reading (at least fetch_max_bytes): fetch responses of megabytes arrive in a few "

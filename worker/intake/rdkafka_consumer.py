@@ -40,8 +40,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from worker import log
 from worker.errors import ConfigError, FatalError
+from worker.intake.commit import BROKER_TIMEOUT_S  # offset and metadata lookups wait as long as commits and probes
 
-BROKER_TIMEOUT_S = 5.0  # offset and metadata lookups (the worker bounds commits and probes with the same)
 CONNECT_TIMEOUT_S = 10.0  # start(): a metadata round trip, as aiokafka's start() makes one
 
 
