@@ -7,8 +7,8 @@ takes finished messages off its queue. ``kafka_consumer=librdkafka`` selects it 
 (manual assignment, bounded ranges) and exactly-once (transactions bound to aiokafka's group membership)
 keep aiokafka.
 
-Threads. ``consume()`` blocks, so it runs on a thread of its own (the poller); librdkafka's API is
-thread-safe, so pause, resume and offset lookups are called from the event loop meanwhile, and commits
+Threads. ``consume()`` blocks, so it runs on a thread of its own (the poller), and so do pause and resume
+(queued there: they can block); offset lookups run on the default executor, and commits
 from a second thread (one at a time: a sync commit has no timeout of its own, and a stalled broker must
 not pile up threads). Both are daemon threads: a close that hangs on a dead broker cannot hold the
 process's exit.
@@ -16,8 +16,8 @@ process's exit.
 Rebalances. librdkafka runs the rebalance callbacks inside ``consume()`` on the poller thread and lets the
 partitions go when the callback returns. The callback hands the worker's async hook to the event loop and
 blocks until it is done, so a revoke drains, flushes and commits before anyone else can own the
-partitions: what aiokafka's awaited listener gives. An assignment is applied before its hook runs, so the
-hook can pause the new partitions (backpressure). The eager protocol and the round-robin assignor, as
+partitions: what aiokafka's awaited listener gives. An assignment is applied before its hook runs; a
+pause the hook asks for runs on the poll thread right after the callback returns. The eager protocol and the round-robin assignor, as
 aiokafka's defaults.
 
 The assignment is kept here as a frozen set of aiokafka ``TopicPartition`` (the worker asks for it per
@@ -115,6 +115,12 @@ class _Thread:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._calls.put((future, call))
         return asyncio.wrap_future(future)
+
+    def post(self, call: Callable[[], Any], on_error: Callable[[BaseException], None]) -> None:
+        """Run ``call`` in turn without waiting for it; what it raises goes to ``on_error`` (on this thread)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.add_done_callback(lambda f: f.exception() is not None and on_error(f.exception()))
+        self._calls.put((future, call))
 
     def close(self) -> None:
         self._calls.put(None)
@@ -219,14 +225,24 @@ class RdKafkaConsumer:
         return self._assigned
 
     def pause(self, *partitions: TopicPartition) -> None:
-        owned = [tp for tp in partitions if tp in self._assigned]
-        if owned:
-            self._consumer.pause(_native(owned))
+        self._pause_resume("pause", partitions)
 
     def resume(self, *partitions: TopicPartition) -> None:
+        self._pause_resume("resume", partitions)
+
+    def _pause_resume(self, what: str, partitions: Iterable[TopicPartition]) -> None:
+        """Queued on the poll thread, in order with the polls, never run on the event loop: librdkafka's
+        pause and resume wait for its own threads while holding the GIL, and those may be waiting for a
+        rebalance callback that waits for the event loop (a deadlock seen with a lost session and on a
+        rebalance during shutdown). Until it runs, a poll may still return records of these partitions:
+        the worker holds what does not fit (backpressure's byte bound), as with any fetched record."""
         owned = [tp for tp in partitions if tp in self._assigned]
         if owned:
-            self._consumer.resume(_native(owned))
+            native = _native(owned)
+            self._poller.post(lambda: getattr(self._consumer, what)(native), self._pause_failed)
+
+    def _pause_failed(self, exc: BaseException) -> None:
+        self._log.warning("pause/resume failed", error=f"{type(exc).__name__}: {exc}")
 
     # --- offsets -------------------------------------------------------------------------------
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
