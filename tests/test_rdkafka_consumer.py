@@ -9,13 +9,17 @@ given the partitions.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
+import threading
 import time
 
 import confluent_kafka
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from tests.helpers import produce
 from tests.kafka_broker import both_brokers
 from worker.broker import create_topics
 from worker.errors import ConfigError
@@ -107,11 +111,62 @@ def test_a_missing_topic_or_a_lost_connection_is_waited_for(code):
     RdKafkaConsumer({})._message_error(confluent_kafka.KafkaError(code), _Message())  # logged, no raise
 
 
+async def test_inside_a_rebalance_callback_the_owner_runs_the_hooks_calls_and_holds_polls_back():
+    """A rebalance callback (inside a poll, on the owner thread) waits for the worker's hook; the calls
+    the hook makes (a commit, a pause) must run meanwhile on that thread, the only one confluent-kafka
+    lets in; a poll or close queued meanwhile waits for the callback to return."""
+    owner = rdkafka_consumer._Owner("test-owner")
+    order: list[str] = []
+    hook_done: concurrent.futures.Future = concurrent.futures.Future()
+    in_callback = threading.Event()
+
+    def poll_with_callback() -> None:
+        order.append("poll starts")
+        in_callback.set()
+        owner.serve_until(hook_done)
+        order.append("poll ends")
+    try:
+        first_poll = owner.submit(poll_with_callback, reentrant=False)
+        await asyncio.to_thread(in_callback.wait, 5)
+        second_poll = owner.submit(lambda: order.append("second poll"), reentrant=False)
+        commit = owner.submit(lambda: order.append("hook's commit") or threading.current_thread().name)
+        assert await asyncio.wait_for(commit, 5) == "test-owner"
+        assert order == ["poll starts", "hook's commit"]
+        hook_done.set_result(None)
+        await asyncio.wait_for(asyncio.gather(first_poll, second_poll), 5)
+        assert order == ["poll starts", "hook's commit", "poll ends", "second poll"]
+    finally:
+        owner.close()
+
+
+class _OwnerOnly:
+    """The consumer's handle, noting every call made off the owner thread: confluent-kafka makes such a
+    call wait, without a timeout, for the one in progress (a poll inside a rebalance callback that waits
+    for the event loop: the deadlock CI met)."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+        self.strays: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._real, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            thread = threading.current_thread().name
+            if thread != "rdkafka-poll":
+                self.strays.append((name, thread))
+            return attr(*args, **kwargs)
+        return call
+
 @both_brokers
 @pytest.mark.timeout(120)
 async def test_a_revoke_runs_its_hook_to_the_end_before_another_member_gets_the_partitions(broker, topics):
     """The callback blocks librdkafka's rebalance until the worker's async hook (drain, flush, commit) is
-    done: the member that joins is assigned the partitions only after the hook ended."""
+    done: the member that joins is assigned the partitions only after the hook ended, and the hook's
+    commit, made while the callback waits, is on the broker. Every call on the consumer's handle, the
+    hook's and the lookups', is made on the owner thread."""
     await create_topics(broker.bootstrap, [(topics["input"], 4)])
     settings = Settings(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000, fetch_max_wait_ms=50)
     events: list[tuple[str, float, frozenset]] = []
@@ -122,47 +177,114 @@ async def test_a_revoke_runs_its_hook_to_the_end_before_another_member_gets_the_
     async def revoked(tps: set) -> None:
         events.append(("revoke starts", time.monotonic(), frozenset(tps)))
         await asyncio.sleep(1.5)  # a drain that takes a while
+        await asyncio.wait_for(first.commit({tp: 2 for tp in tps}), 10)  # made inside the callback
         events.append(("revoke ends", time.monotonic(), frozenset(tps)))
 
     first = RdKafkaConsumer(rdkafka_consumer.config(settings, topics["group"]))
     await first.start()
+    first._consumer = handle = _OwnerOnly(first._consumer)
     first.subscribe([topics["input"]], listener=RebalanceHooks(revoked, assigned))
-    polling = True
-
-    async def poll() -> None:
-        while polling:
-            await first.getmany(timeout_ms=50, max_records=100)
-    poller = asyncio.create_task(poll())
     try:
-        for _ in range(300):
-            if first.assignment():
-                break
-            await asyncio.sleep(0.05)
-        assert len(first.assignment()) == 4
-        second = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=topics["group"],
-                                  session_timeout_ms=6000, enable_auto_commit=False)
-        second_assigned: list[tuple[float, frozenset]] = []
-
-        async def second_got(tps: set) -> None:
-            if tps:
-                second_assigned.append((time.monotonic(), frozenset(tps)))
-
-        async def nothing(tps: set) -> None:
-            pass
-        await second.start()
-        second.subscribe([topics["input"]], listener=RebalanceHooks(nothing, second_got))
-        try:
-            for _ in range(300):
-                await second.getmany(timeout_ms=100)
-                if second_assigned:
-                    break
-        finally:
-            await second.stop()
+        async with _polled(first):
+            await _until(lambda: len(first.assignment()) == 4)
+            some = sorted(first.assignment(), key=lambda tp: tp.partition)[:2]
+            first.pause(*some)
+            first.resume(*some)
+            await first.commit({tp: 1 for tp in some})
+            assert [await first.committed(tp) for tp in some] == [1, 1]
+            assert set(await first.end_offsets(some)) == set(some)
+            assert topics["input"] in await first.topics()
+            second_assigned = await _join_and_leave(broker.bootstrap, topics)
+        assert [await first.committed(TopicPartition(topics["input"], p)) for p in range(4)] == [2, 2, 2, 2]
     finally:
-        polling = False
-        await poller
         await first.stop()
+    assert handle.strays == [], "consumer calls made off the owner thread"
     ends = [t for name, t, _ in events if name == "revoke ends"]
     assert second_assigned and ends, events
     assert ends[0] < second_assigned[0][0], "the other member got partitions while the revoke hook still ran"
     assert all(isinstance(tp, TopicPartition) for tp in second_assigned[0][1])
+
+
+async def _nothing(tps: set) -> None:
+    pass
+
+
+@contextlib.asynccontextmanager
+async def _polled(consumer: RdKafkaConsumer):
+    """Poll ``consumer`` in the background meanwhile: librdkafka runs the rebalance callbacks inside polls."""
+    polling = True
+
+    async def poll() -> None:
+        while polling:
+            await consumer.getmany(timeout_ms=50, max_records=100)
+    poller = asyncio.create_task(poll())
+    try:
+        yield
+    finally:
+        polling = False
+        await poller
+
+
+async def _until(done, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def _join_and_leave(bootstrap: str, topics: dict[str, str]) -> list[tuple[float, frozenset]]:
+    """A second member (aiokafka) joins the group, polls until it is given partitions, and leaves: the
+    other member's partitions are revoked, then all of them assigned to it again. Returns (when, what)
+    the second member was given."""
+    second = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=topics["group"],
+                              session_timeout_ms=6000, enable_auto_commit=False)
+    got: list[tuple[float, frozenset]] = []
+
+    async def second_got(tps: set) -> None:
+        if tps:
+            got.append((time.monotonic(), frozenset(tps)))
+    await second.start()
+    second.subscribe([topics["input"]], listener=RebalanceHooks(_nothing, second_got))
+    try:
+        for _ in range(300):
+            await second.getmany(timeout_ms=100)
+            if got:
+                break
+    finally:
+        await second.stop()
+    return got
+
+
+@both_brokers
+@pytest.mark.timeout(120)
+async def test_a_partition_paused_before_a_rebalance_is_consumed_again_once_reassigned(broker, topics):
+    """librdkafka keeps a partition's pause across unassign and assign; aiokafka, and so the worker
+    (which pauses again in its assignment hook while backpressure holds), starts a new assignment
+    unpaused. A pause the worker made before a rebalance must not outlive it (CI: a worker whose
+    partitions were paused when the broker stalled consumed nothing after rejoining)."""
+    await create_topics(broker.bootstrap, [(topics["input"], 4)])
+    settings = Settings(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000, fetch_max_wait_ms=50)
+    first = RdKafkaConsumer(rdkafka_consumer.config(settings, topics["group"]))
+    await first.start()
+    rounds: list[frozenset] = []
+
+    async def assigned(tps: set) -> None:
+        rounds.append(frozenset(tps))
+    first.subscribe([topics["input"]], listener=RebalanceHooks(_nothing, assigned))
+    try:
+        async with _polled(first):
+            await _until(lambda: len(first.assignment()) == 4)
+            all_four = first.assignment()
+            first.pause(*all_four)  # backpressure, say; never resumed by hand below
+            assert await _join_and_leave(broker.bootstrap, topics)
+            await _until(lambda: len(rounds) >= 3 and first.assignment() == all_four)  # all, some, all again
+        await produce(broker.bootstrap, topics["input"], [b"v%d" % i for i in range(40)], 4)
+        seen: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(seen) < 4 and time.monotonic() < deadline:
+            for tp, records in (await first.getmany(timeout_ms=200, max_records=100)).items():
+                if records:
+                    seen.add(tp.partition)
+        assert seen == {0, 1, 2, 3}, f"partitions still paused after the rebalance: {sorted({0, 1, 2, 3} - seen)}"
+    finally:
+        await first.stop()

@@ -18,7 +18,9 @@ Revoke (``_on_revoked``, awaited by aiokafka before it rejoins, so before any ot
 partitions): no new records for them (aiokafka returns none during a rebalance) → wait up to
 ``rebalance_timeout_s`` for their in-flight messages → cancel the rest (left uncommitted, redone by the
 next owner) → flush the producer, so that no record of ours for them lands after we let go → commit →
-forget them (their generation ends: a late ``finish`` cannot touch a later ownership).
+forget them (their generation ends: a late ``finish`` cannot touch a later ownership). A lost
+assignment (``_on_lost``: the librdkafka consumer's session timed out, the membership is gone) cuts
+their in-flight messages at once and commits nothing: no commit of a lost member is accepted.
 
 Shutdown (SIGTERM/SIGINT, or the end of a replay; a stop while still connecting ends the attempt at
 once and only closes the clients): stop fetching → wait up to ``drain_timeout_s`` for
@@ -128,7 +130,8 @@ class Worker(ClientsMixin, RebalanceMixin):
                 self.handler = MessageHandler(self.settings, self.pipeline, self.gpu, self.publisher,
                                               self.tracker, self.metrics, self.counts, self._decode_pool,
                                               self.fail)
-                await self.plan.attach(self.consumer, RebalanceHooks(self._on_revoked, self._on_assigned))
+                hooks = RebalanceHooks(self._on_revoked, self._on_assigned, self._on_lost)
+                await self.plan.attach(self.consumer, hooks)
                 interval = self.settings.commit_interval_ms / 1000.0
                 for name, coro in (("consume", self._consume_loop()),
                                    ("commit", self.committer.commit_loop(interval)),

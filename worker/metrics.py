@@ -103,8 +103,8 @@ class Metrics:
                          "this process owns.", ["group", "topic", "partition"], registry=r)
         self.commits = Counter("worker_commits", "Offset commits sent to the broker.", registry=r)
         self.commit_failures = Counter("worker_commit_failures", "Offset commits that failed.", registry=r)
-        self.rebalances = Counter("worker_rebalances", "Partition assignments and revocations.", ["kind"],
-                                  registry=r)
+        self.rebalances = Counter("worker_rebalances", "Partition assignments (kind: assigned, revoked, lost).",
+                                  ["kind"], registry=r)
         self.gpu_memory = Gauge("worker_gpu_memory_used_bytes", "Device memory in use on our GPU.",
                                 registry=r)
         self.build = Info("worker_build", "Build information.", registry=r)

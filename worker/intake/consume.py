@@ -151,14 +151,20 @@ Hook = Callable[[set[TopicPartition]], Awaitable[Any]]
 
 
 class RebalanceHooks(ConsumerRebalanceListener):
-    """aiokafka awaits these before it rejoins, so the revoke hook can drain and commit in time."""
+    """aiokafka awaits these before it rejoins, so the revoke hook can drain and commit in time. A lost
+    assignment (the librdkafka consumer's session timed out; aiokafka has no such call) goes to
+    ``on_lost`` where given, else to ``on_revoked``."""
 
-    def __init__(self, on_revoked: Hook, on_assigned: Hook) -> None:
+    def __init__(self, on_revoked: Hook, on_assigned: Hook, on_lost: Hook | None = None) -> None:
         self._on_revoked = on_revoked
         self._on_assigned = on_assigned
+        self._on_lost = on_lost or on_revoked
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         await self._on_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         await self._on_assigned(set(assigned))
+
+    async def on_partitions_lost(self, lost: Any) -> None:
+        await self._on_lost(set(lost))

@@ -7,18 +7,25 @@ takes finished messages off its queue. ``kafka_consumer=librdkafka`` selects it 
 (manual assignment, bounded ranges) and exactly-once (transactions bound to aiokafka's group membership)
 keep aiokafka.
 
-Threads. ``consume()`` blocks, so it runs on a thread of its own (the poller), and so do pause and resume
-(queued there: they can block); offset lookups run on the default executor, and commits
-from a second thread (one at a time: a sync commit has no timeout of its own, and a stalled broker must
-not pile up threads). Both are daemon threads: a close that hangs on a dead broker cannot hold the
-process's exit.
+One thread calls the consumer (``_Owner``, "rdkafka-poll"). confluent-kafka lets one caller at a time into
+a Consumer: a call from another thread waits, with no timeout, until the one in progress returns, and
+that may be a ``consume()`` running a rebalance callback that waits for the event loop. Calls from the
+loop or a second thread so stalled or deadlocked the worker (CI: a sync commit held the consumer for a
+whole broker stall; the cached high watermark, read on the loop, waited on a callback that waited on the
+loop). So every call, consume, pause, resume, commit, close, is queued to that thread, in order, and
+nothing else touches the handle. Commits are asynchronous (``on_commit`` answers them inside the next
+consume), so a commit the broker does not answer never holds the polls. Offset and metadata lookups go
+through an admin client of their own, each bounded by its request timeout.
 
-Rebalances. librdkafka runs the rebalance callbacks inside ``consume()`` on the poller thread and lets the
-partitions go when the callback returns. The callback hands the worker's async hook to the event loop and
-blocks until it is done, so a revoke drains, flushes and commits before anyone else can own the
-partitions: what aiokafka's awaited listener gives. An assignment is applied before its hook runs; a
-pause the hook asks for runs on the poll thread right after the callback returns. The eager protocol and the round-robin assignor, as
-aiokafka's defaults.
+Rebalances. librdkafka runs the rebalance callbacks inside ``consume()`` on the owner thread and lets
+the partitions go when the callback returns. The callback hands the worker's async hook to the event loop
+and, until it is done, runs on its own thread the calls the hook makes (the commit of a revoke, the pause
+of an assignment: re-entrant calls, which confluent-kafka admits): so a revoke drains, flushes and commits
+before anyone else can own the partitions, what aiokafka's awaited listener gives. A commit made inside
+a callback is synchronous (no consume can serve its answer meanwhile). A lost assignment (the session
+timed out) runs the worker's lost hook, which does not commit: the membership is gone. An assignment is
+applied, and resumed (librdkafka would keep a pause from before the rebalance; aiokafka does not),
+before its hook runs. The eager protocol and the round-robin assignor, as aiokafka's defaults.
 
 The assignment is kept here as a frozen set of aiokafka ``TopicPartition`` (the worker asks for it per
 message); records come out as ``Fetched``, with the attributes of aiokafka's ``ConsumerRecord`` that the
@@ -28,6 +35,7 @@ worker reads.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -102,38 +110,84 @@ def config(settings: Any, group_id: str) -> dict[str, Any]:
     return conf
 
 
-class _Thread:
-    """One daemon thread running submitted calls in order (a ThreadPoolExecutor's threads are joined at
-    exit, so one stuck in a broker call would hold the process)."""
+def admin_config(conf: dict[str, Any]) -> dict[str, Any]:
+    """The lookups' admin client: the consumer's connection and security settings, nothing of its group.
+    Quiet: nothing polls it, so it neither logs (librdkafka would write raw lines to stderr) nor queues
+    error events; a lookup that fails says why to its caller."""
+    shared = {k: v for k, v in conf.items()
+              if k in ("bootstrap.servers", "client.id", "security.protocol") or k.startswith(("ssl.", "sasl."))}
+    return {**shared, "log_level": 0}
+
+
+class _Call:
+    """One queued call: its future, the call, and whether it may run inside a rebalance callback."""
+
+    __slots__ = ("future", "call", "reentrant")
+
+    def __init__(self, call: Callable[[], Any], reentrant: bool) -> None:
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.call = call
+        self.reentrant = reentrant
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return  # its waiter gave up (a timed-out commit): do not send it late
+        try:
+            self.future.set_result(self.call())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            self.future.set_exception(exc)
+
+
+_WAKE = object()  # a rebalance hook ended: ``serve_until`` looks again
+
+
+class _Owner:
+    """The one daemon thread that calls the consumer, in the order the calls were queued (a daemon: a
+    close that hangs on a dead broker cannot hold the process's exit; a ThreadPoolExecutor's threads are
+    joined at exit)."""
 
     def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._deferred: collections.deque[Any] = collections.deque()  # held back during a callback: not re-entrant
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, call: Callable[[], Any]) -> asyncio.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._calls.put((future, call))
-        return asyncio.wrap_future(future)
+    def submit(self, call: Callable[[], Any], reentrant: bool = True) -> asyncio.Future:
+        """Queue ``call``; its result as an asyncio future. ``reentrant=False`` (consume, close): never run
+        inside a rebalance callback, but after it."""
+        item = _Call(call, reentrant)
+        self._calls.put(item)
+        return asyncio.wrap_future(item.future)
 
     def post(self, call: Callable[[], Any], on_error: Callable[[BaseException], None]) -> None:
-        """Run ``call`` in turn without waiting for it; what it raises goes to ``on_error`` (on this thread)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.add_done_callback(lambda f: f.exception() is not None and on_error(f.exception()))
-        self._calls.put((future, call))
+        """Queue ``call`` without waiting for it; what it raises goes to ``on_error`` (on this thread)."""
+        item = _Call(call, True)
+        item.future.add_done_callback(lambda f: f.exception() is not None and on_error(f.exception()))
+        self._calls.put(item)
 
     def close(self) -> None:
         self._calls.put(None)
 
+    def serve_until(self, done: concurrent.futures.Future) -> None:
+        """On this thread, inside a rebalance callback: run the queued re-entrant calls (the hook's commit
+        and pauses) until ``done``; the others wait for the callback to return."""
+        done.add_done_callback(lambda _: self._calls.put(_WAKE))
+        while not done.done():
+            item = self._calls.get()
+            if item is _WAKE:
+                continue
+            if item is None or not item.reentrant:
+                self._deferred.append(item)
+                continue
+            item.run()
+
     def _run(self) -> None:
-        while (item := self._calls.get()) is not None:
-            future, call = item
-            if not future.set_running_or_notify_cancel():
-                continue  # its waiter gave up (a timed-out commit): do not send it late
-            try:
-                future.set_result(call())
-            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-                future.set_exception(exc)
+        while True:
+            item = self._deferred.popleft() if self._deferred else self._calls.get()
+            if item is None:
+                return
+            if item is not _WAKE:
+                item.run()
 
 
 class _Logs:
@@ -156,10 +210,11 @@ class RdKafkaConsumer:
     def __init__(self, conf: dict[str, Any]) -> None:
         self._conf = dict(conf)
         self._consumer: Any = None
+        self._admin: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._poller: _Thread | None = None
-        self._committer: _Thread | None = None
+        self._owner: _Owner | None = None
         self._assigned: frozenset[TopicPartition] = frozenset()
+        self._highwater: dict[TopicPartition, int] = {}  # of the last fetch, read on the owner thread
         self._listener: Any = None
         self._closing = False
         self._fatal: BaseException | None = None
@@ -169,45 +224,51 @@ class RdKafkaConsumer:
     # --- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         import confluent_kafka
+        from confluent_kafka.admin import AdminClient
 
         self._loop = asyncio.get_running_loop()
-        conf = {**self._conf, "error_cb": self._on_error, "logger": _Logs(self._log)}
+        logs = _Logs(self._log)
+        conf = {**self._conf, "error_cb": self._on_error, "logger": logs}
         try:
             self._consumer = confluent_kafka.Consumer(conf)
+            self._admin = AdminClient(admin_config(self._conf))
         except confluent_kafka.KafkaException as exc:  # librdkafka checks its configuration here
             raise ConfigError(f"kafka_consumer=librdkafka: librdkafka refused the configuration: {_text(exc)}") from None
-        self._poller = _Thread("rdkafka-poll")
-        self._committer = _Thread("rdkafka-commit")
+        self._owner = _Owner("rdkafka-poll")
         try:  # reach a broker, so the worker's connect loop retries while none answers
-            await self._poller.submit(lambda: self._consumer.list_topics(timeout=CONNECT_TIMEOUT_S))
+            await self._owner.submit(lambda: self._consumer.list_topics(timeout=CONNECT_TIMEOUT_S))
         except confluent_kafka.KafkaException as exc:
             raise KafkaConnectionError(f"librdkafka: no broker answered at {self._conf['bootstrap.servers']}: "
                                        f"{_text(exc)}") from None
 
     async def stop(self) -> None:
-        """Leave the group and close (after any poll in progress: both run on the poller thread). The
-        worker has drained and committed by now, so the revoke that closing brings runs no hook."""
-        if self._consumer is None or self._poller is None:
+        """Leave the group and close (after any poll in progress). The worker has drained and committed
+        by now, so the revoke that closing brings runs no hook."""
+        if self._consumer is None or self._owner is None:
             return
         self._closing = True
         try:
-            await self._poller.submit(self._consumer.close)
+            await self._owner.submit(self._consumer.close, reentrant=False)
         finally:
-            self._poller.close()
-            if self._committer is not None:
-                self._committer.close()
+            self._owner.close()
 
     def subscribe(self, topics: Iterable[str], listener: Any) -> None:
         self._listener = listener
-        self._consumer.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                 on_lost=self._on_revoke)
+        wanted = list(topics)
+        self._owner.post(lambda: self._consumer.subscribe(wanted, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                                          on_lost=self._on_lost), self._subscribe_failed)
+
+    def _subscribe_failed(self, exc: BaseException) -> None:
+        self._fatal = RdKafkaError(f"subscribe failed: {_text(exc)}")
 
     # --- consuming -----------------------------------------------------------------------------
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Fetched]]:
         if self._fatal is not None:
             raise self._fatal
         n = max(1, max_records or 500)
-        messages = await self._poller.submit(lambda: self._consumer.consume(n, timeout_ms / 1000.0))
+        messages = await self._owner.submit(lambda: self._consume(n, timeout_ms / 1000.0), reentrant=False)
+        if self._fatal is not None:  # a hook failed inside this poll
+            raise self._fatal
         out: dict[TopicPartition, list[Fetched]] = {}
         for m in messages:
             error = m.error()
@@ -221,6 +282,18 @@ class RdKafkaConsumer:
                 Fetched(topic, partition, m.offset(), ts, kind, m.key(), m.value(), m.headers() or []))
         return out
 
+    def _consume(self, n: int, timeout_s: float) -> list[Any]:
+        """On the owner thread: one poll, and the high watermarks its fetches brought (no round trip)."""
+        messages = self._consumer.consume(n, timeout_s)
+        for key in {(m.topic(), m.partition()) for m in messages if m.error() is None}:
+            try:
+                _, high = self._consumer.get_watermark_offsets(_native([self._tp(*key)])[0], cached=True)
+            except Exception:  # noqa: BLE001 - not known yet
+                continue
+            if high is not None and high >= 0:
+                self._highwater[self._tp(*key)] = high
+        return messages
+
     def assignment(self) -> frozenset[TopicPartition]:
         return self._assigned
 
@@ -231,91 +304,127 @@ class RdKafkaConsumer:
         self._pause_resume("resume", partitions)
 
     def _pause_resume(self, what: str, partitions: Iterable[TopicPartition]) -> None:
-        """Queued on the poll thread, in order with the polls, never run on the event loop: librdkafka's
-        pause and resume wait for its own threads while holding the GIL, and those may be waiting for a
-        rebalance callback that waits for the event loop (a deadlock seen with a lost session and on a
-        rebalance during shutdown). Until it runs, a poll may still return records of these partitions:
-        the worker holds what does not fit (backpressure's byte bound), as with any fetched record."""
+        """Queued on the owner thread, in order with the polls. Until it runs, a poll may still return
+        records of these partitions: the worker holds what does not fit (backpressure's byte bound), as
+        with any fetched record."""
         owned = [tp for tp in partitions if tp in self._assigned]
         if owned:
             native = _native(owned)
-            self._poller.post(lambda: getattr(self._consumer, what)(native), self._pause_failed)
+            self._owner.post(lambda: getattr(self._consumer, what)(native), self._call_failed)
 
-    def _pause_failed(self, exc: BaseException) -> None:
-        self._log.warning("pause/resume failed", error=f"{type(exc).__name__}: {exc}")
+    def _call_failed(self, exc: BaseException) -> None:
+        self._log.warning("librdkafka call failed", error=f"{type(exc).__name__}: {exc}")
 
     # --- offsets -------------------------------------------------------------------------------
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        """Commit these positions (next offsets to read) and wait for the broker's answer."""
+        """Commit these positions (next offsets to read) and wait for the broker's answer (the caller
+        bounds the wait). Synchronous on the owner thread: inside a rebalance callback that is the only
+        way to have the answer before the partitions go, and elsewhere it holds the polls for one round
+        trip (librdkafka keeps fetching meanwhile); while the broker does not answer no poll could
+        bring anything anyway, and the commits the worker gave up on meanwhile are never sent."""
         import confluent_kafka
 
         native = _native(offsets, offsets)
         try:
-            answered = await self._committer.submit(lambda: self._consumer.commit(offsets=native, asynchronous=False))
+            answer = await self._owner.submit(lambda: self._consumer.commit(offsets=native, asynchronous=False))
         except confluent_kafka.KafkaException as exc:
             raise RdKafkaError(f"commit failed: {_text(exc)}") from None
-        failed = [f"{p.topic}:{p.partition}: {p.error.str()}" for p in answered or () if p.error is not None]
+        failed = [f"{p.topic}:{p.partition}: {p.error.str()}" for p in answer or () if p.error is not None]
         if failed:
             raise RdKafkaError("commit failed for " + "; ".join(failed))
 
     async def committed(self, tp: TopicPartition) -> int | None:
-        found = await self._lookup(lambda: self._consumer.committed(_native([tp]), timeout=BROKER_TIMEOUT_S))
+        from confluent_kafka import ConsumerGroupTopicPartitions
+
+        group = self._conf["group.id"]
+        request = [ConsumerGroupTopicPartitions(group, _native([tp]))]
+        answer = await self._admin_call(lambda: self._admin.list_consumer_group_offsets(
+            request, request_timeout=BROKER_TIMEOUT_S)[group])
+        found = answer.topic_partitions
         offset = found[0].offset if found else -1
         return offset if offset >= 0 else None
 
     async def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        wanted = list(partitions)
+        from confluent_kafka.admin import OffsetSpec
 
-        def ends() -> dict[TopicPartition, int]:
-            return {tp: self._consumer.get_watermark_offsets(_native([tp])[0], timeout=BROKER_TIMEOUT_S)[1]
-                    for tp in wanted}
-        return await self._lookup(ends)
+        wanted = list(partitions)
+        if not wanted:
+            return {}
+        futures = await self._admin_call(lambda: self._admin.list_offsets(
+            {n: OffsetSpec.latest() for n in _native(wanted)}, request_timeout=BROKER_TIMEOUT_S))
+        by_key = {(tp.topic, tp.partition): tp for tp in wanted}
+        answers = await asyncio.gather(*(self._admin_call(lambda f=f: f) for f in futures.values()))
+        return {by_key[(n.topic, n.partition)]: a.offset for n, a in zip(futures, answers)}
 
     def highwater(self, tp: TopicPartition) -> int | None:
         """The high watermark of the partition's last fetch (no round trip)."""
-        try:
-            _, high = self._consumer.get_watermark_offsets(_native([tp])[0], cached=True)
-        except Exception:  # noqa: BLE001 - not fetched yet
-            return None
-        return high if high is not None and high >= 0 else None
+        return self._highwater.get(tp)
 
     async def topics(self) -> set[str]:
-        metadata = await self._lookup(lambda: self._consumer.list_topics(timeout=BROKER_TIMEOUT_S))
+        metadata = await self._admin_call(lambda: asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._admin.list_topics(timeout=BROKER_TIMEOUT_S)))
         return set(metadata.topics)
 
-    async def _lookup(self, call: Callable[[], Any]) -> Any:
-        """A bounded broker round trip on the default executor (it has its own timeout)."""
+    async def _admin_call(self, start: Callable[[], Any]) -> Any:
+        """A lookup through the admin client, never the consumer's handle (bounded by its request
+        timeout): what ``start()`` returns, awaited if it is a future."""
         import confluent_kafka
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, call)
+            started = start()
+            if isinstance(started, concurrent.futures.Future):
+                return await asyncio.wrap_future(started)
+            return await started if asyncio.isfuture(started) or asyncio.iscoroutine(started) else started
         except confluent_kafka.KafkaException as exc:
             raise RdKafkaError(_text(exc)) from None
 
-    # --- callbacks (librdkafka's threads) --------------------------------------------------------
+    # --- callbacks (the owner thread, inside consume()) ------------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        """On the poller thread, inside consume(): apply the assignment, then run the worker's hook."""
+        """Apply the assignment, resumed, then run the worker's hook."""
         consumer.assign(partitions)
         self._assigned = frozenset(self._tp(p.topic, p.partition) for p in partitions)
+        # librdkafka keeps a partition's pause across unassign and assign; aiokafka, whose semantics the
+        # worker relies on, starts a new assignment unpaused (the hook pauses it again while backpressure
+        # holds). Without this a pause from before a rebalance outlives it, and a worker that is no longer
+        # paused waits forever for records.
+        if partitions:
+            consumer.resume(partitions)
         if not self._closing and self._listener is not None:
             self._hook(self._listener.on_partitions_assigned, set(self._assigned))
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        """On the poller thread, inside consume() (or close()): run the worker's hook (drain, flush,
-        commit) to its end, then let the partitions go."""
+        """Run the worker's hook (drain, flush, commit) to its end, then let the partitions go."""
+        self._let_go(consumer, partitions, "on_partitions_revoked")
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        """The membership is gone (session timed out): the worker's lost hook, which does not commit
+        (no commit of a lost member is accepted); a listener without one gets the revoke hook. The
+        partitions leave the assignment first, so no periodic commit or new work touches them."""
+        if hasattr(self._listener, "on_partitions_lost"):
+            self._assigned = frozenset(self._assigned - {self._tp(p.topic, p.partition) for p in partitions})
+            self._let_go(consumer, partitions, "on_partitions_lost")
+        else:
+            self._let_go(consumer, partitions, "on_partitions_revoked")
+
+    def _let_go(self, consumer: Any, partitions: list[Any], hook: str) -> None:
         revoked = {self._tp(p.topic, p.partition) for p in partitions}
         try:
             if not self._closing and self._listener is not None:
-                self._hook(self._listener.on_partitions_revoked, revoked)
+                self._hook(getattr(self._listener, hook), revoked)
         finally:
             self._assigned = frozenset(self._assigned - revoked)
+            for tp in revoked:
+                self._highwater.pop(tp, None)
             consumer.unassign()
 
     def _hook(self, hook: Callable[[set[TopicPartition]], Any], partitions: set[TopicPartition]) -> None:
-        """Run an async hook on the event loop and wait for it (the worker's hooks turn their own
-        failures into a fatal stop; anything else that escapes is fatal here)."""
+        """Run an async hook on the event loop; meanwhile run here the calls it makes (``serve_until``).
+        The worker's hooks turn their own failures into a fatal stop; anything else that escapes is
+        fatal here."""
+        done = asyncio.run_coroutine_threadsafe(hook(partitions), self._loop)
+        self._owner.serve_until(done)
         try:
-            asyncio.run_coroutine_threadsafe(hook(partitions), self._loop).result()
+            done.result()
         except Exception as exc:  # noqa: BLE001 - raised at the next getmany
             self._fatal = exc
 
@@ -363,3 +472,4 @@ def _native(partitions: Iterable[TopicPartition], offsets: dict[TopicPartition, 
 def _text(exc: BaseException) -> str:
     error = exc.args[0] if exc.args else None
     return error.str() if hasattr(error, "str") else str(exc)
+

@@ -42,18 +42,24 @@ class RebalanceMixin:
             self._log.exception("partition assignment hook failed")
             self.fail(exc)
 
-    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+    async def _on_revoked(self, revoked: set[TopicPartition], lost: bool = False) -> None:
         try:
             self._drop_held(revoked)  # fetched, never started: the next owner reads them again
-            await self._release(revoked)
+            await self._release(revoked, lost)
         except Exception as exc:  # noqa: BLE001 - aiokafka would log it and rejoin half-released
             self._log.exception("partition revoke hook failed")
             self.fail(exc)
         finally:
             self._revoking -= revoked
 
-    async def _release(self, revoked: set[TopicPartition]) -> None:
+    async def _on_lost(self, lost: set[TopicPartition]) -> None:
+        """The membership is gone (the librdkafka consumer's session timed out; aiokafka has no such
+        call): the partitions may have another owner already, and a commit of ours would be refused."""
+        await self._on_revoked(lost, lost=True)
+
+    async def _release(self, revoked: set[TopicPartition], lost: bool = False) -> None:
         """Wait (bounded) for the revoked partitions' in-flight work, cut the rest, flush, commit, let go.
+        ``lost``: steps 1, 3 and 6 only (cut at once, no flush, no commit), the membership being gone.
 
         1. no new work for them: aiokafka returns no records during a rebalance, and ``_start_message``
            refuses partitions in ``_revoking`` (the consume loop may sit in an await with a fetched batch);
@@ -65,27 +71,29 @@ class RebalanceMixin:
         5. commit the finished prefix (bounded);
         6. forget them: their generation ends, so a late ``finish`` cannot move a later ownership.
         """
-        self.metrics.rebalances.labels("revoked").inc()
+        self.metrics.rebalances.labels("lost" if lost else "revoked").inc()
         self._revoking |= revoked
         tasks = set().union(*(self._tasks_by_tp.get(tp, set()) for tp in revoked)) if revoked else set()
-        if tasks:
+        if tasks and not lost:
             _, tasks = await asyncio.wait(tasks, timeout=self.settings.rebalance_timeout_s)
         cut = self._describe(tasks)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-        if revoked:
+        if revoked and not lost:
             try:
                 await asyncio.wait_for(self.publisher.flush(), timeout=BROKER_TIMEOUT_S)
             except (KafkaError, asyncio.TimeoutError) as exc:
                 self._log.warning("producer flush on revoke failed", error=f"{type(exc).__name__}: {exc}")
-        await self.commit(revoked)
+        if not lost:
+            await self.commit(revoked)
         self.committer.forget_lag(revoked)
         for tp in revoked:
             self.tracker.forget(tp)
             if self.exactly_once:
                 self.publisher.forget(tp)
             self._tasks_by_tp.pop(tp, None)
-        self._log.info("partitions revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
+        self._log.info("partitions lost" if lost else "partitions revoked",
+                       partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in revoked),
                        unfinished_left_uncommitted=sum(len(v) for v in cut.values()), cut_offsets=cut or None)
