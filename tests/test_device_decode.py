@@ -698,3 +698,64 @@ async def test_nvimgcodec_alone_never_decodes_jpegs_on_the_cpu(settings):
     finally:
         pool.shutdown()
     assert [r.encoded is not None for r in gpu.requests] == [True, True, True]
+
+
+async def test_a_polls_first_results_go_out_while_its_last_records_wait_for_ring_room(settings):
+    """A poll can bring more records than the GPU's ring has slots: the records answered first are
+    published (here: dead-lettered) while the rest still wait to be handed over. Before, a partition's
+    results waited until its last record found room, several GPU batches with a long max_wait_ms."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aiokafka import TopicPartition
+
+    from worker.intake.handle import MessageHandler
+    from worker.policy.offsets import OffsetTracker
+
+    class _TwoSlotGpu(_RecordingGpu):
+        """A ring of two slots; the test answers what is in it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.slots = asyncio.Semaphore(2)
+
+        async def put(self, request):
+            await self.slots.acquire()
+            self.requests.append(request)
+
+        def answer_all(self) -> None:
+            for request in self.requests:
+                if not request.future.done():
+                    request.future.set_exception(ModelRejectedInput("answered by the test"))
+                    self.slots.release()
+
+    gpu, failures = _TwoSlotGpu(), []
+    tracker = OffsetTracker()
+    pool = ThreadPoolExecutor(1)
+    handler = MessageHandler(settings.replace(decoder="nvimgcodec"), PIPELINE, gpu, _NullPublisher(), tracker,
+                             Metrics(), {"published": 0, "dead_lettered": 0, "failed": 0}, pool,
+                             failures.append)
+    jpeg = encode(synth_image(np.random.default_rng(3), 96, 64, 3), "jpeg")
+    tp = TopicPartition("in", 0)
+    msgs = [SimpleNamespace(topic="in", partition=0, offset=i, timestamp=0, key=None, value=jpeg, headers=[])
+            for i in range(6)]
+    generations = [tracker.start(tp, m.offset) for m in msgs]
+    try:
+        task = asyncio.create_task(handler.handle_batch(tp, list(zip(msgs, generations))))
+        while len(gpu.requests) < 2:
+            await asyncio.sleep(0.001)
+        gpu.answer_all()  # the first GPU batch: offsets 0 and 1
+        for _ in range(2000):  # (with the hand-over first, this never comes: the test times out)
+            if tracker.committable(tp) == 2:
+                break
+            await asyncio.sleep(0.001)
+        assert tracker.committable(tp) == 2, "the first records' DLQ records waited for the last ones' room"
+        # offsets 0 and 1 are dead-lettered and finished while 4 and 5 have not been handed over
+        assert [r.context["offset"] for r in gpu.requests] == [0, 1, 2, 3]
+        while len(gpu.requests) < 6:
+            gpu.answer_all()
+            await asyncio.sleep(0.001)
+        gpu.answer_all()
+        await asyncio.wait_for(task, 10)
+    finally:
+        pool.shutdown()
+    assert not failures and tracker.committable(tp) == 6

@@ -43,14 +43,38 @@ from worker.settings import Settings
 
 
 
+class _Answers:
+    """The GPU's answers to one batch as they come (a callback per record's future, not an
+    ``asyncio.wait`` over all of them per wake-up), and a wake-up when the hand-over ends."""
+
+    __slots__ = ("jobs", "event", "_by_future")
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []  # answered, not yet taken
+        self.event = asyncio.Event()
+        self._by_future: dict[asyncio.Future, Job] = {}
+
+    def watch(self, job: Job) -> None:
+        self._by_future[job.future] = job  # type: ignore[index]
+        job.future.add_done_callback(self._arrived)  # type: ignore[union-attr]
+
+    def _arrived(self, future: asyncio.Future) -> None:
+        self.jobs.append(self._by_future.pop(future))
+        self.event.set()
+
+    def wake(self, _future: asyncio.Future) -> None:
+        self.event.set()
+
+
 class Job:
     """One record's way through a batch."""
 
-    __slots__ = ("msg", "generation", "where", "decoded", "future", "result", "error")
+    __slots__ = ("msg", "generation", "answers", "where", "decoded", "future", "result", "error")
 
-    def __init__(self, msg: Any, generation: int | None) -> None:
+    def __init__(self, msg: Any, generation: int | None, answers: _Answers | None = None) -> None:
         self.msg = msg
         self.generation = generation
+        self.answers = answers
         self.where = {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset}
         self.decoded: Decoded | Encoded | None = None
         self.future: asyncio.Future | None = None  # the GPU's answer
@@ -93,34 +117,43 @@ class MessageHandler:
 
     async def handle_batch(self, tp: TopicPartition, items: Sequence[tuple[Any, int | None]]) -> None:
         consumed_at = time.monotonic()
-        jobs = [Job(msg, generation) for msg, generation in items]
+        answers = _Answers()
+        jobs = [Job(msg, generation, answers) for msg, generation in items]
+        # Handing over and publishing run side by side: a poll can bring more records than the ring has
+        # slots, and the first records' results must not wait until the last ones found room (with a long
+        # max_wait_ms that held results back for several GPU batches). Results are published as they come,
+        # a group per wake-up (the GPU answers a batch at once), each group on its own: one record the GPU
+        # never answers, or one group whose ack is slow, must not hold its batch-mates back.
+        handing = asyncio.ensure_future(self._check_and_put(jobs) if self.gpu.decodes_on_device
+                                        else self._decode_and_put(jobs))
+        handing.add_done_callback(answers.wake)
+        publishing: list[asyncio.Future] = []
         try:
-            if self.gpu.decodes_on_device:
-                await self._check_and_put(jobs)
-            else:
-                await self._decode_and_put(jobs)
-            # Results published as they come, a group per wake-up (the GPU answers a batch at once), each
-            # group on its own: one record the GPU never answers, or one group whose ack is slow, must not
-            # hold its batch-mates' results and offsets back.
-            failed = [j for j in jobs if j.future is None]  # poison (or retriable) before the GPU
-            publishing = [asyncio.ensure_future(self._publish(tp, failed, consumed_at))] if failed else []
             try:
-                waiting = {job.future: job for job in jobs if job.future is not None}
-                while waiting:
-                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                    group = []
-                    for future in done:
-                        job = waiting.pop(future)
-                        try:
-                            job.result = future.result()
-                        except (PoisonMessage, RetriableError) as exc:
-                            job.error = exc
-                        group.append(job)
-                    group.sort(key=lambda j: j.msg.offset)
-                    publishing.append(asyncio.ensure_future(self._publish(tp, group, consumed_at)))
+                expected, arrived = None, 0  # answers to wait for: known once every record is handed over
+                while expected is None or arrived < expected:
+                    await answers.event.wait()
+                    answers.event.clear()
+                    group, answers.jobs = answers.jobs, []
+                    if group:
+                        for job in group:
+                            try:
+                                job.result = job.future.result()  # type: ignore[union-attr]
+                            except (PoisonMessage, RetriableError) as exc:
+                                job.error = exc
+                        group.sort(key=lambda j: j.msg.offset)
+                        publishing.append(asyncio.ensure_future(self._publish(tp, group, consumed_at)))
+                        arrived += len(group)
+                    if expected is None and handing.done():
+                        handing.result()  # what stopped the hand-over stops the batch
+                        expected = sum(1 for j in jobs if j.future is not None)
+                        failed = [j for j in jobs if j.future is None]  # poison (or retriable) before the GPU
+                        if failed:
+                            publishing.append(asyncio.ensure_future(self._publish(tp, failed, consumed_at)))
                 await asyncio.gather(*publishing)
             finally:
-                for task in publishing:  # a cut batch (drain, revoke) or a failure cuts its groups too
+                handing.cancel()  # a cut batch (drain, revoke) or a failure cuts its hand-over and groups too
+                for task in publishing:
                     task.cancel()
         except asyncio.CancelledError:
             raise
@@ -206,6 +239,8 @@ class MessageHandler:
         loop = asyncio.get_running_loop()
         request.future = job.future = loop.create_future()
         request.loop = loop
+        if job.answers is not None:
+            job.answers.watch(job)
         self.metrics.decode_seconds.observe(job.decoded.decode_s)  # type: ignore[union-attr]
         await self.gpu.put(request)
 
