@@ -64,6 +64,21 @@ async def test_a_configuration_librdkafka_refuses_is_a_config_error_naming_it():
         await RdKafkaConsumer(rdkafka_consumer.config(s, "g")).start()
 
 
+async def test_no_broker_is_a_connection_error_and_stop_ends_the_clients_thread(monkeypatch):
+    """The worker's connect loop retries on KafkaConnectionError and closes the failed clients: a
+    librdkafka handle left open would go on reconnecting in the background, one more per retry."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from tests.procs import free_port
+
+    monkeypatch.setattr(rdkafka_consumer, "CONNECT_TIMEOUT_S", 1.0)
+    consumer = RdKafkaConsumer(rdkafka_consumer.config(Settings(bootstrap_servers=f"127.0.0.1:{free_port()}"), "g"))
+    with pytest.raises(KafkaConnectionError, match="no broker answered"):
+        await consumer.start()
+    await asyncio.wait_for(consumer.stop(), 10)
+    consumer._owner._thread.join(5)
+    assert not consumer._owner._thread.is_alive()
+
 def test_librdkafka_with_exactly_once_is_refused_at_load():
     with pytest.raises(ConfigError, match="kafka_consumer=librdkafka cannot be combined"):
         Settings(kafka_consumer="librdkafka", processing_guarantee="exactly-once")
