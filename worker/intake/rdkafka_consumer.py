@@ -13,19 +13,20 @@ that may be a ``consume()`` running a rebalance callback that waits for the even
 loop or a second thread so stalled or deadlocked the worker (CI: a sync commit held the consumer for a
 whole broker stall; the cached high watermark, read on the loop, waited on a callback that waited on the
 loop). So every call, consume, pause, resume, commit, close, is queued to that thread, in order, and
-nothing else touches the handle. Commits are asynchronous (``on_commit`` answers them inside the next
-consume), so a commit the broker does not answer never holds the polls. Offset and metadata lookups go
-through an admin client of their own, each bounded by its request timeout.
+nothing else touches the handle. Commits are synchronous there: while the broker does not answer one,
+polls wait behind it (nothing could be fetched meanwhile anyway), and a commit the worker stopped
+waiting for before it started is never sent. Offset and metadata lookups go through an admin client of
+their own, each bounded by its request timeout.
 
 Rebalances. librdkafka runs the rebalance callbacks inside ``consume()`` on the owner thread and lets
 the partitions go when the callback returns. The callback hands the worker's async hook to the event loop
 and, until it is done, runs on its own thread the calls the hook makes (the commit of a revoke, the pause
 of an assignment: re-entrant calls, which confluent-kafka admits): so a revoke drains, flushes and commits
-before anyone else can own the partitions, what aiokafka's awaited listener gives. A commit made inside
-a callback is synchronous (no consume can serve its answer meanwhile). A lost assignment (the session
-timed out) runs the worker's lost hook, which does not commit: the membership is gone. An assignment is
-applied, and resumed (librdkafka would keep a pause from before the rebalance; aiokafka does not),
-before its hook runs. The eager protocol and the round-robin assignor, as aiokafka's defaults.
+before anyone else can own the partitions, what aiokafka's awaited listener gives. A lost assignment
+(the session timed out) runs the worker's lost hook, which does not commit: the membership is gone. An
+assignment is applied, and resumed (librdkafka would keep a pause from before the rebalance; aiokafka
+does not), before its hook runs. The eager protocol and the round-robin assignor, as aiokafka's
+defaults.
 
 The assignment is kept here as a frozen set of aiokafka ``TopicPartition`` (the worker asks for it per
 message); records come out as ``Fetched``, with the attributes of aiokafka's ``ConsumerRecord`` that the
