@@ -515,13 +515,15 @@ class GpuThread(FailureIsolation):
                 break
             if item is not _STOP:
                 pending.append(item)
+        # Logged before anyone is told: an intake that learns of it stops the worker, and the supervisor
+        # may end this process before a later line is written (CI: the line was missing once).
+        name = getattr(exc, "cuda_error", "")
+        self._log.error("gpu thread failed", error=f"{type(exc).__name__}: {exc}", cuda_error=name or None)
         error = exc if isinstance(exc, WorkerError) else FatalError(f"GPU thread failed: {exc}")
         for req in pending:
             req.loop.call_soon_threadsafe(resolve, req.future, None, error)
         if self.on_fatal is not None:
             self.on_fatal(error)
-        name = getattr(exc, "cuda_error", "")
-        self._log.error("gpu thread failed", error=f"{type(exc).__name__}: {exc}", cuda_error=name or None)
 
     def _teardown(self, activated: list[InferenceEngine], started: bool) -> None:
         """Reverse order of start: the decode thread, sync the stream, the decoder, engines last-in
