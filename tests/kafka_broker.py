@@ -166,7 +166,13 @@ def make_certificates(folder: Path) -> dict[str, Path]:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A random KRaft cluster id, never starting with "-": the storage tool would read one that does as an
+    option (CI: "argument --cluster-id/-t: expected one argument", 1 start in 64); Kafka's own
+    Uuid.randomUuid() skips those too."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class KafkaBroker(BrokerProcess):

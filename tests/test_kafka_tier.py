@@ -18,3 +18,10 @@ pytestmark = pytest.mark.kafka
 @pytest.mark.parametrize("broker", ["kafka"], indirect=True)
 async def test_replay_until_end_covers_multi_record_batches_on_kafka(settings):
     await _until_end_over_multi_record_batches(settings)
+
+
+def test_the_cluster_id_never_reads_as_an_option():
+    from tests.kafka_broker import _cluster_id
+
+    ids = [_cluster_id() for _ in range(2000)]  # about 31 of 2000 random ids start with "-"
+    assert not [i for i in ids if i.startswith("-")] and all(len(i) == 22 for i in ids)
