@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 
 import pytest
 
@@ -117,6 +119,34 @@ async def test_first_message_hook_reads_each_thread_groups_cpu_as_messages_finis
     task.cancel()
     report = hook.report(worker, 0)
     assert report["groups_finished"] == 5 and report["groups_cpu_s"]["event_loop"] > 0
+
+
+def test_thread_stats_reads_a_busy_threads_cpu_and_lets_go_of_an_ended_ones_descriptor():
+    stats = cpu_time.ThreadStats()
+    done = threading.Event()
+    seen: dict[str, float] = {}
+
+    def spin() -> None:
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:  # 50 ms of this thread's own CPU (5 clock ticks)
+            pass
+        seen.update(stats.groups())  # read while this thread still runs
+        done.wait(5)
+
+    thread = threading.Thread(target=spin, name="spinner_0")
+    thread.start()
+    while not seen:
+        time.sleep(0.005)
+    assert seen["spinner"] >= 0.03 and "event_loop" in seen
+    kept = set(stats._fds)
+    assert thread.native_id in kept
+    done.set()
+    thread.join()
+    after = stats.groups()
+    assert "spinner" not in after and thread.native_id not in stats._fds  # ended: its descriptor closed
+    assert after["event_loop"] == pytest.approx(stats.seconds(threading.main_thread().native_id), abs=0.02)
+    stats.close()
+    assert not stats._fds
 
 
 def test_intake_cpu_splits_each_intakes_cpu_by_thread_group():
