@@ -97,3 +97,9 @@ def exif_rotated_jpeg() -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
     return buf.getvalue()
+
+
+def kafka_clients(name: str) -> dict[str, str]:
+    """The intake's Kafka clients for a test run with each library ("aiokafka", "librdkafka"): its
+    consumer and its producer both on that one (kafka_consumer, kafka_producer)."""
+    return {"kafka_consumer": name, "kafka_producer": name}

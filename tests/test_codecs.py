@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import codec as aiokafka_codec
 from aiokafka.errors import UnsupportedCodecError
 
-from tests.helpers import check_demo_result, result_doc, source_of
+from tests.helpers import check_demo_result, kafka_clients, result_doc, source_of
 from tests.kafka_broker import both_brokers
 from tests.test_end_to_end import run_until
 from worker import codecs
@@ -121,7 +121,7 @@ async def test_every_codec_in_from_aiokafka_and_librdkafka_and_out(settings, cod
     if codec != "none":
         await assert_stored_compressed(settings.bootstrap_servers, settings.input_topic, codec)
 
-    (records,), worker, code = await run_until(settings.replace(output_compression=codec, kafka_consumer=kafka_consumer),
+    (records,), worker, code = await run_until(settings.replace(output_compression=codec, **kafka_clients(kafka_consumer)),
                                                {settings.output_topic: len(pixels)}, timeout_s=120.0)
     assert code == 0
     by_source: dict[tuple[int, int], list] = {}

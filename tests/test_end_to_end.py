@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tests.helpers import check_demo_result, headers_of, produce, read_all, result_doc, source_of
+from tests.helpers import check_demo_result, headers_of, kafka_clients, produce, read_all, result_doc, source_of
 from tests.kafka_broker import both_brokers
 from worker.broker import create_topics
 from worker.samples import encode, synth_image
@@ -47,7 +47,7 @@ async def run_until(settings, expected: dict[str, int], timeout_s: float = 180.0
 @both_brokers
 @pytest.mark.parametrize("kafka_consumer", ["aiokafka", "librdkafka"])
 async def test_500_images_over_4_partitions_each_result_matches_its_own_image(settings, kafka_consumer):
-    settings = dataclasses.replace(settings, kafka_consumer=kafka_consumer)
+    settings = dataclasses.replace(settings, **kafka_clients(kafka_consumer))
     await create_topics(settings.bootstrap_servers, [(settings.input_topic, 4), (settings.output_topic, 4),
                                                     (settings.dlq_topic, 1)])
     blobs, pixels = lossless_images(500)
@@ -81,7 +81,7 @@ async def test_500_images_over_4_partitions_each_result_matches_its_own_image(se
 @both_brokers
 @pytest.mark.parametrize("kafka_consumer", ["aiokafka", "librdkafka"])
 async def test_poison_goes_to_dlq_with_reason_and_the_rest_is_processed(settings, kafka_consumer):
-    settings = dataclasses.replace(settings, kafka_consumer=kafka_consumer)
+    settings = dataclasses.replace(settings, **kafka_clients(kafka_consumer))
     await create_topics(settings.bootstrap_servers, [(settings.input_topic, 2), (settings.output_topic, 2),
                                                     (settings.dlq_topic, 1)])
     blobs, pixels = lossless_images(6)

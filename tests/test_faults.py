@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.corpus import good_image_specs, malformed_corpus, tiny_valid_images
-from tests.helpers import check_demo_result
+from tests.helpers import check_demo_result, kafka_clients
 from tests.procs import (PacedProducer, TopicReader, WorkerProc, committed_offsets, duplicates,  # noqa: F401
                          no_leftover_workers, source_coords, worker_env)
 from worker.broker import LocalBroker, create_topics, free_port
@@ -84,7 +84,7 @@ async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, t
     rng = random.Random(seed)
     print(f"\nkill -9 test: seed={seed}")
     await create_test_topics(broker.bootstrap, topics, partitions)
-    env = worker_env(broker.bootstrap, topics, kafka_consumer=kafka_consumer, max_in_flight=max_in_flight,
+    env = worker_env(broker.bootstrap, topics, **kafka_clients(kafka_consumer), max_in_flight=max_in_flight,
                      commit_interval_ms=commit_ms,
                      max_batch_size=16)
     values, _ = small_pngs(n)
@@ -140,7 +140,7 @@ async def test_kill_9_five_times_while_streaming_loses_nothing(broker, topics, t
 async def test_broker_stopped_for_20s_mid_stream(broker, topics, tmp_path, kafka_consumer):
     n, partitions, stall_s = 2000, 4, 20.0
     await create_test_topics(broker.bootstrap, topics, partitions)
-    env = worker_env(broker.bootstrap, topics, max_in_flight=128, kafka_consumer=kafka_consumer)
+    env = worker_env(broker.bootstrap, topics, max_in_flight=128, **kafka_clients(kafka_consumer))
     values, _ = small_pngs(n)
     producer = PacedProducer(broker.bootstrap, topics["input"], values, partitions, rate=100.0)
     async with TopicReader(broker.bootstrap, topics["output"]) as out:
@@ -254,7 +254,7 @@ async def test_second_worker_joins_and_leaves_mid_stream(broker, topics, tmp_pat
     """
     n, partitions = 3000, 4
     await create_test_topics(broker.bootstrap, topics, partitions)
-    common = dict(rebalance_timeout_s=0.2, drain_timeout_s=15, log_level="debug", kafka_consumer=kafka_consumer)
+    common = dict(rebalance_timeout_s=0.2, drain_timeout_s=15, log_level="debug", **kafka_clients(kafka_consumer))
     env_a = worker_env(broker.bootstrap, topics, max_in_flight=4096, max_batch_size=2048, max_wait_ms=10000,
                        **common)
     env_b = worker_env(broker.bootstrap, topics, max_in_flight=256, max_batch_size=64, max_wait_ms=5, **common)
@@ -447,7 +447,7 @@ async def test_sigterm_mid_stream_then_restart_has_no_duplicates(broker, topics,
     n, partitions = 3000, 4
     await create_test_topics(broker.bootstrap, topics, partitions)
     # Batches close on time only (2 s): a few hundred messages are in flight at almost any moment.
-    env = worker_env(broker.bootstrap, topics, kafka_consumer=kafka_consumer, max_in_flight=1024, drain_timeout_s=15,
+    env = worker_env(broker.bootstrap, topics, **kafka_clients(kafka_consumer), max_in_flight=1024, drain_timeout_s=15,
                      max_batch_size=512,
                      max_wait_ms=2000, log_level="debug")  # the GPU process logs each batch at debug
     values, _ = small_pngs(n)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import check_demo_result
+from tests.helpers import check_demo_result, kafka_clients
 from tests.procs import (PacedProducer, TopicReader, WorkerProc, duplicates, no_leftover_workers,  # noqa: F401
                          source_coords, worker_env)
 from tests.kafka_broker import both_brokers
@@ -69,7 +69,7 @@ async def test_two_intakes_every_result_exact_one_view_and_nothing_left_in_shm(b
     n = 600
     await setup(broker, topics)
     values, pixels = pngs(n)
-    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_batch_size=32, kafka_consumer=kafka_consumer)
+    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_batch_size=32, **kafka_clients(kafka_consumer))
     async with TopicReader(broker.bootstrap, topics["output"]) as out:
         worker = WorkerProc(env, tmp_path / "w.log").start()
         await worker.wait_ready(90)
@@ -168,7 +168,7 @@ async def test_kill_9_of_the_gpu_process_mid_stream(broker, topics, tmp_path):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kafka_consumer", ["aiokafka", "librdkafka"])
 async def test_kill_9_of_one_intake_mid_stream(broker, topics, tmp_path, kafka_consumer):
-    await _kill_mid_stream(broker, topics, tmp_path, "intake", kafka_consumer=kafka_consumer)
+    await _kill_mid_stream(broker, topics, tmp_path, "intake", **kafka_clients(kafka_consumer))
 
 
 @pytest.mark.timeout(240)

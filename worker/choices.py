@@ -79,6 +79,13 @@ class KafkaConsumer(Choice):
     LIBRDKAFKA = "librdkafka"  # confluent-kafka: fetch, decompression and parsing on native threads
 
 
+class KafkaProducer(Choice):
+    """kafka_producer: which client publishes an intake's results and dead letters (worker.intake.rdkafka_producer)."""
+
+    AIOKAFKA = "aiokafka"  # pure Python on the intake's event loop
+    LIBRDKAFKA = "librdkafka"  # confluent-kafka: batching, requests and acks on native threads
+
+
 class Compression(Choice):
     """output_compression; NONE is the producer's compression_type=None (worker.codecs)."""
 

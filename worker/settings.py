@@ -23,6 +23,7 @@ from worker.choices import (
     Decoder,
     Device,
     KafkaConsumer,
+    KafkaProducer,
     LogFormat,
     LogLevel,
     NvImageCodecBackend,
@@ -34,7 +35,7 @@ from worker.choices import (
 from worker.errors import ConfigError
 
 __all__ = ["ENV_PREFIX", "GPU_DECODERS", "SECRET_FIELDS", "BatchShapes", "Compression", "CudnnSearch", "Decoder",
-           "Device", "KafkaConsumer", "LogFormat", "LogLevel", "OffsetReset", "ProcessingGuarantee", "SaslMechanism",
+           "Device", "KafkaConsumer", "KafkaProducer", "LogFormat", "LogLevel", "OffsetReset", "ProcessingGuarantee", "SaslMechanism",
            "SecurityProtocol", "Settings", "add_arguments", "load"]
 SECRET_FIELDS = frozenset({"sasl_password", "ssl_keyfile_password"})
 
@@ -88,6 +89,13 @@ class Settings:
         "quarter of aiokafka's CPU per 76 KB message, the intake's event loop about half (2-CPU VM, "
         "docs/benchmarks.md; not yet measured on a GPU host). Same group protocol, commits and drain on revoke. A replay "
         "and exactly-once read with aiokafka (exactly-once: librdkafka here is refused).", KafkaConsumer)
+    kafka_producer: KafkaProducer = _opt(
+        KafkaProducer.AIOKAFKA, "The client an intake publishes results and dead letters with. aiokafka builds "
+        "record batches and produce requests in Python on the intake's event loop (with kafka_consumer=librdkafka "
+        "the largest part left of its CPU per message); librdkafka (confluent-kafka) does it on native threads, "
+        "the loop only hands each record over. Same partitions for a key (murmur2), acks from all in-sync "
+        "replicas, the same retries, refusals and dead letters (docs/guarantees.md). Exactly-once publishes with "
+        "aiokafka (librdkafka here is refused).", KafkaProducer)
     check_crcs: bool = _opt(
         True, "Check each fetched record batch's CRC-32C (Kafka's Java consumer does by default; librdkafka "
               "does not). Images make it dear: ~37 us of the intake's event loop per 76 KB message, a fifth "
@@ -293,6 +301,10 @@ class Settings:
                 and self.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE):
             problems.append("kafka_consumer=librdkafka cannot be combined with processing_guarantee=exactly-once "
                             "(its transactions commit offsets with aiokafka's group membership): use aiokafka")
+        if (self.kafka_producer is KafkaProducer.LIBRDKAFKA
+                and self.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE):
+            problems.append("kafka_producer=librdkafka cannot be combined with processing_guarantee=exactly-once "
+                            "(its transactions are aiokafka's): use aiokafka")
         if self.resume_in_flight > self.max_in_flight:
             problems.append(
                 f"resume_in_flight={self.resume_in_flight} must not exceed max_in_flight={self.max_in_flight}"

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from worker import codecs
-from worker.choices import KafkaConsumer
+from worker.choices import KafkaConsumer, KafkaProducer
 from worker.errors import ConfigError, FatalError
 from worker.intake.consume import LivePlan
 from worker.intake.publish import Publisher
@@ -34,12 +34,19 @@ class ClientsMixin:
         if self.exactly_once:
             self.publisher = self._transactional_publisher()
             return
-        self.publisher = Publisher(
-            AIOKafkaProducer(client_id=s.client_id, acks="all", linger_ms=s.producer_linger_ms,
-                             max_request_size=s.producer_max_request_size, max_batch_size=1 << 20,
-                             compression_type=codecs.producer_compression(s.output_compression),
-                             **s.kafka_common()),
-            s.producer_max_pending, on_broker_trouble=self._broker_trouble)
+        self.publisher = Publisher(self._new_producer(), s.producer_max_pending, on_broker_trouble=self._broker_trouble)
+
+    def _new_producer(self) -> Any:
+        """aiokafka's producer, or with kafka_producer=librdkafka the one on librdkafka."""
+        s = self.settings
+        compression = codecs.producer_compression(s.output_compression)
+        if s.kafka_producer is KafkaProducer.LIBRDKAFKA:
+            from worker.intake import rdkafka_producer
+
+            return rdkafka_producer.RdKafkaProducer(rdkafka_producer.config(s, compression))
+        return AIOKafkaProducer(client_id=s.client_id, acks="all", linger_ms=s.producer_linger_ms,
+                                max_request_size=s.producer_max_request_size, max_batch_size=1 << 20,
+                                compression_type=compression, **s.kafka_common())
 
     def _new_consumer(self) -> Any:
         """aiokafka's consumer, or with kafka_consumer=librdkafka and a live plan the one on librdkafka

@@ -95,6 +95,9 @@ async def topic_error(producer: AIOKafkaProducer, topic: str) -> type[KafkaError
     broker answers."""
     from aiokafka.protocol.metadata import MetadataRequest
 
+    own = getattr(producer, "topic_error", None)  # kafka_producer=librdkafka asks through its own client
+    if own is not None:
+        return await own(topic)
     client = producer.client
     node = client.get_random_node()
     if node is None:
@@ -107,6 +110,16 @@ async def topic_error(producer: AIOKafkaProducer, topic: str) -> type[KafkaError
                 return None if data[-1] else E.LeaderNotAvailableError
             return error
     return E.UnknownTopicOrPartitionError
+
+
+async def placement(producer: Any, topic: str) -> tuple[list[int], list[int]]:
+    """The topic's partitions and those available now, from the producer's metadata (aiokafka's cache, or
+    kafka_producer=librdkafka's own ``placement``)."""
+    own = getattr(producer, "placement", None)
+    if own is not None:
+        return await own(topic)
+    partitions = sorted(await producer.partitions_for(topic))
+    return partitions, list(producer.client.cluster.available_partitions_for_topic(topic) or ())
 
 
 class RecordTooLarge(WorkerError):
@@ -258,8 +271,7 @@ class Publisher:
         """Queue ``records`` in produce batches, appending (ack future, record indices) to ``sent``; a
         record that does not fit in a batch of its own goes to ``alone`` (``publish`` judges it)."""
         producer = self._producer
-        partitions = sorted(await producer.partitions_for(topic))
-        available = list(producer.client.cluster.available_partitions_for_topic(topic) or ())
+        partitions, available = await placement(producer, topic)
         groups = by_partition([r.key for r in records], producer._partitioner, partitions, available)
         for partition, indices in groups.items():
             batch, members = producer.create_batch(), []

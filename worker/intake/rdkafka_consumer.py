@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable
@@ -49,6 +48,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from worker import log
 from worker.errors import ConfigError, FatalError
+from worker.intake.rdkafka_common import Logs, connection_config, text
 from worker.intake.commit import BROKER_TIMEOUT_S  # offset and metadata lookups wait as long as commits and probes
 
 CONNECT_TIMEOUT_S = 10.0  # start(): a metadata round trip, as aiokafka's start() makes one
@@ -77,9 +77,8 @@ class Fetched:
 
 def config(settings: Any, group_id: str) -> dict[str, Any]:
     """librdkafka's configuration for a live intake (pure): the same options the aiokafka consumer gets."""
-    conf: dict[str, Any] = {
-        "bootstrap.servers": settings.bootstrap_servers,
-        "client.id": settings.client_id,
+    return {
+        **connection_config(settings),
         "group.id": group_id,
         "enable.auto.commit": False,  # the worker commits its finished prefix itself
         "enable.auto.offset.store": False,
@@ -97,18 +96,7 @@ def config(settings: Any, group_id: str) -> dict[str, Any]:
         "isolation.level": "read_uncommitted",  # as the aiokafka consumer for at-least-once
         "partition.assignment.strategy": "roundrobin",  # aiokafka's default: a group may mix both clients
         "enable.partition.eof": False,
-        "security.protocol": str(settings.security_protocol),
     }
-    if settings.security_protocol.uses_tls:
-        for key, value in (("ssl.ca.location", settings.ssl_cafile), ("ssl.certificate.location", settings.ssl_certfile),
-                           ("ssl.key.location", settings.ssl_keyfile), ("ssl.key.password", settings.ssl_keyfile_password)):
-            if value:
-                conf[key] = value
-    if settings.security_protocol.uses_sasl:
-        conf["sasl.mechanism"] = str(settings.sasl_mechanism)
-        conf["sasl.username"] = settings.sasl_username
-        conf["sasl.password"] = settings.sasl_password
-    return conf
 
 
 def admin_config(conf: dict[str, Any]) -> dict[str, Any]:
@@ -191,20 +179,6 @@ class _Owner:
                 item.run()
 
 
-class _Logs:
-    """librdkafka's log lines through the worker's structured log (by default they go raw to stderr)."""
-
-    def __init__(self, logger: Any) -> None:
-        self._log = logger
-
-    def log(self, level: int, fmt: str, *args: Any) -> None:
-        text = fmt % args if args else fmt
-        if level >= logging.WARNING:
-            self._log.warning("librdkafka", message=text)
-        else:
-            self._log.debug("librdkafka", message=text)
-
-
 class RdKafkaConsumer:
     """aiokafka's AIOKafkaConsumer calls that worker.app, .commit and .rebalance make, on librdkafka."""
 
@@ -228,19 +202,18 @@ class RdKafkaConsumer:
         from confluent_kafka.admin import AdminClient
 
         self._loop = asyncio.get_running_loop()
-        logs = _Logs(self._log)
-        conf = {**self._conf, "error_cb": self._on_error, "logger": logs}
+        conf = {**self._conf, "error_cb": self._on_error, "logger": Logs(self._log)}
         try:
             self._consumer = confluent_kafka.Consumer(conf)
             self._admin = AdminClient(admin_config(self._conf))
         except confluent_kafka.KafkaException as exc:  # librdkafka checks its configuration here
-            raise ConfigError(f"kafka_consumer=librdkafka: librdkafka refused the configuration: {_text(exc)}") from None
+            raise ConfigError(f"kafka_consumer=librdkafka: librdkafka refused the configuration: {text(exc)}") from None
         self._owner = _Owner("rdkafka-poll")
         try:  # reach a broker, so the worker's connect loop retries while none answers
             await self._owner.submit(lambda: self._consumer.list_topics(timeout=CONNECT_TIMEOUT_S))
         except confluent_kafka.KafkaException as exc:
             raise KafkaConnectionError(f"librdkafka: no broker answered at {self._conf['bootstrap.servers']}: "
-                                       f"{_text(exc)}") from None
+                                       f"{text(exc)}") from None
 
     async def stop(self) -> None:
         """Leave the group and close (after any poll in progress). The worker has drained and committed
@@ -260,7 +233,7 @@ class RdKafkaConsumer:
                                                           on_lost=self._on_lost), self._subscribe_failed)
 
     def _subscribe_failed(self, exc: BaseException) -> None:
-        self._fatal = RdKafkaError(f"subscribe failed: {_text(exc)}")
+        self._fatal = RdKafkaError(f"subscribe failed: {text(exc)}")
 
     # --- consuming -----------------------------------------------------------------------------
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Fetched]]:
@@ -329,7 +302,7 @@ class RdKafkaConsumer:
         try:
             answer = await self._owner.submit(lambda: self._consumer.commit(offsets=native, asynchronous=False))
         except confluent_kafka.KafkaException as exc:
-            raise RdKafkaError(f"commit failed: {_text(exc)}") from None
+            raise RdKafkaError(f"commit failed: {text(exc)}") from None
         failed = [f"{p.topic}:{p.partition}: {p.error.str()}" for p in answer or () if p.error is not None]
         if failed:
             raise RdKafkaError("commit failed for " + "; ".join(failed))
@@ -377,7 +350,7 @@ class RdKafkaConsumer:
                 return await asyncio.wrap_future(started)
             return await started if asyncio.isfuture(started) or asyncio.iscoroutine(started) else started
         except confluent_kafka.KafkaException as exc:
-            raise RdKafkaError(_text(exc)) from None
+            raise RdKafkaError(text(exc)) from None
 
     # --- callbacks (the owner thread, inside consume()) ------------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
@@ -468,9 +441,3 @@ def _native(partitions: Iterable[TopicPartition], offsets: dict[TopicPartition, 
     if offsets is None:
         return [confluent_kafka.TopicPartition(tp.topic, tp.partition) for tp in partitions]
     return [confluent_kafka.TopicPartition(tp.topic, tp.partition, offsets[tp]) for tp in partitions]
-
-
-def _text(exc: BaseException) -> str:
-    error = exc.args[0] if exc.args else None
-    return error.str() if hasattr(error, "str") else str(exc)
-
