@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import orjson
 import pytest
 
 from worker import errors
@@ -35,10 +36,15 @@ def test_a_reply_message_is_not_taken_for_requests() -> None:
         wire.unpack_requests(wire.pack_replies([]))
 
 
-def test_results_are_json_with_nan_as_null() -> None:
-    data = payload.encode_result([{"logits": [{"index": 3, "score": float("nan")}]}], 0.001, 0.02, 7)
+def test_results_are_json_with_nan_as_null_and_each_models_outputs_reach_the_record_unparsed() -> None:
+    post = [{"logits": [{"index": 3, "score": float("nan")}], "label": "a\nb"}, {"mean": np.float32(0.5)}]
+    data = payload.encode_result(post, 0.001, 0.02, 7)
     doc = payload.decode_result(data)
-    assert doc == {"p": [{"logits": [{"index": 3, "score": None}]}], "q": 0.001, "i": 0.02, "b": 7}
+    assert {k: doc[k] for k in "qib"} == {"q": 0.001, "i": 0.02, "b": 7}
+    assert all(isinstance(p, orjson.Fragment) for p in doc["p"])
+    # embedded as they are in the result's JSON: NaN is null, a newline in a string stays escaped
+    assert orjson.loads(orjson.dumps({"models": doc["p"]})) == {
+        "models": [{"logits": [{"index": 3, "score": None}], "label": "a\nb"}, {"mean": 0.5}]}
     assert b"pickle" not in data and data.startswith(b"{")
 
 

@@ -17,12 +17,20 @@ from worker.ipc.wire import Status
 
 def encode_result(postprocessed: Sequence[dict[str, Any]], queue_s: float, inference_s: float,
                   batch_size: int) -> bytes:
-    return orjson.dumps({"p": list(postprocessed), "q": queue_s, "i": inference_s, "b": batch_size},
-                        option=orjson.OPT_SERIALIZE_NUMPY)
+    """The timings, then each model's outputs as JSON of its own, one per line (compact JSON has no raw
+    newline: orjson escapes one in a string), so the intake can put them in its result unparsed."""
+    head = orjson.dumps({"q": queue_s, "i": inference_s, "b": batch_size})
+    return b"\n".join([head, *(orjson.dumps(p, option=orjson.OPT_SERIALIZE_NUMPY) for p in postprocessed)])
 
 
 def decode_result(data: bytes) -> dict[str, Any]:
-    return orjson.loads(data)
+    """The timings as numbers, and under "p" each model's outputs as an ``orjson.Fragment``: JSON the
+    result record embeds as it is. Parsing it here only to serialise it again was a tenth of the intake
+    event loop's CPU per message (py-spy, docs/benchmarks.md)."""
+    head, *models = data.split(b"\n")
+    doc = orjson.loads(head)
+    doc["p"] = [orjson.Fragment(m) for m in models]
+    return doc
 
 
 def encode_error(exc: BaseException) -> tuple[Status, bytes]:
