@@ -30,11 +30,14 @@ from worker.engines import create_engine
 from worker.engines.base import CpuRuntime
 from worker.errors import FatalError, PublishFailed, UnwritableTopic
 from worker.gpu.thread import GpuThread
+from worker.intake import rdkafka_producer
 from worker.intake.publish import Publisher, classify, topic_error, topic_name_problem
+from worker.intake.rdkafka_producer import RdKafkaProducer
 from worker.intake.records import Record
 from worker.health import HealthState
 from worker.models import default_pipeline_path
 from worker.models.spec import load_pipeline
+from worker.settings import Settings
 from worker.samples import encode, synth_image
 
 pytestmark = pytest.mark.timeout(120)
@@ -174,31 +177,42 @@ async def test_a_topic_that_exists_again_after_an_unknown_topic_error_is_retried
 
 
 # --- the real broker --------------------------------------------------------------------------------------
-async def test_what_tansu_answers_for_a_missing_and_an_invalid_topic(broker, topics):
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
-    await producer.start()
+def _producer(kind: str, bootstrap: str):
+    """The intake's producer of either library (kafka_producer), as Publisher gets it."""
+    if kind == "librdkafka":
+        return RdKafkaProducer(rdkafka_producer.config(Settings(bootstrap_servers=bootstrap), None))
+    return AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=1000)
+
+
+PRODUCERS = pytest.mark.parametrize("kind", ["aiokafka", "librdkafka"])
+
+
+@PRODUCERS
+async def test_what_tansu_answers_for_a_missing_and_an_invalid_topic(broker, topics, kind):
+    producer = _producer(kind, broker.bootstrap)
+    pub = Publisher(producer, 10)
+    await pub.start()
     try:
         assert await topic_error(producer, topics["output"]) is None  # created by the metadata request
         assert await topic_error(producer, BAD) is E.InvalidTopicError
         assert await topic_error(producer, "x" * 300) is E.InvalidTopicError
-        pub = Publisher(producer, 10)
         await pub.check_topics([topics["output"], topics["dlq"]])
         # the name check comes first; the broker's answer is what a legal name it refuses would get
         with pytest.raises(UnwritableTopic, match="'bad topic!' is not a valid topic name"):
             await pub.check_topics([topics["output"], BAD])
     finally:
-        await producer.stop()
+        await pub.stop()
 
 
-async def test_publishing_to_an_invalid_topic_on_the_broker_fails_for_good(broker):
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, request_timeout_ms=1000)
-    await producer.start()
+@PRODUCERS
+async def test_publishing_to_an_invalid_topic_on_the_broker_fails_for_good(broker, kind):
+    pub = Publisher(_producer(kind, broker.bootstrap), 10, backoff_s=(0.01, 0.02))
+    await pub.start()
     try:
-        pub = Publisher(producer, 10, backoff_s=(0.01, 0.02))
         with pytest.raises(PublishFailed, match="'bad topic!'"):
-            await asyncio.wait_for(pub.publish(BAD, REC), 10)
+            await asyncio.wait_for(pub.publish(BAD, REC), 30)
     finally:
-        await producer.stop()
+        await pub.stop()
 
 
 def _pngs(n: int) -> list[bytes]:
@@ -231,7 +245,8 @@ async def test_a_worker_with_an_invalid_topic_stops_at_start_up_naming_it(settin
         == {0: None}
 
 
-async def test_a_worker_whose_output_topic_cannot_be_written_stops_and_commits_nothing(settings, monkeypatch):
+@PRODUCERS
+async def test_a_worker_whose_output_topic_cannot_be_written_stops_and_commits_nothing(settings, monkeypatch, kind):
     """Past the start-up check (skipped here, as if the topic had gone bad since): every send fails, the
     first one found permanent stops the worker non-zero; nothing was acknowledged, nothing committed."""
     async def unchecked(self, topics, missing_for_s=None):
@@ -242,7 +257,7 @@ async def test_a_worker_whose_output_topic_cannot_be_written_stops_and_commits_n
     monkeypatch.setattr("worker.intake.clients.AIOKafkaProducer", lambda **kw: real(**{**kw, "request_timeout_ms": 1000}))
     await create_topics(settings.bootstrap_servers, [(settings.input_topic, 2), (settings.dlq_topic, 1)])
     await produce(settings.bootstrap_servers, settings.input_topic, _pngs(10), 2)
-    settings = settings.replace(output_topic=BAD)
+    settings = settings.replace(output_topic=BAD, kafka_producer=kind)
     worker, code = await _run_worker(settings)
     assert code == 1
     assert isinstance(worker._fatal, PublishFailed) and "'bad topic!'" in str(worker._fatal), worker._fatal

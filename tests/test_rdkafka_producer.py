@@ -1,8 +1,9 @@
 """kafka_producer=librdkafka: the intake's producer on confluent-kafka behind the calls Publisher makes
 (worker.intake.rdkafka_producer). Its configuration and error mapping (pure), then against the real broker:
 keyed records land where aiokafka's partitioner puts them, batches and single sends are acknowledged,
-a record too large is told apart, a topic that cannot be written stops the worker, and its thread ends.
-The end-to-end and fault tests run with it too (tests/helpers.py ``kafka_clients``)."""
+a record too large is told apart, and its thread ends.
+The topic checks and a topic that cannot be written: tests/test_publish_failures.py, with each producer;
+the end-to-end and fault tests run with it too (tests/helpers.py ``kafka_clients``)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,9 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka import errors as E
 from aiokafka.partitioner import DefaultPartitioner
 
-from tests.procs import committed_offsets
-from tests.test_publish_failures import BAD, _pngs, _run_worker
-from tests.helpers import produce, read_all
 from worker import log
 from worker.broker import create_topics, free_port
-from worker.errors import ConfigError, PublishFailed, UnwritableTopic
+from worker.errors import ConfigError
 from worker.intake import rdkafka_producer
 from worker.intake.publish import Publisher, RecordTooLarge, classify
 from worker.intake.rdkafka_common import as_aiokafka
@@ -160,31 +158,6 @@ async def test_a_record_too_large_is_refused_alone_and_its_batch_mates_are_publi
     assert sorted(r.value for r in await _read(broker.bootstrap, topic, 2)) == [b"small-1", b"small-2"]
 
 
-async def test_topic_checks_through_librdkafkas_metadata(broker, topics):
-    producer = _producer(broker.bootstrap)
-    pub = Publisher(producer, 10)
-    await pub.start()
-    try:
-        assert await producer.topic_error(topics["output"]) is None  # tansu creates a legal name on request
-        assert await producer.topic_error(BAD) is E.InvalidTopicError
-        await pub.check_topics([topics["output"], topics["dlq"]])
-        with pytest.raises(UnwritableTopic, match="'bad topic!' is not a valid topic name"):
-            await pub.check_topics([topics["output"], BAD])
-    finally:
-        await pub.stop()
-
-
-async def test_publishing_to_an_invalid_topic_fails_for_good(broker):
-    producer = _producer(broker.bootstrap)
-    pub = Publisher(producer, 10, backoff_s=(0.01, 0.02))
-    await pub.start()
-    try:
-        with pytest.raises(PublishFailed, match="'bad topic!'"):
-            await asyncio.wait_for(pub.publish(BAD, Record(b"v", None, [], None)), 30)
-    finally:
-        await pub.stop()
-
-
 async def test_no_broker_is_a_connection_error_and_no_thread_is_left():
     producer = _producer(f"127.0.0.1:{free_port()}")
     with pytest.raises(E.KafkaConnectionError, match="no broker answered"):
@@ -199,26 +172,6 @@ async def _start_quick(producer: RdKafkaProducer) -> None:
         await producer.start()
     finally:
         rdkafka_producer.CONNECT_TIMEOUT_S = before
-
-
-async def test_a_worker_whose_output_topic_cannot_be_written_stops_and_commits_nothing(settings, monkeypatch):
-    """As tests/test_publish_failures.py's, with the librdkafka producer: past the start-up check, every
-    send to the invalid topic fails, the first found permanent stops the worker; nothing committed."""
-    async def unchecked(self, topics, missing_for_s=None):
-        return None
-
-    monkeypatch.setattr(Publisher, "check_topics", unchecked)
-    await create_topics(settings.bootstrap_servers, [(settings.input_topic, 2), (settings.dlq_topic, 1)])
-    await produce(settings.bootstrap_servers, settings.input_topic, _pngs(10), 2)
-    settings = settings.replace(output_topic=BAD, kafka_producer="librdkafka")
-    worker, code = await _run_worker(settings)
-    assert code == 1
-    assert isinstance(worker._fatal, PublishFailed) and "'bad topic!'" in str(worker._fatal), worker._fatal
-    assert worker.counts["consumed"] > 0 and worker.counts["published"] == 0
-    assert await read_all(settings.bootstrap_servers, settings.dlq_topic, 1, timeout_s=1) == []
-    assert await committed_offsets(settings.bootstrap_servers, settings.group_id, settings.input_topic, 2) \
-        == {0: None, 1: None}
-    assert not _acks_threads()
 
 
 async def test_flush_waits_for_every_ack(broker, topics):
