@@ -186,3 +186,37 @@ async def test_flush_waits_for_every_ack(broker, topics):
     finally:
         await producer.stop()
     assert len(await _read(broker.bootstrap, topic, 300)) == 300
+
+
+class _PollFailsOnce:
+    """The producer, except that its first poll raises (a callback's or librdkafka's error)."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+        self.failed = False
+
+    def poll(self, timeout: float) -> int:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("poll failed once")
+        return self._real.poll(timeout)
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+
+async def test_the_acks_thread_polls_on_after_a_poll_raised(broker, topics):
+    topic = topics["output"]
+    await create_topics(broker.bootstrap, [(topic, 1)])
+    producer = _producer(broker.bootstrap)
+    await producer.start()
+    flaky = producer._producer = _PollFailsOnce(producer._producer)
+    try:
+        while not flaky.failed:  # the thread's next poll raises
+            await asyncio.sleep(0.01)
+        future = await producer.send(topic, b"after", key=None)
+        await asyncio.wait_for(future, 20)  # acknowledged: the thread did not end with the error
+        assert producer._thread.is_alive()
+    finally:
+        await producer.stop()
+    assert not _acks_threads()

@@ -206,7 +206,11 @@ class RdKafkaProducer:
     def _serve_acks(self) -> None:
         """The acks thread: poll (delivery callbacks run here), then wake the loop once for them all."""
         while not self._stopping.is_set():
-            self._producer.poll(0.05)
+            try:
+                self._producer.poll(0.05)
+            except Exception:  # noqa: BLE001 - this thread ending would leave every later ack unseen
+                self._log.exception("librdkafka producer poll failed; polling on")
+                self._stopping.wait(0.1)
             if self._done:
                 self._wake()
 
