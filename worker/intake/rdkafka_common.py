@@ -10,6 +10,8 @@ from typing import Any
 
 from aiokafka import errors as E
 
+from worker.errors import ConfigError
+
 
 def connection_config(settings: Any) -> dict[str, Any]:
     """Broker addresses, client id and security: the same as the aiokafka clients get (pure)."""
@@ -42,6 +44,30 @@ class Logs:
             self._log.warning("librdkafka", message=text)
         else:
             self._log.debug("librdkafka", message=text)
+
+
+def new_client(cls: Any, conf: dict[str, Any], setting: str, on_error: Any = None, logger: Any = None) -> Any:
+    """A confluent-kafka client of ``cls``, its errors and log lines through the worker where given; a
+    configuration librdkafka refuses (it checks here) is a ``ConfigError`` naming ``setting``."""
+    import confluent_kafka
+
+    hooks = {**({"error_cb": on_error} if on_error else {}), **({"logger": Logs(logger)} if logger else {})}
+    try:
+        return cls({**conf, **hooks})
+    except confluent_kafka.KafkaException as exc:
+        raise ConfigError(f"{setting}=librdkafka: librdkafka refused the configuration: {text(exc)}") from None
+
+
+async def reach_broker(list_topics: Any, conf: dict[str, Any], timeout_s: float) -> None:
+    """Await ``list_topics`` (a metadata round trip, started on the client's own thread): no broker answering
+    is a ``KafkaConnectionError``, which the worker's connect loop retries, as after aiokafka's start()."""
+    import confluent_kafka
+
+    try:
+        await list_topics(timeout_s)
+    except confluent_kafka.KafkaException as exc:
+        raise E.KafkaConnectionError(f"librdkafka: no broker answered at {conf['bootstrap.servers']}: "
+                                     f"{text(exc)}") from None
 
 
 def text(exc: BaseException) -> str:

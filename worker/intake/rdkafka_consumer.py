@@ -44,11 +44,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaError
 
 from worker import log
-from worker.errors import ConfigError, FatalError
-from worker.intake.rdkafka_common import Logs, connection_config, text
+from worker.errors import FatalError
+from worker.intake.rdkafka_common import connection_config, new_client, reach_broker, text
 from worker.intake.commit import BROKER_TIMEOUT_S  # offset and metadata lookups wait as long as commits and probes
 
 CONNECT_TIMEOUT_S = 10.0  # start(): a metadata round trip, as aiokafka's start() makes one
@@ -202,18 +202,11 @@ class RdKafkaConsumer:
         from confluent_kafka.admin import AdminClient
 
         self._loop = asyncio.get_running_loop()
-        conf = {**self._conf, "error_cb": self._on_error, "logger": Logs(self._log)}
-        try:
-            self._consumer = confluent_kafka.Consumer(conf)
-            self._admin = AdminClient(admin_config(self._conf))
-        except confluent_kafka.KafkaException as exc:  # librdkafka checks its configuration here
-            raise ConfigError(f"kafka_consumer=librdkafka: librdkafka refused the configuration: {text(exc)}") from None
+        self._consumer = new_client(confluent_kafka.Consumer, self._conf, "kafka_consumer", self._on_error, self._log)
+        self._admin = new_client(AdminClient, admin_config(self._conf), "kafka_consumer")
         self._owner = _Owner("rdkafka-poll")
-        try:  # reach a broker, so the worker's connect loop retries while none answers
-            await self._owner.submit(lambda: self._consumer.list_topics(timeout=CONNECT_TIMEOUT_S))
-        except confluent_kafka.KafkaException as exc:
-            raise KafkaConnectionError(f"librdkafka: no broker answered at {self._conf['bootstrap.servers']}: "
-                                       f"{text(exc)}") from None
+        await reach_broker(lambda t: self._owner.submit(lambda: self._consumer.list_topics(timeout=t)),
+                           self._conf, CONNECT_TIMEOUT_S)
 
     async def stop(self) -> None:
         """Leave the group and close (after any poll in progress). The worker has drained and committed

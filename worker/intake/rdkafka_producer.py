@@ -35,8 +35,7 @@ from aiokafka import errors as E
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker import log
-from worker.errors import ConfigError
-from worker.intake.rdkafka_common import Logs, as_aiokafka, connection_config, text
+from worker.intake.rdkafka_common import as_aiokafka, connection_config, new_client, reach_broker, text
 
 CONNECT_TIMEOUT_S = 10.0  # start(): a metadata round trip, as aiokafka's start() makes one
 METADATA_TIMEOUT_S = 5.0
@@ -126,16 +125,9 @@ class RdKafkaProducer:
         import confluent_kafka
 
         self._loop = asyncio.get_running_loop()
-        conf = {**self._conf, "error_cb": self._on_error, "logger": Logs(self._log)}
-        try:
-            self._producer = confluent_kafka.Producer(conf)
-        except confluent_kafka.KafkaException as exc:  # librdkafka checks its configuration here
-            raise ConfigError(f"kafka_producer=librdkafka: librdkafka refused the configuration: {text(exc)}") from None
-        try:  # reach a broker, so the worker's connect loop retries while none answers
-            await self._loop.run_in_executor(None, lambda: self._producer.list_topics(timeout=CONNECT_TIMEOUT_S))
-        except confluent_kafka.KafkaException as exc:
-            raise E.KafkaConnectionError(f"librdkafka: no broker answered at {self._conf['bootstrap.servers']}: "
-                                         f"{text(exc)}") from None
+        self._producer = new_client(confluent_kafka.Producer, self._conf, "kafka_producer", self._on_error, self._log)
+        await reach_broker(lambda t: self._loop.run_in_executor(None, lambda: self._producer.list_topics(timeout=t)),
+                           self._conf, CONNECT_TIMEOUT_S)
         self._thread = threading.Thread(target=self._serve_acks, name="rdkafka-acks", daemon=True)
         self._thread.start()
 
@@ -277,11 +269,8 @@ class RdKafkaProducer:
         info = meta.topics.get(topic)
         if info is None:
             return E.UnknownTopicOrPartitionError, [], []
-        if info.error is not None:
-            cls = type(as_aiokafka(info.error))
-            if info.error.code() == confluent_kafka.KafkaError.LEADER_NOT_AVAILABLE and not info.partitions:
-                cls = E.LeaderNotAvailableError
-            return cls, [], []
+        if info.error is not None:  # LEADER_NOT_AVAILABLE (being created) stays itself: a broker code
+            return type(as_aiokafka(info.error)), [], []
         if not info.partitions:
             return E.LeaderNotAvailableError, [], []
         partitions = sorted(info.partitions)
