@@ -162,6 +162,7 @@ class _OwnerOnly:
     def __init__(self, real) -> None:
         self._real = real
         self.strays: list[tuple[str, str]] = []
+        self.calls: list[str] = []  # every call's name, in order
 
     def __getattr__(self, name: str):
         attr = getattr(self._real, name)
@@ -169,6 +170,7 @@ class _OwnerOnly:
             return attr
 
         def call(*args, **kwargs):
+            self.calls.append(name)
             thread = threading.current_thread().name
             if thread != "rdkafka-poll":
                 self.strays.append((name, thread))
@@ -303,3 +305,54 @@ async def test_a_partition_paused_before_a_rebalance_is_consumed_again_once_reas
         assert seen == {0, 1, 2, 3}, f"partitions still paused after the rebalance: {sorted({0, 1, 2, 3} - seen)}"
     finally:
         await first.stop()
+
+
+async def _read(consumer: RdKafkaConsumer, into: dict[int, list[int]], total: int) -> None:
+    """Poll until ``into`` (partition -> offsets, in the order they came) holds ``total`` offsets."""
+    deadline = time.monotonic() + 30
+    while sum(map(len, into.values())) < total:
+        assert time.monotonic() < deadline, f"{sum(map(len, into.values()))} of {total} records read"
+        for tp, records in (await consumer.getmany(timeout_ms=100, max_records=20)).items():
+            into.setdefault(tp.partition, []).extend(r.offset for r in records)
+
+
+@both_brokers
+@pytest.mark.timeout(120)
+async def test_backpressure_holds_the_assignment_without_dropping_what_librdkafka_fetched(broker, topics):
+    """librdkafka's pause drops what it prefetched and fetches it all again on resume; the worker pauses
+    its whole assignment at every backpressure high mark (the GPU idle a third of the time on an H100).
+    Such a pause is a hold: no records while it lasts, no pause or resume reaches librdkafka, and the
+    records go on where they stopped, none lost or repeated. A hold that lasts ``hold_limit_s`` becomes
+    librdkafka's pause (polls resume, so rebalance callbacks run), undone by the resume."""
+    await create_topics(broker.bootstrap, [(topics["input"], 2)])
+    await produce(broker.bootstrap, topics["input"], [b"v%d" % i for i in range(200)], 2)
+    settings = Settings(bootstrap_servers=broker.bootstrap, session_timeout_ms=6000, fetch_max_wait_ms=50)
+    consumer = RdKafkaConsumer(rdkafka_consumer.config(settings, topics["group"]))
+    await consumer.start()
+    consumer._consumer = handle = _OwnerOnly(consumer._consumer)
+    consumer.subscribe([topics["input"]], listener=RebalanceHooks(_nothing, _nothing))
+    seen: dict[int, list[int]] = {}
+    try:
+        await _read(consumer, seen, 40)
+        assigned = consumer.assignment()
+        consumer.pause(*assigned)
+        for _ in range(5):
+            assert await consumer.getmany(timeout_ms=50, max_records=100) == {}, "records while held"
+        consumer.resume(*assigned)
+        await _read(consumer, seen, 200)
+        assert "pause" not in handle.calls and "resume" not in handle.calls, handle.calls
+
+        consumer.hold_limit_s = 0.3
+        consumer.pause(*assigned)
+        await produce(broker.bootstrap, topics["input"], [b"w%d" % i for i in range(20)], 2)
+        held_from = time.monotonic()
+        while time.monotonic() - held_from < 1.5:
+            assert await consumer.getmany(timeout_ms=50, max_records=100) == {}, "records while held"
+        assert handle.calls.count("pause") == 1 and "resume" not in handle.calls, handle.calls
+        consumer.resume(*assigned)
+        await _read(consumer, seen, 220)
+        assert handle.calls.count("resume") == 1, handle.calls
+    finally:
+        await consumer.stop()
+    assert sorted(seen) == [0, 1] and all(offsets == list(range(110)) for offsets in seen.values()), seen
+    assert handle.strays == [], "consumer calls made off the owner thread"

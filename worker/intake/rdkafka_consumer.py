@@ -28,6 +28,17 @@ assignment is applied, and resumed (librdkafka would keep a pause from before th
 does not), before its hook runs. The eager protocol and the round-robin assignor, as aiokafka's
 defaults.
 
+Backpressure. librdkafka's ``pause()`` drops what it has prefetched for the partitions and, on ``resume()``,
+fetches it all again; aiokafka's does not. The worker pauses its whole assignment at every backpressure
+high mark and resumes at the low mark (every second or so when the GPU is the bound), so each cycle threw
+away up to one fetch of images and left the intake without records while they came again (a 2-CPU VM: 250-
+450 ms without results every second; an H100: the GPU idle a third of the time, docs/benchmarks.md). A pause
+of the whole assignment is therefore a hold here: ``getmany`` returns nothing and does not poll, and
+librdkafka's bounded queue (``queued.max.messages.kbytes``) stops its fetching by itself. Rebalance
+callbacks run only inside a poll, and librdkafka leaves the group after ``max.poll.interval.ms`` without
+one, so a hold that lasts ``hold_limit_s`` becomes librdkafka's pause and polling goes on. A pause of some
+partitions only is librdkafka's at once.
+
 The assignment is kept here as a frozen set of aiokafka ``TopicPartition`` (the worker asks for it per
 message); records come out as ``Fetched``, with the attributes of aiokafka's ``ConsumerRecord`` that the
 worker reads.
@@ -40,6 +51,7 @@ import collections
 import concurrent.futures
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,6 +64,7 @@ from worker.intake.rdkafka_common import connection_config, new_client, reach_br
 from worker.intake.commit import BROKER_TIMEOUT_S  # offset and metadata lookups wait as long as commits and probes
 
 CONNECT_TIMEOUT_S = 10.0  # start(): a metadata round trip, as aiokafka's start() makes one
+HOLD_LIMIT_S = 5.0  # longest a pause of the whole assignment is held without polling (module doc)
 
 
 class RdKafkaError(KafkaError):
@@ -92,6 +105,11 @@ def config(settings: Any, group_id: str) -> dict[str, Any]:
         "receive.message.max.bytes": max(100_000_000, settings.fetch_max_bytes + 512),
         # its prefetch queue: about one fetch's worth (its default is 64 MB per consumer, whatever the bounds)
         "queued.max.messages.kbytes": max(1024, min(2_097_151, settings.fetch_max_bytes // 1024)),
+        # when that queue is full (the worker's in-flight bound holds records back), librdkafka postpones the
+        # partition's next fetch by this long (default 1000 ms): once the worker catches up it found the queue
+        # empty and waited out the rest, 250-300 ms without a record every second (the GPU idle a third of the
+        # time on an H100, docs/benchmarks.md). A short recheck costs a wake-up per 10 ms while full.
+        "fetch.queue.backoff.ms": 10,
         "check.crcs": bool(settings.check_crcs),
         "isolation.level": "read_uncommitted",  # as the aiokafka consumer for at-least-once
         "partition.assignment.strategy": "roundrobin",  # aiokafka's default: a group may mix both clients
@@ -194,6 +212,14 @@ class RdKafkaConsumer:
         self._closing = False
         self._fatal: BaseException | None = None
         self._tps: dict[tuple[str, int], TopicPartition] = {}
+        # backpressure (module doc), on the loop but reset by an assignment: the assignment held without
+        # polling and since when, whether the hold became librdkafka's pause, the partitions paused there
+        self._hold: frozenset[TopicPartition] | None = None
+        self._hold_since = 0.0
+        self._hold_paused = False
+        self._paused: set[TopicPartition] = set()
+        # below librdkafka's limit between polls, whatever the settings say
+        self.hold_limit_s = min(HOLD_LIMIT_S, int(conf.get("max.poll.interval.ms", 300_000)) / 2000.0)
         self._log = log.get("worker.rdkafka")
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -232,6 +258,12 @@ class RdKafkaConsumer:
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Fetched]]:
         if self._fatal is not None:
             raise self._fatal
+        if self._hold is not None and not self._hold_paused:
+            if time.monotonic() - self._hold_since < self.hold_limit_s:
+                await asyncio.sleep(timeout_ms / 1000.0)
+                return {}
+            self._hold_paused = True  # held long enough: librdkafka's pause, and polls for its callbacks
+            self._pause_resume("pause", self._hold)
         n = max(1, max_records or 500)
         messages = await self._owner.submit(lambda: self._consume(n, timeout_ms / 1000.0), reentrant=False)
         if self._fatal is not None:  # a hook failed inside this poll
@@ -265,17 +297,27 @@ class RdKafkaConsumer:
         return self._assigned
 
     def pause(self, *partitions: TopicPartition) -> None:
-        self._pause_resume("pause", partitions)
+        """The whole assignment: held (no polls, librdkafka keeps its queue); some partitions: paused."""
+        owned = frozenset(tp for tp in partitions if tp in self._assigned)
+        if owned and owned == self._assigned:
+            if self._hold != owned:
+                self._hold, self._hold_since, self._hold_paused = owned, time.monotonic(), False
+            return
+        self._pause_resume("pause", owned)
 
     def resume(self, *partitions: TopicPartition) -> None:
-        self._pause_resume("resume", partitions)
+        if self._hold is not None and self._hold & set(partitions):
+            self._hold, self._hold_paused = None, False
+        self._pause_resume("resume", self._paused & set(partitions))
 
     def _pause_resume(self, what: str, partitions: Iterable[TopicPartition]) -> None:
         """Queued on the owner thread, in order with the polls. Until it runs, a poll may still return
         records of these partitions: the worker holds what does not fit (backpressure's byte bound), as
-        with any fetched record."""
+        with any fetched record. Only a paused partition is resumed: librdkafka's resume restarts the
+        fetching from the application's position, dropping its queue."""
         owned = [tp for tp in partitions if tp in self._assigned]
         if owned:
+            (self._paused.update if what == "pause" else self._paused.difference_update)(owned)
             native = _native(owned)
             self._owner.post(lambda: getattr(self._consumer, what)(native), self._call_failed)
 
@@ -356,6 +398,8 @@ class RdKafkaConsumer:
         # paused waits forever for records.
         if partitions:
             consumer.resume(partitions)
+        # so is any hold (the loop waits for this poll; the hook, which may hold again, runs after this)
+        self._hold, self._hold_paused, self._paused = None, False, set()
         if not self._closing and self._listener is not None:
             self._hook(self._listener.on_partitions_assigned, set(self._assigned))
 
