@@ -27,6 +27,7 @@ from worker.intake import rdkafka_consumer
 from worker.intake.clients import ClientsMixin
 from worker.intake.consume import LivePlan, RebalanceHooks
 from worker.intake.rdkafka_consumer import RdKafkaConsumer, RdKafkaError
+from worker.intake.rdkafka_owner import Owner
 from worker.replay import ReplayPlan
 from worker.settings import Settings
 
@@ -130,7 +131,7 @@ async def test_inside_a_rebalance_callback_the_owner_runs_the_hooks_calls_and_ho
     """A rebalance callback (inside a poll, on the owner thread) waits for the worker's hook; the calls
     the hook makes (a commit, a pause) must run meanwhile on that thread, the only one confluent-kafka
     lets in; a poll or close queued meanwhile waits for the callback to return."""
-    owner = rdkafka_consumer._Owner("test-owner")
+    owner = Owner("test-owner")
     order: list[str] = []
     hook_done: concurrent.futures.Future = concurrent.futures.Future()
     in_callback = threading.Event()

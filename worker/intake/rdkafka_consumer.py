@@ -7,8 +7,8 @@ takes finished messages off its queue. ``kafka_consumer=librdkafka`` selects it 
 (manual assignment, bounded ranges) and exactly-once (transactions bound to aiokafka's group membership)
 keep aiokafka.
 
-One thread calls the consumer (``_Owner``, "rdkafka-poll"). confluent-kafka lets one caller at a time into
-a Consumer: a call from another thread waits, with no timeout, until the one in progress returns, and
+One thread calls the consumer ("rdkafka-poll", worker.intake.rdkafka_owner). confluent-kafka lets one
+caller at a time into a Consumer: a call from another thread waits, with no timeout, until the one in progress returns, and
 that may be a ``consume()`` running a rebalance callback that waits for the event loop. Calls from the
 loop or a second thread so stalled or deadlocked the worker (CI: a sync commit held the consumer for a
 whole broker stall; the cached high watermark, read on the loop, waited on a callback that waited on the
@@ -47,10 +47,7 @@ worker reads.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -61,6 +58,7 @@ from aiokafka.errors import KafkaError
 from worker import log
 from worker.errors import FatalError
 from worker.intake.rdkafka_common import connection_config, new_client, reach_broker, text
+from worker.intake.rdkafka_owner import Owner
 from worker.intake.commit import BROKER_TIMEOUT_S  # offset and metadata lookups wait as long as commits and probes
 
 CONNECT_TIMEOUT_S = 10.0  # start(): a metadata round trip, as aiokafka's start() makes one
@@ -126,77 +124,6 @@ def admin_config(conf: dict[str, Any]) -> dict[str, Any]:
     return {**shared, "log_level": 0}
 
 
-class _Call:
-    """One queued call: its future, the call, and whether it may run inside a rebalance callback."""
-
-    __slots__ = ("future", "call", "reentrant")
-
-    def __init__(self, call: Callable[[], Any], reentrant: bool) -> None:
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
-        self.call = call
-        self.reentrant = reentrant
-
-    def run(self) -> None:
-        if not self.future.set_running_or_notify_cancel():
-            return  # its waiter gave up (a timed-out commit): do not send it late
-        try:
-            self.future.set_result(self.call())
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
-            self.future.set_exception(exc)
-
-
-_WAKE = object()  # a rebalance hook ended: ``serve_until`` looks again
-
-
-class _Owner:
-    """The one daemon thread that calls the consumer, in the order the calls were queued (a daemon: a
-    close that hangs on a dead broker cannot hold the process's exit; a ThreadPoolExecutor's threads are
-    joined at exit)."""
-
-    def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._deferred: collections.deque[Any] = collections.deque()  # held back during a callback: not re-entrant
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, call: Callable[[], Any], reentrant: bool = True) -> asyncio.Future:
-        """Queue ``call``; its result as an asyncio future. ``reentrant=False`` (consume, close): never run
-        inside a rebalance callback, but after it."""
-        item = _Call(call, reentrant)
-        self._calls.put(item)
-        return asyncio.wrap_future(item.future)
-
-    def post(self, call: Callable[[], Any], on_error: Callable[[BaseException], None]) -> None:
-        """Queue ``call`` without waiting for it; what it raises goes to ``on_error`` (on this thread)."""
-        item = _Call(call, True)
-        item.future.add_done_callback(lambda f: f.exception() is not None and on_error(f.exception()))
-        self._calls.put(item)
-
-    def close(self) -> None:
-        self._calls.put(None)
-
-    def serve_until(self, done: concurrent.futures.Future) -> None:
-        """On this thread, inside a rebalance callback: run the queued re-entrant calls (the hook's commit
-        and pauses) until ``done``; the others wait for the callback to return."""
-        done.add_done_callback(lambda _: self._calls.put(_WAKE))
-        while not done.done():
-            item = self._calls.get()
-            if item is _WAKE:
-                continue
-            if item is None or not item.reentrant:
-                self._deferred.append(item)
-                continue
-            item.run()
-
-    def _run(self) -> None:
-        while True:
-            item = self._deferred.popleft() if self._deferred else self._calls.get()
-            if item is None:
-                return
-            if item is not _WAKE:
-                item.run()
-
-
 class RdKafkaConsumer:
     """aiokafka's AIOKafkaConsumer calls that worker.app, .commit and .rebalance make, on librdkafka."""
 
@@ -205,7 +132,7 @@ class RdKafkaConsumer:
         self._consumer: Any = None
         self._admin: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._owner: _Owner | None = None
+        self._owner: Owner | None = None
         self._assigned: frozenset[TopicPartition] = frozenset()
         self._highwater: dict[TopicPartition, int] = {}  # of the last fetch, read on the owner thread
         self._listener: Any = None
@@ -230,7 +157,7 @@ class RdKafkaConsumer:
         self._loop = asyncio.get_running_loop()
         self._consumer = new_client(confluent_kafka.Consumer, self._conf, "kafka_consumer", self._on_error, self._log)
         self._admin = new_client(AdminClient, admin_config(self._conf), "kafka_consumer")
-        self._owner = _Owner("rdkafka-poll")
+        self._owner = Owner("rdkafka-poll")
         await reach_broker(lambda t: self._owner.submit(lambda: self._consumer.list_topics(timeout=t)),
                            self._conf, CONNECT_TIMEOUT_S)
 
