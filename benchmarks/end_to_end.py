@@ -66,6 +66,19 @@ def timeline(times: list[float] | np.ndarray, t0: float, bin_s: float = 0.05) ->
     return np.bincount(np.clip((t // bin_s).astype(int), 0, bins - 1), minlength=bins).tolist()
 
 
+def longest_gap(times: list[float] | np.ndarray, t0: float) -> dict | None:
+    """The longest time without a new result between the first and the last, and when it began (seconds
+    from ``t0``, the run's first message). Results come in batches, so gaps of a batch's time are normal;
+    hundreds of ms mean the GPU had nothing to do (run 23: librdkafka's pause dropping the intake's
+    prefetched images, 250-450 ms every second). None for fewer than two results."""
+    t = np.sort(np.asarray(times, dtype=float))
+    if t.size < 2:
+        return None
+    gaps = np.diff(t)
+    i = int(np.argmax(gaps))
+    return {"ms": round(float(gaps[i]) * 1000, 1), "after_s": round(float(t[i] - t0), 3)}
+
+
 def intake_spans(reports: list[dict], t0: float) -> list[list[float] | None]:
     """Each intake's [first message consumed, last message finished] in seconds from ``t0`` (the bench's
     hook inside it, polling: to ~20 ms): the intake that finishes last is the run's tail."""
@@ -288,6 +301,7 @@ async def worker_run(settings: Settings, bootstrap: str, images: list[bytes], di
         "images_per_s": len(rows) / wall,
         "images_per_s_middle": middle_rate(recv),  # the middle 80% of the results: no ramp, no tail
         "results_per_50ms": timeline(recv, t_first),
+        "longest_gap": longest_gap(recv, t_first),
         "intake_spans_s": intake_spans([r for o in outcomes for r in o.reports], t_first),
         "slowest_batches": slowest_batches(rows, t_first),
         "latency_ms": percentiles([r["timings_ms"]["end_to_end"] for r in results]),

@@ -303,6 +303,10 @@ def summary_lines(result: dict) -> list[str]:
             firsts, lasts = [span[0] for span in spans], [span[1] for span in spans]
             lines.append(f"worker run, intakes' first messages {max(firsts) - min(firsts):.2f} s apart, last ones "
                          f"{max(lasts) - min(lasts):.2f} s apart (of {max(lasts):.2f} s)")
+        if w.get("longest_gap"):
+            gap = w["longest_gap"]
+            lines.append(f"worker run, longest time without a new result: {gap['ms']:.1f} ms, from "
+                         f"{gap['after_s']:.2f} s after the first message")
         if w.get("slowest_batches"):
             lines.append("worker run, slowest GPU batches: " + ", ".join(
                 f"{b['ms']:.1f} ms ({b['images']} images, consumed {b['consumed_at_s']:.2f} s after the first message)"

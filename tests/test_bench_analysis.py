@@ -186,6 +186,13 @@ def test_timeline_counts_results_per_bin_from_the_first_message():
     assert timeline([], 10.0) == []
 
 
+def test_longest_gap_is_the_longest_wait_between_two_results_and_when_it_began():
+    from benchmarks.end_to_end import longest_gap
+
+    assert longest_gap([10.30, 10.02, 10.05, 10.35], 10.0) == {"ms": 250.0, "after_s": 0.05}  # any order
+    assert longest_gap([10.1], 10.0) is None and longest_gap([], 10.0) is None
+
+
 def test_intake_spans_are_seconds_from_the_first_message():
     from benchmarks.end_to_end import intake_spans
 
