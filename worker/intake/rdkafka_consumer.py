@@ -8,11 +8,11 @@ takes finished messages off its queue. ``kafka_consumer=librdkafka`` selects it 
 keep aiokafka.
 
 One thread calls the consumer ("rdkafka-poll", worker.intake.rdkafka_owner). confluent-kafka lets one
-caller at a time into a Consumer: a call from another thread waits, with no timeout, until the one in progress returns, and
-that may be a ``consume()`` running a rebalance callback that waits for the event loop. Calls from the
-loop or a second thread so stalled or deadlocked the worker (CI: a sync commit held the consumer for a
-whole broker stall; the cached high watermark, read on the loop, waited on a callback that waited on the
-loop). So every call, consume, pause, resume, commit, close, is queued to that thread, in order, and
+caller at a time into a Consumer: a call from another thread waits, with no timeout, until the one in
+progress returns, and that may be a ``consume()`` running a rebalance callback that waits for the event
+loop. Calls from the loop or a second thread so stalled or deadlocked the worker (CI: a sync commit held
+the consumer for a whole broker stall; the cached high watermark, read on the loop, waited on a callback
+that waited on the loop). So every call, consume, pause, resume, commit, close, is queued to that thread, in order, and
 nothing else touches the handle. Commits are synchronous there: while the broker does not answer one,
 polls wait behind it (nothing could be fetched meanwhile anyway), and a commit the worker stopped
 waiting for before it started is never sent. Offset and metadata lookups go through an admin client of
@@ -28,8 +28,9 @@ assignment is applied, and resumed (librdkafka would keep a pause from before th
 does not), before its hook runs. The eager protocol and the round-robin assignor, as aiokafka's
 defaults.
 
-Backpressure. librdkafka's ``pause()`` drops what it has prefetched for the partitions and, on ``resume()``,
-fetches it all again; aiokafka's does not. The worker pauses its whole assignment at every backpressure
+Backpressure. librdkafka's ``pause()`` drops what it has prefetched for the partitions (up to
+``queued.max.messages.kbytes``) and ``resume()`` fetches it all again from the application's position.
+The worker pauses its whole assignment at every backpressure
 high mark and resumes at the low mark (every second or so when the GPU is the bound), so each cycle threw
 away up to one fetch of images and left the intake without records while they came again (a 2-CPU VM: 250-
 450 ms without results every second; an H100: the GPU idle a third of the time, docs/benchmarks.md). A pause
@@ -104,9 +105,9 @@ def config(settings: Any, group_id: str) -> dict[str, Any]:
         # its prefetch queue: about one fetch's worth (its default is 64 MB per consumer, whatever the bounds)
         "queued.max.messages.kbytes": max(1024, min(2_097_151, settings.fetch_max_bytes // 1024)),
         # when that queue is full (the worker's in-flight bound holds records back), librdkafka postpones the
-        # partition's next fetch by this long (default 1000 ms): once the worker catches up it found the queue
-        # empty and waited out the rest, 250-300 ms without a record every second (the GPU idle a third of the
-        # time on an H100, docs/benchmarks.md). A short recheck costs a wake-up per 10 ms while full.
+        # partition's next fetch by this long (default 1000 ms), so a worker that caught up could find the
+        # queue empty and wait out the rest: with the pause (module doc), what starved the GPU in run 23
+        # (docs/benchmarks.md). A short recheck costs a wake-up per 10 ms while full.
         "fetch.queue.backoff.ms": 10,
         "check.crcs": bool(settings.check_crcs),
         "isolation.level": "read_uncommitted",  # as the aiokafka consumer for at-least-once
