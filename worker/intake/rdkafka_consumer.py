@@ -141,10 +141,9 @@ class RdKafkaConsumer:
         self._fatal: BaseException | None = None
         self._tps: dict[tuple[str, int], TopicPartition] = {}
         # backpressure (module doc), on the loop but reset by an assignment: the assignment held without
-        # polling and since when, whether the hold became librdkafka's pause, the partitions paused there
+        # polling and since when, and the partitions paused in librdkafka (a hold there once it holds them all)
         self._hold: frozenset[TopicPartition] | None = None
         self._hold_since = 0.0
-        self._hold_paused = False
         self._paused: set[TopicPartition] = set()
         # below librdkafka's limit between polls, whatever the settings say
         self.hold_limit_s = min(HOLD_LIMIT_S, int(conf.get("max.poll.interval.ms", 300_000)) / 2000.0)
@@ -186,11 +185,11 @@ class RdKafkaConsumer:
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Fetched]]:
         if self._fatal is not None:
             raise self._fatal
-        if self._hold is not None and not self._hold_paused:
+        if self._hold is not None and not self._hold <= self._paused:
             if time.monotonic() - self._hold_since < self.hold_limit_s:
                 await asyncio.sleep(timeout_ms / 1000.0)
                 return {}
-            self._hold_paused = True  # held long enough: librdkafka's pause, and polls for its callbacks
+            # held long enough: librdkafka's pause, and polls again (for the callbacks inside them)
             self._pause_resume("pause", self._hold)
         n = max(1, max_records or 500)
         messages = await self._owner.submit(lambda: self._consume(n, timeout_ms / 1000.0), reentrant=False)
@@ -229,13 +228,13 @@ class RdKafkaConsumer:
         owned = frozenset(tp for tp in partitions if tp in self._assigned)
         if owned and owned == self._assigned:
             if self._hold != owned:
-                self._hold, self._hold_since, self._hold_paused = owned, time.monotonic(), False
+                self._hold, self._hold_since = owned, time.monotonic()
             return
         self._pause_resume("pause", owned)
 
     def resume(self, *partitions: TopicPartition) -> None:
         if self._hold is not None and self._hold & set(partitions):
-            self._hold, self._hold_paused = None, False
+            self._hold = None
         self._pause_resume("resume", self._paused & set(partitions))
 
     def _pause_resume(self, what: str, partitions: Iterable[TopicPartition]) -> None:
@@ -327,7 +326,7 @@ class RdKafkaConsumer:
         if partitions:
             consumer.resume(partitions)
         # so is any hold (the loop waits for this poll; the hook, which may hold again, runs after this)
-        self._hold, self._hold_paused, self._paused = None, False, set()
+        self._hold, self._paused = None, set()
         if not self._closing and self._listener is not None:
             self._hook(self._listener.on_partitions_assigned, set(self._assigned))
 
