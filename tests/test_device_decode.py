@@ -481,6 +481,38 @@ async def test_the_next_full_batch_is_decoded_while_the_device_runs_the_current_
     assert decoder.warmed == peak == in_flight + 1
 
 
+async def test_the_first_batches_are_logged_at_info_with_where_their_time_went(monkeypatch):
+    """Run 23's slow first batches (60-417 ms on an H100, not explained by the bench's totals): each of
+    the first EARLY_BATCHES_LOGGED batches says how its time split between decode, enqueue and the wait."""
+    import json
+
+    import worker.gpu.thread as thread
+
+    monkeypatch.setattr(thread, "EARLY_BATCHES_LOGGED", 2)
+    stream = io.StringIO()
+    log.configure("json", "info", stream=stream)
+    engine = ResidentEngine(PIPELINE.models[0], 4)
+    decoder = FillDecoder(engine)
+    gpu = GpuThread(CpuRuntime(), [engine], max_batch_size=4, max_wait_ms=2000, warmup=False,
+                    device_decoder=lambda runtime, engines, max_batch: decoder)
+    loop = asyncio.get_running_loop()
+    futures = [loop.create_future() for _ in range(12)]
+    for v, fut in enumerate(futures, 1):  # three full batches
+        gpu.submit(InferenceRequest(None, fut, loop, {"value": v}, encoded=v))
+    await gpu.start()
+    try:
+        await asyncio.gather(*futures)
+    finally:
+        gpu.stop()
+    batches = [line for line in map(json.loads, stream.getvalue().splitlines()) if line["event"] == "batch"]
+    assert [(b["number"], b["size"], b["decoded"], b["level"]) for b in batches] == [
+        (1, 4, "card", "info"), (2, 4, "card", "info")]  # the third at debug: not written at info
+    for b in batches:
+        assert set(b["phases_ms"]) == {"decode", "enqueue", "wait"}
+        assert all(ms >= 0 for ms in b["phases_ms"].values())
+        assert sum(b["phases_ms"].values()) <= b["inference_ms"] + 0.01  # its parts, within its own time
+
+
 async def test_batches_by_decoder_keeps_card_jpegs_and_cpu_rows_apart_when_each_fills_a_batch():
     """gpu_batches_by_decoder: four rows (decoded in an intake) and four JPEGs for the card, interleaved;
     with batches of 4 each kind runs as a batch of its own (the row batch never calls the decoder)."""

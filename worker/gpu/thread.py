@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,9 @@ from worker.metrics import Metrics
 from worker.policy.batching import MicroBatcher
 
 _STOP = object()
+# The first batches after start-up are logged at info with where their time went: a slow one among them
+# is a start-up cost the warm-up missed (docs/benchmarks.md, run 23: 60-417 ms against ~25 on an H100).
+EARLY_BATCHES_LOGGED = 8
 
 
 @dataclass
@@ -59,6 +62,7 @@ class _Launched:
     staged: Any  # the device decoder's batch, released once the batch is finished; None without one
     started: float
     done: Any  # the runtime's event after the batch's last copy (None on the CPU runtime)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase of this batch (_phase)
 
 
 def decoded_on_card(request: InferenceRequest) -> bool:
@@ -322,14 +326,16 @@ class GpuThread(FailureIsolation):
         whose decode then runs while this thread queues the models (``enqueue_resident``: 4-7 ms per batch
         of ResNet-50 in ONNX Runtime) and waits for the batch before."""
         started = self._clock()
+        phases: dict[str, float] = {}
         decoder = self.device_decoder
         if decoder is None:
             collectors = [engine.enqueue(batch) for engine, batch in zip(self.engines, self._assemble(requests))]
-            return _Launched(requests, collectors, None, started, self.runtime.batch_done())
+            self._phase("enqueue", self._clock() - started, phases)
+            return _Launched(requests, collectors, None, started, self.runtime.batch_done(), phases)
         if staged is None:
             staged = decoder.stage(decoder_items(requests))
         t1 = self._clock()
-        self._phase("decode", t1 - started)
+        self._phase("decode", t1 - started, phases)
         try:
             kept, rejected = decoder.write(staged)
             if ahead and self._ahead is not None:
@@ -348,8 +354,8 @@ class GpuThread(FailureIsolation):
                 decoder.release(staged)
                 return None
             collectors = [engine.enqueue_resident(len(ran)) for engine in self.engines]
-            self._phase("enqueue", self._clock() - t1)
-            return _Launched(ran, collectors, staged, started, self.runtime.batch_done())
+            self._phase("enqueue", self._clock() - t1, phases)
+            return _Launched(ran, collectors, staged, started, self.runtime.batch_done(), phases)
         except BaseException:
             with contextlib.suppress(BaseException):  # kernels may still read the images: wait first
                 self.runtime.synchronize()
@@ -361,7 +367,7 @@ class GpuThread(FailureIsolation):
         t = self._clock()
         try:
             self.runtime.wait_batch(batch.done)
-            self._phase("wait", self._clock() - t)
+            self._phase("wait", self._clock() - t, batch.phases)
             return [collect() for collect in batch.collectors]
         except BaseException:
             with contextlib.suppress(BaseException):
@@ -379,9 +385,12 @@ class GpuThread(FailureIsolation):
             return [], []
         return batch.requests, self._finish(batch)
 
-    def _phase(self, name: str, seconds: float) -> None:
+    def _phase(self, name: str, seconds: float, batch: dict[str, float] | None = None) -> None:
         """Where a batch's time goes on this thread (host decode, enqueue, prefetch, waiting for the
-        device): the bench reads the totals to tell host-bound from device-bound."""
+        device): the bench reads the totals to tell host-bound from device-bound; ``batch`` (a batch's
+        own phases) keeps it for the early-batch log."""
+        if batch is not None:
+            batch[name] = batch.get(name, 0.0) + seconds
         if self.metrics is not None:
             self.metrics.gpu_phase_seconds.labels(name).inc(seconds)
 
@@ -490,8 +499,10 @@ class GpuThread(FailureIsolation):
             self.metrics.gpu_batch_seconds.labels(decoded).inc(elapsed)
             self.metrics.gpu_memory.set(self.runtime.memory_in_use())
         oldest_wait = max(batch.started - r.enqueued_at for r in requests)
-        self._log.debug("batch", size=n, wait_ms=round(oldest_wait * 1000, 3),
-                        inference_ms=round(elapsed * 1000, 3))
+        (self._log.info if self.batches <= EARLY_BATCHES_LOGGED else self._log.debug)(
+            "batch", number=self.batches, size=n, decoded=batch_decoded(requests),
+            wait_ms=round(oldest_wait * 1000, 3), inference_ms=round(elapsed * 1000, 3),
+            phases_ms={k: round(v * 1000, 3) for k, v in batch.phases.items()})
 
     def _fail(self, exc: BaseException) -> None:
         self.fatal_error = exc
