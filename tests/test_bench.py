@@ -132,3 +132,14 @@ def test_table_is_printed_and_written(bench):
                   "baseline (per message, batch 1)", "decode cpu-reduced, 2 threads", "worker at 50% of peak"):
         assert label in text and label in md
     assert "ratios: worker_over_ceiling" in text
+
+
+@pytest.mark.parametrize("client", ["aiokafka", "librdkafka"])
+def test_group_join_reports_when_each_member_of_a_fresh_group_got_its_partitions(broker, client):
+    """benchmarks.group_join (the late-intake experiment of docs/benchmarks.md, run 24) on the real broker:
+    every member assigned, after the subscription, within the experiment's deadline."""
+    from benchmarks.group_join import one_run
+
+    times = one_run(broker.bootstrap, client, members=2, deadline_s=20.0)
+    assert len(times) == 2 and times == sorted(times)
+    assert 0 < times[0] <= times[1] < 20.0
