@@ -49,7 +49,8 @@ from worker.policy.batching import MicroBatcher
 
 _STOP = object()
 # The first batches after start-up are logged at info with where their time went: a slow one among them
-# is a start-up cost the warm-up missed (docs/benchmarks.md, run 23: 60-417 ms against ~25 on an H100).
+# is a start-up cost the warm-up missed (docs/benchmarks.md, run 23: 60-417 ms against ~25 on an H100;
+# run 24, from this log: nvImageCodec's call for the first full batch, 49-137 ms, not the device).
 EARLY_BATCHES_LOGGED = 8
 
 
