@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import json
 import re
 import sys
 import threading
@@ -484,8 +485,6 @@ async def test_the_next_full_batch_is_decoded_while_the_device_runs_the_current_
 async def test_the_first_batches_are_logged_at_info_with_where_their_time_went(monkeypatch):
     """Run 23's slow first batches (60-417 ms on an H100, not explained by the bench's totals): each of
     the first EARLY_BATCHES_LOGGED batches says how its time split between decode, enqueue and the wait."""
-    import json
-
     import worker.gpu.thread as thread
 
     monkeypatch.setattr(thread, "EARLY_BATCHES_LOGGED", 2)

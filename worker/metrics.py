@@ -67,8 +67,9 @@ class Metrics:
                                   "started); 0 when decoding on the CPU, by choice or by fallback.", registry=r)
         self.gpu_decode_fallbacks = Counter("worker_gpu_decode_fallbacks", "JPEGs nvImageCodec could not decode, "
                                             "decoded by OpenCV on the GPU thread instead.", registry=r)
-        self.gpu_phase_seconds = Counter("worker_gpu_phase_seconds", "GPU thread time per batch phase with device "
-                                         "decoding: decode (host part, not prefetched), enqueue, prefetch (next "
+        self.gpu_phase_seconds = Counter("worker_gpu_phase_seconds", "GPU thread time per batch phase: decode "
+                                         "(device decoding's host part, not prefetched), enqueue (rows written, "
+                                         "models queued; with CPU decoding the whole launch), prefetch (next "
                                          "batch's decode under this one's inference, or handing it to the decode "
                                          "thread), decode_wait (for the decode thread's result), wait (for the "
                                          "device); decode_thread: the decode thread's own time.",
