@@ -252,6 +252,20 @@ def test_rows_follow_request_order_across_gpu_decoded_fallback_and_poison_images
             np.testing.assert_array_equal(got.reshape(-1), want.reshape(-1))
 
 
+def test_a_staged_batch_records_its_steps_and_they_add_up_to_its_host_time():
+    """The early-batch log's ``decode_steps_ms``: code streams, nvImageCodec's call, the per-image loop
+    and the CPU rows' copy, back to back (their sum is the stage's time), plus the thread's own CPU."""
+    dec, _, _ = _fake_decoder()
+    jpeg = _encoded(encode(np.zeros((20, 30, 3), np.uint8), "jpeg"))
+    pooled = tuple(np.full(m.preprocess.hwc_shape, 9, np.uint8) for m in PIPELINE.models)
+    staged = dec.stage([jpeg, pooled, jpeg])
+    assert set(staged.steps) == {"streams", "nvimgcodec", "images", "rows", "cpu"}
+    assert all(v >= 0 for v in staged.steps.values())
+    wall = sum(v for k, v in staged.steps.items() if k != "cpu")
+    assert wall == pytest.approx(staged.host_s, abs=1e-9)
+    dec.release(staged)
+
+
 def test_cpu_decoded_rows_keep_their_pinned_set_until_released():
     dec, rt, _ = _fake_decoder()
     pooled = tuple(np.full(m.preprocess.hwc_shape, 9, np.uint8) for m in PIPELINE.models)
@@ -389,6 +403,7 @@ class FillDecoder:
     def stage(self, items):
         staged = _Staged(items)
         staged.fallbacks = sum(1 for v in staged if isinstance(v, int) and v == 5)  # as if OpenCV decoded the 5s
+        staged.steps = {"nvimgcodec": 0.002, "cpu": 0.001}  # as NvImageCodecDecoder's Staged records them
         self.events.append(("stage", staged))
         return staged
 
@@ -510,6 +525,7 @@ async def test_the_first_batches_are_logged_at_info_with_where_their_time_went(m
         assert set(b["phases_ms"]) == {"decode", "enqueue", "wait"}
         assert all(ms >= 0 for ms in b["phases_ms"].values())
         assert sum(b["phases_ms"].values()) <= b["inference_ms"] + 0.01  # its parts, within its own time
+        assert b["decode_steps_ms"] == {"nvimgcodec": 2.0, "cpu": 1.0}  # the decoder's own steps, in ms
 
 
 async def test_batches_by_decoder_keeps_card_jpegs_and_cpu_rows_apart_when_each_fills_a_batch():

@@ -104,6 +104,10 @@ class Staged:
     images: list[Any] = field(default_factory=list)  # nvImageCodec images, alive until ``release``
     fallbacks: int = 0  # JPEGs nvImageCodec could not decode, decoded by OpenCV instead
     host_s: float = 0.0
+    # Seconds of ``stage``'s steps (code streams, nvImageCodec's call, the per-image loop, CPU rows), and
+    # the calling thread's own CPU over all of them ("cpu"): for the GPU thread's early-batch log, where
+    # wall time far above CPU outside nvImageCodec's call is time spent waiting to retake the GIL.
+    steps: dict[str, float] = field(default_factory=dict)
     on_card: bool = False  # nvImageCodec decoded some of it on the decode stream (``write`` orders after it)
 
 
@@ -263,7 +267,7 @@ class NvImageCodecDecoder:
             return self._stage(items)
 
     def _stage(self, items: Sequence[Encoded | Sequence[np.ndarray]]) -> Staged:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         streams: list[Any] = []
         positions: list[int] = []
         for i, item in enumerate(items):
@@ -276,10 +280,12 @@ class NvImageCodecDecoder:
                 pass
         images: list[Any] = [None] * len(items)
         staged = Staged()
+        t_streams = time.perf_counter()
         if streams:
             for i, image in zip(positions, self._decode_streams(streams)):
                 images[i] = image
             staged.on_card = True
+        t_decoded = time.perf_counter()
         host: list[tuple[int, Sequence[np.ndarray]]] = []  # (item, per-model arrays) decoded on the CPU
         gpu: list[tuple[int, tuple[int, int, int, int]]] = []  # (item, device image)
         for i, (item, image) in enumerate(zip(items, images)):
@@ -307,6 +313,7 @@ class NvImageCodecDecoder:
             self.fallbacks += 1
             staged.fallbacks += 1
             host.append((i, arrays))
+        t_images = time.perf_counter()
         # Rows: the CPU-decoded images first (one copy per model), then the device-decoded ones.
         staged.kept = [i for i, _ in host] + [i for i, _ in gpu]
         staged.sources = [src for _, src in gpu]
@@ -322,7 +329,10 @@ class NvImageCodecDecoder:
                 self.release(staged)  # the row set goes back to the pool
                 raise
             staged.host_rows = len(host)
-        staged.host_s = time.perf_counter() - started
+        ended = time.perf_counter()
+        staged.host_s = ended - started
+        staged.steps = {"streams": t_streams - started, "nvimgcodec": t_decoded - t_streams,
+                        "images": t_images - t_decoded, "rows": ended - t_images, "cpu": time.thread_time() - cpu}
         return staged
 
     def write(self, staged: Staged) -> tuple[list[int], list[tuple[int, PoisonMessage]]]:

@@ -503,7 +503,9 @@ class GpuThread(FailureIsolation):
         (self._log.info if self.batches <= EARLY_BATCHES_LOGGED else self._log.debug)(
             "batch", number=self.batches, size=n, decoded=batch_decoded(requests),
             wait_ms=round(oldest_wait * 1000, 3), inference_ms=round(elapsed * 1000, 3),
-            phases_ms={k: round(v * 1000, 3) for k, v in batch.phases.items()})
+            phases_ms={k: round(v * 1000, 3) for k, v in batch.phases.items()},
+            # the device decoder's own steps of this batch's decode (worker.decode.nvimgcodec.Staged.steps)
+            decode_steps_ms={k: round(v * 1000, 3) for k, v in (getattr(batch.staged, "steps", None) or {}).items()})
 
     def _fail(self, exc: BaseException) -> None:
         self.fatal_error = exc
