@@ -197,6 +197,8 @@ async def test_what_tansu_answers_for_a_missing_and_an_invalid_topic(broker, top
         assert await topic_error(producer, BAD) is E.InvalidTopicError
         assert await topic_error(producer, "x" * 300) is E.InvalidTopicError
         await pub.check_topics([topics["output"], topics["dlq"]])
+        if kind == "aiokafka":  # the producer's own metadata has them: the first send waits for no lookup
+            assert producer.client.cluster.partitions_for_topic(topics["dlq"])
         # the name check comes first; the broker's answer is what a legal name it refuses would get
         with pytest.raises(UnwritableTopic, match="'bad topic!' is not a valid topic name"):
             await pub.check_topics([topics["output"], BAD])
