@@ -128,11 +128,18 @@ class FakeNv:
     """nvImageCodec as the decoder uses it: CodeStream refuses the values in ``refuse``; decode gives
     None for values that start with the PNG signature (as if it lacked the codec), an image otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, views: bool = True) -> None:
         self.calls: list[int] = []
         self.refuse: set[bytes] = set()
+        self.views = views  # whether CodeStream takes a memoryview (else TypeError, as pybind11 refuses a type)
+        self.sources: list[type] = []  # the type of each CodeStream's argument
 
-    def CodeStream(self, data: bytes):
+    def CodeStream(self, data: bytes | memoryview):
+        self.sources.append(type(data))
+        if isinstance(data, memoryview):
+            if not self.views:
+                raise TypeError("__init__(): incompatible constructor arguments")
+            data = bytes(data)  # what the real one reads through the view
         if data in self.refuse:
             raise RuntimeError("cannot parse")
         return data
@@ -312,6 +319,49 @@ def test_warm_up_leaves_images_and_a_pinned_row_set_for_every_batch_alive_at_onc
     for s in staged:
         dec.release(s)
     assert len(dec._free) == 12  # the pool keeps all three batches' images
+
+
+def test_jpegs_in_place_when_nvimgcodec_takes_views_else_copied_and_the_same_rows_either_way():
+    """The GPU process's link hands each JPEG over as a view of its ring slot (no copy). ``warm_up`` finds
+    out whether this nvImageCodec makes code streams over views; if not (TypeError), each is copied
+    into bytes first, and the batch's rows are the same."""
+    jpeg = encode(np.full((20, 30, 3), 90, np.uint8), "jpeg")
+    rows = {}
+    for views in (True, False):
+        dec, rt, kernel = _fake_decoder(max_batch=4)
+        dec._nv = dec._decoder = FakeNv(views=views)
+        dec.warm_up(1)
+        assert dec._views is views
+        dec._nv.sources.clear()
+        slot = bytearray(jpeg)  # a writable buffer, like a ring slot's
+        item = _encoded(jpeg)
+        item = type(item)(memoryview(slot), item.info, None, 0.0)
+        kept, rejected = dec.decode([item, item])
+        assert (kept, rejected) == ([0, 1], [])
+        assert dec._nv.sources == [memoryview if views else bytes] * 2  # the view itself, or a copy
+        assert dec.fallbacks == 0
+        table = [src.view(SOURCE_DTYPE) for dst, src in rt.copies if 0x900000 <= dst < 0x900010][-1]
+        rows[views] = (table["height"].tolist(), table["width"].tolist(), len(kernel.launches))
+    assert rows[True] == rows[False]
+
+
+def test_views_that_make_code_streams_but_do_not_decode_are_dropped_at_warm_up():
+    """An nvImageCodec that takes a view but cannot decode through it: warned, and the warm-up runs
+    again with copies, which work: the worker starts, copying."""
+    dec, _, _ = _fake_decoder(max_batch=4)
+    nv = FakeNv()
+    real = nv.decode
+
+    def decode(streams, images=None, params=None, cuda_stream=0):
+        if memoryview in nv.sources[-len(streams):]:
+            return [None] * len(streams)  # as if it read nothing through the view
+        return real(streams, images=images, params=params, cuda_stream=cuda_stream)
+
+    nv.decode = decode
+    dec._nv = dec._decoder = nv
+    dec.warm_up(2)
+    assert dec._views is False and dec.fallbacks == 0
+    assert len(dec._free) == 8 and len(dec._pinned_free) == 2  # the warm-up's pools, as with copies alone
 
 
 def test_a_warm_up_nvimgcodec_cannot_decode_is_a_config_error_after_the_stream_is_done_with_its_images():

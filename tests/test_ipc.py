@@ -163,3 +163,39 @@ async def test_a_send_that_fails_after_the_gpu_process_said_why_reports_why_not_
     assert "illegal memory access" in str(caught.value)
     assert "illegal memory access" in str(client.fatal_error) and "Broken" not in str(client.fatal_error)
     assert len(told) == 1
+
+
+def test_the_gpu_link_hands_a_jpeg_over_as_a_view_of_its_slot_and_rows_likewise() -> None:
+    """The GPU process's end of a link makes each request's image a view of the intake's slot, JPEG bytes
+    included (run 25: copying them out under the GIL stalled the GPU thread at start-up); an image that
+    overflowed its slot (a segment of its own, closed at once) is copied."""
+    from types import SimpleNamespace
+
+    from worker.gpu.link import IntakeLink
+
+    name = shm.segment_name("test-link")
+    seg = shm.Segment.create(name, 4 * 256)
+    overflow = shm.Segment.create(wire.overflow_name(name, 9), 300)
+    try:
+        jpeg = b"\xff\xd8" + bytes(range(100)) + b"\xff\xd9"
+        seg.buf[256:256 + len(jpeg)] = jpeg
+        overflow.buf[:300] = bytes(300)
+        spec = SimpleNamespace(preprocess=SimpleNamespace(hwc_shape=(2, 3, 3)))
+        link = IntakeLink(1, None, seg, 256, [spec], SimpleNamespace(), lambda exc: None)  # type: ignore[arg-type]
+        info = ImageInfo("jpeg", 640, 480, 3, 8, "rgb", 24)
+        req = link._request(wire.Request(wire.Kind.ENCODED, 1, 7, len(jpeg), 0, 5, info))
+        data = req.encoded.data
+        assert isinstance(data, memoryview) and bytes(data) == jpeg
+        seg.buf[256] = 0  # the slot itself: what the intake writes there is what the decoder reads
+        assert data[0] == 0
+        big = link._request(wire.Request(wire.Kind.ENCODED, -1, 9, 300, 0, 6, info))
+        assert isinstance(big.encoded.data, bytes) and len(big.encoded.data) == 300
+        seg.buf[512:512 + 18] = bytes(range(18))
+        rows = link._request(wire.Request(wire.Kind.ROWS, 2, 8, 18, 0, 7))
+        assert rows.inputs[0].shape == (2, 3, 3) and not rows.inputs[0].flags.owndata
+        del data, req, rows
+    finally:
+        overflow.close()
+        overflow.unlink()
+        seg.close()
+        seg.unlink()

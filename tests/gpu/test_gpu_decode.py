@@ -126,11 +126,15 @@ def test_resize_kernel_matches_opencv_prepare_on_the_same_pixels():
 
 
 def _decode_rows(pipeline: PipelineSpec, payloads: list[bytes], limits: tuple[int, int] = LIMITS,
-                 backend: str = "default"):
-    """Every payload through NvImageCodecDecoder.decode as Encoded (whatever gpu_decodable says)."""
+                 backend: str = "default", views: bool = False):
+    """Every payload through NvImageCodecDecoder.decode as Encoded (whatever gpu_decodable says). With
+    ``views``: warmed up first (which finds out whether nvImageCodec takes views), each JPEG a memoryview
+    of a writable buffer, as the GPU process's link hands them over (a view of the ring slot)."""
     from worker.decode.nvimgcodec import NvImageCodecDecoder
 
     encoded = [inspect_message(p, None, *limits) for p in payloads]
+    if views:
+        encoded = [type(e)(memoryview(bytearray(e.data)), e.info, e.correlation_id, e.decode_s) for e in encoded]
 
     def work(runtime):
         bufs = [runtime.device_buffer(len(payloads) * int(np.prod(m.preprocess.hwc_shape)), m.name)
@@ -138,6 +142,9 @@ def _decode_rows(pipeline: PipelineSpec, payloads: list[bytes], limits: tuple[in
         engines = [SimpleNamespace(spec=m, device_input=b.ptr) for m, b in zip(pipeline.models, bufs)]
         decoder = NvImageCodecDecoder(runtime, engines, len(payloads), pipeline, *limits, backend=backend)
         try:
+            if views:
+                decoder.warm_up(1)
+                print(f"\nnvImageCodec takes views: {decoder._views}")
             kept, rejected = decoder.decode(encoded)
             hosts = [runtime.host_buffer((len(payloads), *m.preprocess.hwc_shape), np.uint8) for m in pipeline.models]
             for h, b in zip(hosts, bufs):
@@ -226,6 +233,19 @@ def test_nvimgcodec_rows_are_close_to_the_cpu_decoders(backend):
                 assert mx <= 2  # lossless: only the resampler differs
             else:
                 assert mean < 1.0 and p999 <= 4  # nvJPEG vs libjpeg-turbo: IDCT and chroma upsampling
+
+
+def test_jpegs_handed_over_as_views_decode_to_the_same_rows_as_bytes():
+    """The GPU process's link hands each JPEG to the decoder as a view of its ring slot (no copy; run 25).
+    Whether this nvImageCodec decodes through the view or the decoder copies it first (``_views``, found at
+    warm-up), the rows are exactly those of the same JPEGs as bytes."""
+    rng = np.random.default_rng(11)
+    jpegs = [encode(synth_image(rng, 640, 480, 3), "jpeg") for _ in range(5)]
+    pipeline = _pipeline({"imagenet": IMAGENET})
+    _, (kept, rejected, rows, fallbacks) = _decode_rows(pipeline, jpegs)
+    _, (kept_v, rejected_v, rows_v, fallbacks_v) = _decode_rows(pipeline, jpegs, views=True)
+    assert (kept_v, rejected_v, fallbacks_v) == (kept, rejected, fallbacks) == (list(range(5)), [], 0)
+    np.testing.assert_array_equal(rows_v[0], rows[0])
 
 
 def test_exif_orientation_is_applied_on_the_gpu_too():

@@ -75,7 +75,7 @@ class Encoded:
     """A message checked up to its image header (size, envelope, format, dimensions), not decoded: what
     the GPU thread decodes itself when ``decoder=nvimgcodec``."""
 
-    data: bytes
+    data: bytes | memoryview  # a view of a ring slot in the GPU process (worker.gpu.link)
     info: ImageInfo
     correlation_id: str | None
     decode_s: float  # time of the checks

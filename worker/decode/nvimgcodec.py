@@ -20,7 +20,8 @@ thread (worker.gpu.decode_ahead, ``gpu_decode_thread``) with the same primary co
 
 What goes where (so that both decoders give the same verdicts, and the same DLQ reasons):
 
-- complete JPEGs (``worker.decode.message.gpu_decodable``) come as bytes and are decoded here;
+- complete JPEGs (``worker.decode.message.gpu_decodable``) come as bytes (in the GPU process, views of
+  their ring slot: ``_views``) and are decoded here;
 - everything else (PNG, BMP, TIFF, WebP, truncated JPEGs) was decoded by OpenCV in the decode pool,
   as with ``decoder=cpu``, and comes as rows: copied into its batch row from the host;
 - a JPEG nvImageCodec cannot parse or decode is decoded by OpenCV on this thread (rare), exactly as
@@ -127,6 +128,12 @@ class NvImageCodecDecoder:
     """Decodes batches of ``Encoded`` images into the engines' device input rows (GPU thread only, but
     ``stage``, which the decode thread may run)."""
 
+    # JPEGs reach the GPU process as views of their intake's ring slot (worker.gpu.link), valid until the
+    # request is answered, which is after its batch ran. ``warm_up`` sets this when this nvImageCodec makes a
+    # code stream over such a buffer and decodes the warm-up batches through it; otherwise (and before
+    # the warm-up) each JPEG is copied into a bytes object first, as the link itself did until run 25.
+    _views = False
+
     def __init__(self, runtime: Any, engines: Sequence[Any], max_batch: int, pipeline: PipelineSpec,
                  max_bytes: int, max_pixels: int, backend: str = "default", options: str = "") -> None:
         nvimgcodec = import_nvimgcodec()
@@ -189,12 +196,35 @@ class NvImageCodecDecoder:
         The JPEG is high-entropy (noise, quality 90): its bitstream is larger than a typical 640x480 photo's,
         so the hardware decoder's bitstream buffers grow here rather than under the first real batch. A
         kernel that cannot run here fails start-up, not the first real batch."""
-        from worker.decode.headers import sniff
-
         data = warm_up_jpeg()
-        item = Encoded(data, sniff(data), None, 0.0)
         batches = max(1, batches)
         self._pool_batches = max(self._pool_batches, batches)
+        self._views = self._takes_views(data)
+        try:
+            self._warm_up(data, batches)
+        except ConfigError as exc:
+            if not self._views:
+                raise
+            # It made the code streams but could not decode through them: copy as before (and say so)
+            _log.warning("nvimgcodec_views_refused", error=str(exc))
+            self._views, self.fallbacks = False, 0
+            self._warm_up(data, batches)
+        self._log_ready()
+
+    def _takes_views(self, data: bytes) -> bool:
+        """Whether this nvImageCodec makes a code stream over a memoryview (pybind11 refuses a type an
+        overload does not take with TypeError; anything else it raises means the same here)."""
+        try:
+            self._nv.CodeStream(memoryview(data))
+        except Exception as exc:  # noqa: BLE001 - then each JPEG is copied into bytes first
+            _log.info("nvimgcodec_views_not_taken", error=f"{type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def _warm_up(self, data: bytes, batches: int) -> None:
+        from worker.decode.headers import sniff
+
+        item = Encoded(memoryview(data) if self._views else data, sniff(data), None, 0.0)
         staged: list[Staged] = []
         try:
             for _ in range(batches):
@@ -217,11 +247,10 @@ class NvImageCodecDecoder:
         pinned = [self._new_pinned() for _ in range(missing)]  # runtime calls outside the lock, as in reserve()
         with self._pools:
             self._pinned_free.extend(pinned)
-        self._log_ready()
 
     def _log_ready(self) -> None:
         _log.info("gpu_decoder_ready", decoder="nvimgcodec", version=getattr(self._nv, "__version__", "?"),
-                  backend=self.backend, options=self.options,
+                  backend=self.backend, options=self.options, jpegs_in_place=self._views,
                   max_batch=self.max_batch, models=[e.spec.name for e in self.engines])
 
     def close(self) -> None:
@@ -274,7 +303,10 @@ class NvImageCodecDecoder:
             if not isinstance(item, Encoded):
                 continue
             try:
-                streams.append(self._nv.CodeStream(item.data))
+                data = item.data
+                if isinstance(data, memoryview) and not self._views:
+                    data = bytes(data)  # this nvImageCodec takes no views (``warm_up``)
+                streams.append(self._nv.CodeStream(data))
                 positions.append(i)
             except Exception:  # noqa: BLE001 - nvImageCodec cannot parse it; OpenCV decides below
                 pass

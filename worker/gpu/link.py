@@ -1,8 +1,9 @@
 """The GPU process's end of one intake's link.
 
-A receiver thread reads request messages, makes an ``InferenceRequest`` per image whose rows are
-views of the intake's slot (no copy; the GPU thread copies them into pinned staging with the rest of
-the batch) or whose JPEG bytes are read out of it, and submits them to the GPU thread. The GPU thread
+A receiver thread reads request messages, makes an ``InferenceRequest`` per image whose rows, or whose
+JPEG, are a view of the intake's slot (no copy: the slot is the request's until it is answered, after
+its batch ran; the GPU thread copies rows into pinned staging with the rest of the batch, nvImageCodec
+reads the JPEG where it lies), and submits them to the GPU thread. The GPU thread
 resolves each request through ``ReplySink`` (it calls ``loop.call_soon_threadsafe`` once per batch and
 intake): the callbacks only queue, so the GPU thread does no per-image reply work. A reply thread
 runs them, encodes each result into its request's slot (or inline when larger), and sends one reply
@@ -112,7 +113,9 @@ class IntakeLink:
         future = SlotFuture(self, req)
         data = self._payload(req)
         if req.kind == wire.Kind.ENCODED:
-            encoded = Encoded(bytes(data), req.info, None, 0.0)
+            # Not copied out (run 25: 80-120 ms of the GPU thread waiting while the start-up burst's copies,
+            # ~136 MB of fresh memory, were made here under the GIL; docs/benchmarks.md)
+            encoded = Encoded(data, req.info, None, 0.0)
             return InferenceRequest(None, future, self.sink, context, encoded=encoded)  # type: ignore[arg-type]
         rows, pos = [], 0
         for shape in self.row_shapes:
