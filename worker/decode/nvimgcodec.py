@@ -107,7 +107,7 @@ class Staged:
     host_s: float = 0.0
     # Seconds of ``stage``'s steps (code streams, nvImageCodec's call, the per-image loop, CPU rows), and
     # the calling thread's own CPU over all of them ("cpu"): for the GPU thread's early-batch log, where
-    # wall time far above CPU outside nvImageCodec's call is time spent waiting to retake the GIL.
+    # wall time far above that CPU is time the thread waited (for the GIL, the CPU, or the device).
     steps: dict[str, float] = field(default_factory=dict)
     on_card: bool = False  # nvImageCodec decoded some of it on the decode stream (``write`` orders after it)
 

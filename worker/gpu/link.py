@@ -113,8 +113,8 @@ class IntakeLink:
         future = SlotFuture(self, req)
         data = self._payload(req)
         if req.kind == wire.Kind.ENCODED:
-            # Not copied out (run 25: 80-120 ms of the GPU thread waiting while the start-up burst's copies,
-            # ~136 MB of fresh memory, were made here under the GIL; docs/benchmarks.md)
+            # Not copied out: run 25 saw the GPU thread wait 80-120 ms at start-up while the burst's copies
+            # (~136 MB of fresh memory) were made here under the GIL, a candidate cause (docs/benchmarks.md)
             encoded = Encoded(data, req.info, None, 0.0)
             return InferenceRequest(None, future, self.sink, context, encoded=encoded)  # type: ignore[arg-type]
         rows, pos = [], 0
