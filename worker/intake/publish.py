@@ -178,6 +178,10 @@ class Publisher:
             while True:
                 error = await asyncio.wait_for(topic_error(self._producer, topic), TOPIC_CHECK_TIMEOUT_S)
                 if error is None:
+                    # The producer's own metadata for it now, not at the first send: aiokafka's first send to a
+                    # topic it does not track waits for a lookup of its own (topic_error asked on the side),
+                    # which the first results of a run (or after a restart) would pay.
+                    await asyncio.wait_for(placement(self._producer, topic), TOPIC_CHECK_TIMEOUT_S)
                     break
                 waiting = error in (E.UnknownTopicOrPartitionError, E.LeaderNotAvailableError)
                 if waiting and time.monotonic() < deadline:
@@ -186,11 +190,6 @@ class Publisher:
                 reason = (f"it does not exist (still missing after {wait_s:g} s)" if waiting
                           else f"the broker says {error.__name__}")
                 raise UnwritableTopic(topic, reason, _ADVICE.get(error, "fix the configuration and restart"))
-        # The producer's own metadata for them now, not at the first send: aiokafka's first send to a topic
-        # it does not track waits for a metadata round trip of its own (our check above asked on the side),
-        # which the first results of a run (or after a restart) would pay. Both clients then track them.
-        for topic in dict.fromkeys(topics):
-            await asyncio.wait_for(placement(self._producer, topic), TOPIC_CHECK_TIMEOUT_S)
 
     async def publish(self, topic: str, record: Record) -> None:
         """Send and wait for the broker's acknowledgement, retrying with backoff while it fails.
