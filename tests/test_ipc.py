@@ -199,3 +199,103 @@ def test_the_gpu_link_hands_a_jpeg_over_as_a_view_of_its_slot_and_rows_likewise(
         overflow.unlink()
         seg.close()
         seg.unlink()
+
+
+# --- /dev/shm room: pages taken at creation, a clear error where there is none -----------------------
+@pytest.fixture
+def small_shm(tmp_path, monkeypatch):
+    """A 1 MiB tmpfs standing in for /dev/shm (mounting one needs root, as CI's runner is)."""
+    where = tmp_path / "shm"
+    where.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    monkeypatch.setattr(shm, "SHM_DIR", where)
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_segments_pages_are_taken_when_it_is_created() -> None:
+    """Allocated up front (not a sparse file whose pages come at first write): a full /dev/shm fails at
+    creation, and the first burst of images does not fault each page in."""
+    name = shm.segment_name("test-pages")
+    seg = shm.Segment.create(name, 1 << 20)
+    try:
+        assert os.stat(shm.SHM_DIR / name).st_blocks * 512 >= 1 << 20
+    finally:
+        seg.close()
+        seg.unlink()
+
+
+def test_a_segment_that_does_not_fit_fails_at_creation_with_the_sizes_and_leaves_no_file(small_shm) -> None:
+    name = shm.segment_name("test-ring1")
+    with pytest.raises(errors.SharedMemoryFull) as caught:
+        shm.Segment.create(name, 2 << 20)
+    assert isinstance(caught.value, errors.ConfigError)  # at start-up: the CLI's configuration error, exit 2
+    text = str(caught.value)
+    assert name in text and "2.0 MiB" in text and "MiB free" in text and "--shm-size" in text
+    assert list(small_shm.iterdir()) == []
+
+
+def test_a_full_dev_shm_reported_by_fallocate_is_the_same_clear_error(monkeypatch) -> None:
+    """Whatever the size of the real /dev/shm: ENOSPC (or a memory cgroup's ENOMEM) from the allocation."""
+    import errno
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    monkeypatch.setattr(shm.os, "posix_fallocate", full)
+    name = shm.segment_name("test-full")
+    with pytest.raises(errors.SharedMemoryFull, match="Cannot allocate memory"):
+        shm.Segment.create(name, 4096)
+    assert not (shm.SHM_DIR / name).exists()
+
+
+def _rows_request(nbytes: int, offset: int):
+    import asyncio
+
+    from worker.gpu.requests import InferenceRequest
+
+    loop = asyncio.get_running_loop()
+    return InferenceRequest([np.ones((nbytes, 1, 1), np.uint8)], loop.create_future(), loop,
+                            {"partition": 0, "offset": offset})
+
+
+async def test_a_large_image_waits_for_room_its_intake_frees_and_fails_clearly_when_none_is_coming(small_shm) -> None:
+    """Images larger than a slot travel in segments of their own. One that finds /dev/shm full while
+    another of its intake's is in flight waits for that one's answer (which frees its room) instead of
+    stopping the worker; with none in flight, no room is coming: SharedMemoryFull, its slot given back."""
+    import asyncio
+    from multiprocessing import Pipe
+
+    from worker.ipc.client import GpuClient
+
+    ours, theirs = Pipe()
+    seg = shm.Segment.create(shm.segment_name("test-link"), 4 * 1024)
+    client = GpuClient([ours], seg, slots=4, slot_bytes=1024, decodes_on_device=False)
+    try:
+        await client.start()
+        first = _rows_request(600 * 1024, 0)
+        await client.put(first)
+        second = _rows_request(600 * 1024, 1)
+        waiting = asyncio.ensure_future(client.put(second))
+        sent = wire.unpack_requests(await asyncio.get_running_loop().run_in_executor(None, theirs.recv_bytes))
+        assert [r.slot for r in sent] == [-1] and not waiting.done()  # the first went; the second has no room
+        result = payload.encode_result([{}], 0.0, 0.0, 1)
+        theirs.send_bytes(wire.pack_replies([wire.Reply(sent[0].request_id, -1, wire.Status.OK, len(result),
+                                                        wire.Placement.INLINE, result)]))
+        await asyncio.wait_for(first.future, 5)
+        await asyncio.wait_for(waiting, 5)  # the first's answer unlinked its segment: room for the second
+        assert len(list(small_shm.iterdir())) == 2  # the ring and the second's segment
+        never = asyncio.ensure_future(client.put(_rows_request(2 << 20, 2)))  # larger than all of /dev/shm
+        sent = wire.unpack_requests(await asyncio.get_running_loop().run_in_executor(None, theirs.recv_bytes))
+        assert not never.done()  # waits for the second, the one room-freeing image in flight
+        theirs.send_bytes(wire.pack_replies([wire.Reply(sent[0].request_id, -1, wire.Status.OK, len(result),
+                                                        wire.Placement.INLINE, result)]))
+        with pytest.raises(errors.SharedMemoryFull):  # nothing of ours left in flight: no room is coming
+            await asyncio.wait_for(never, 5)
+    finally:
+        client.stop()
+        seg.close()
+        seg.unlink()
+    assert len(client._free) == 4 and not list(small_shm.iterdir())  # every slot back, no segment left

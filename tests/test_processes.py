@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import check_demo_result, kafka_clients
-from tests.procs import (PacedProducer, TopicReader, WorkerProc, duplicates, no_leftover_workers,  # noqa: F401
-                         source_coords, worker_env)
+from tests.procs import (PYTHON, PacedProducer, TopicReader, WorkerProc, duplicates,  # noqa: F401
+                         no_leftover_workers, source_coords, worker_env)
 from tests.kafka_broker import both_brokers
 from worker.broker import create_topics
 from worker.ipc import shm
@@ -200,3 +200,24 @@ async def test_kill_9_of_the_supervisor_leaves_no_process_and_the_next_start_cle
     assert not any((shm.SHM_DIR / name).exists() for name in left)
     assert "unlinked shared memory left by a killed earlier run" in second.log_path.read_text()
     assert second.stop(60) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_dev_shm_too_small_for_the_rings_is_a_configuration_error_before_any_process_starts(tmp_path):
+    """Two intakes' rings need 128 MiB; this /dev/shm holds 96 (Docker's default: 64). The rings' pages are
+    taken at creation, so the worker says so and exits 2 before any child starts. Before, the files were sparse:
+    the first write past the room killed an intake with SIGBUS mid-stream."""
+    import subprocess
+
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
+    topics = {"input": "in", "output": "out", "dlq": "dlq", "group": "g"}
+    env = worker_env("127.0.0.1:1", topics, intake_processes=K)  # no broker: nothing may get that far
+    script = f'mount -t tmpfs -o size=96m tmpfs /dev/shm && exec "{PYTHON}" -m worker run'
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=50)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "configuration error: /dev/shm has no room for" in done.stderr
+    assert "-ring2 (64.0 MiB; 32.0 MiB free" in done.stderr
+    assert "--shm-size" in done.stderr
+    assert "gpu process started" not in done.stdout + done.stderr  # stopped before any child

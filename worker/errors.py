@@ -90,6 +90,12 @@ class FatalError(WorkerError):
     """The process cannot continue."""
 
 
+class SharedMemoryFull(FatalError, ConfigError):
+    """/dev/shm has no room for a segment. For the rings, found at start-up: a configuration error (the
+    container's /dev/shm is smaller than intakes x ipc_slots x ipc_slot_bytes). For an image larger than a
+    slot, at run time: the worker stops, nothing of the image committed."""
+
+
 class EngineLoadError(FatalError, ConfigError):
     """A model or engine cannot be loaded: start-up stops with this message."""
 

@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from worker import log
-from worker.errors import FatalError
+from worker.errors import FatalError, SharedMemoryFull
 from worker.gpu.requests import InferenceRequest, InferenceResult
 from worker.ipc import payload, wire
 from worker.ipc.router import GpuRouter
@@ -63,6 +63,8 @@ class GpuClient:
         self._ids = itertools.count(1)
         # id -> future, slot, overflow, gpu, bytes
         self._pending: dict[int, tuple[asyncio.Future, int, bool, int, int]] = {}
+        self._overflows = 0  # of those, images in a segment of their own (each frees /dev/shm room when answered)
+        self._overflow_freed = asyncio.Event()
         self._outgoing: list[list[wire.Request]] = [[] for _ in self.conns]
         self._flush_scheduled = False
         self._closing = False
@@ -105,11 +107,7 @@ class GpuClient:
             nbytes = sum(len(p) for p in parts)
             overflow = nbytes > self.slot_bytes
             if overflow:  # rare (images over a slot): a segment of its own, unlinked when answered
-                seg = Segment.create(wire.overflow_name(self.segment.name, rid), max(1, nbytes))
-                try:
-                    _write(seg.buf, 0, parts)
-                finally:
-                    seg.close()
+                await self._write_overflow(rid, nbytes, parts)
             else:
                 _write(self.segment.buf, slot * self.slot_bytes, parts)
         except BaseException:
@@ -120,11 +118,40 @@ class GpuClient:
         if self._on_sent:
             self._on_sent[gpu]()
         self._pending[rid] = (request.future, slot, overflow, gpu, nbytes)
+        self._overflows += overflow
         self._outgoing[gpu].append(wire.Request(kind, -1 if overflow else slot, rid, nbytes,
                                                 int(where.get("partition", -1)), int(where.get("offset", -1)), info))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _write_overflow(self, rid: int, nbytes: int, parts: list[Any]) -> None:
+        """Write an image larger than a slot into a segment of its own. Where /dev/shm has no room for it
+        now, each of this intake's large images still in flight frees its room when answered: wait for one
+        and try again. With none left to wait for, no room is coming: SharedMemoryFull stops the worker."""
+        name = wire.overflow_name(self.segment.name, rid)
+        while True:
+            try:
+                seg = Segment.create(name, max(1, nbytes))
+                break
+            except SharedMemoryFull as exc:
+                if not self._overflows:
+                    raise
+                self._log.warning("no room in /dev/shm for a large image; waiting for this intake's earlier ones",
+                                  nbytes=nbytes, in_flight=self._overflows, error=str(exc))
+                self._overflow_freed.clear()
+                await self._overflow_freed.wait()
+                if self.fatal_error is not None:
+                    raise FatalError(f"GPU process has stopped: {self.fatal_error}") from None
+        try:
+            _write(seg.buf, 0, parts)
+        finally:
+            seg.close()
+
+    def _unlink_overflow(self, rid: int) -> None:
+        unlink(wire.overflow_name(self.segment.name, rid))
+        self._overflows -= 1
+        self._overflow_freed.set()
 
     @staticmethod
     def _parts(request: InferenceRequest) -> tuple[wire.Kind, list[Any], Any]:
@@ -187,7 +214,7 @@ class GpuClient:
                 continue
             future, slot, overflow, gpu, nbytes = entry
             if overflow:
-                unlink(wire.overflow_name(self.segment.name, rid))
+                self._unlink_overflow(rid)
             self.router.done(gpu, nbytes)
             self._release(slot)
             if future.done():  # cancelled meanwhile (drain cut, revoke)
@@ -205,7 +232,7 @@ class GpuClient:
         self.fatal_error = error
         for rid, (future, _slot, overflow, _gpu, _n) in list(self._pending.items()):
             if overflow:
-                unlink(wire.overflow_name(self.segment.name, rid))
+                self._unlink_overflow(rid)
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()

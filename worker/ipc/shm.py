@@ -9,16 +9,27 @@ creator is gone (kill -9).
 Names: ``<PREFIX><creator pid>.<its start time>-<what>``: a segment is stale when no process with
 that pid and start time exists (in a container the supervisor is PID 1 after every restart, and an
 in-memory /dev/shm outlives a container restart within the pod, so the pid alone cannot tell).
+
+A segment's pages are allocated when it is created and mapped in full wherever it is opened (``_reserve``,
+MAP_POPULATE): a /dev/shm too small fails at creation with the sizes, not as a SIGBUS at whichever later
+write first finds no page, and the first burst of images writes and reads pages that are already there
+instead of faulting each one in while the GPU thread waits.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import shutil
 from pathlib import Path
+
+from worker.errors import SharedMemoryFull
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "gpuworker-"
+# Map every page at mmap time (Linux); elsewhere 0: pages fault in on first use, as before.
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def start_time(pid: int) -> str | None:
@@ -50,9 +61,14 @@ class Segment:
         try:
             if create:
                 os.ftruncate(fd, size)
+                _reserve(fd, size, self.path)
             else:
                 size = os.fstat(fd).st_size
-            self._map = mmap.mmap(fd, size)
+            self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+        except BaseException:
+            if create:
+                unlink(name)
+            raise
         finally:
             os.close(fd)
         self.size = size
@@ -77,6 +93,23 @@ class Segment:
 
     def unlink(self) -> None:
         unlink(self.name)
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Allocate the segment's pages now (tmpfs zero-fills them). A sparse file would take its pages at
+    first write, and a write that finds /dev/shm full kills the process with SIGBUS."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: pages on first use
+            return
+        if exc.errno not in (errno.ENOSPC, errno.ENOMEM):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise SharedMemoryFull(
+            f"{path.parent} has no room for {path.name} ({size / 2**20:.1f} MiB; {free / 2**20:.1f} MiB free, "
+            f"{os.strerror(exc.errno)}): give the container a larger /dev/shm (the chart sizes it; docker: "
+            f"--shm-size), or lower intake_processes, ipc_slots or ipc_slot_bytes") from exc
 
 
 def unlink(name: str) -> None:
