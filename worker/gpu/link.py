@@ -114,7 +114,8 @@ class IntakeLink:
         data = self._payload(req)
         if req.kind == wire.Kind.ENCODED:
             # Not copied out: run 25 saw the GPU thread wait 80-120 ms at start-up while the burst's copies
-            # (~136 MB of fresh memory) were made here under the GIL, a candidate cause (docs/benchmarks.md)
+            # (~136 MB) were made here under the GIL; with views (and the rings' pages taken at start) run 26
+            # saw no early decode step over 21 ms (docs/benchmarks.md)
             encoded = Encoded(data, req.info, None, 0.0)
             return InferenceRequest(None, future, self.sink, context, encoded=encoded)  # type: ignore[arg-type]
         rows, pos = [], 0

@@ -51,7 +51,8 @@ _STOP = object()
 # The first batches after start-up are logged at info with where their time went: a slow one among them
 # is a start-up cost the warm-up missed (docs/benchmarks.md, run 23: 60-417 ms against ~25 on an H100;
 # run 24, from this log: nvImageCodec's call for the first full batch, 49-137 ms, not the device; run 25, from
-# the decoder's steps: ~95 ms in one step while this thread's own CPU is 7-14 ms, so it waits, not works).
+# the decoder's steps: ~95 ms in one step while this thread's own CPU is 7-14 ms, so it waits, not works;
+# run 26, the JPEGs no longer copied at the link: no step over 21 ms).
 EARLY_BATCHES_LOGGED = 8
 
 
