@@ -234,6 +234,8 @@ def test_a_segment_that_does_not_fit_fails_at_creation_with_the_sizes_and_leaves
     assert isinstance(caught.value, errors.ConfigError)  # at start-up: the CLI's configuration error, exit 2
     text = str(caught.value)
     assert name in text and "2.0 MiB" in text and "MiB free" in text and "--shm-size" in text
+    with pytest.raises(errors.SharedMemoryFull, match=r"--shm-size\), lower ipc_slots$"):
+        shm.Segment.create(name, 2 << 20, advice="lower ipc_slots")
     assert list(small_shm.iterdir()) == []
 
 
@@ -292,7 +294,7 @@ async def test_a_large_image_waits_for_room_its_intake_frees_and_fails_clearly_w
         assert not never.done()  # waits for the second, the one room-freeing image in flight
         theirs.send_bytes(wire.pack_replies([wire.Reply(sent[0].request_id, -1, wire.Status.OK, len(result),
                                                         wire.Placement.INLINE, result)]))
-        with pytest.raises(errors.SharedMemoryFull):  # nothing of ours left in flight: no room is coming
+        with pytest.raises(errors.SharedMemoryFull, match="overflowPerIntake"):  # none of ours left: no room is coming
             await asyncio.wait_for(never, 5)
     finally:
         client.stop()

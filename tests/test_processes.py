@@ -219,5 +219,6 @@ def test_a_dev_shm_too_small_for_the_rings_is_a_configuration_error_before_any_p
     assert done.returncode == 2, done.stderr[-2000:]
     assert "configuration error: /dev/shm has no room for" in done.stderr
     assert "-ring2 (64.0 MiB; 32.0 MiB free" in done.stderr
-    assert "--shm-size" in done.stderr
+    assert "--shm-size" in done.stderr and "lower intake_processes" in done.stderr
+    assert f"{K} rings of 256 x 262144 bytes" in done.stderr
     assert "gpu process started" not in done.stdout + done.stderr  # stopped before any child

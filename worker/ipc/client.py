@@ -38,6 +38,9 @@ from worker.ipc import payload, wire
 from worker.ipc.router import GpuRouter
 from worker.ipc.shm import Segment, unlink
 
+OVERFLOW_ADVICE = ("room for images larger than ipc_slot_bytes, each in a segment of its own until answered "
+                   "(the chart: sharedMemory.overflowPerIntake)")
+
 # How long a failed send waits for the reader thread's account of why the GPU process went (see ``_flush``).
 LINK_VERDICT_S = 1.0
 
@@ -132,7 +135,7 @@ class GpuClient:
         name = wire.overflow_name(self.segment.name, rid)
         while True:
             try:
-                seg = Segment.create(name, max(1, nbytes))
+                seg = Segment.create(name, max(1, nbytes), OVERFLOW_ADVICE)
                 break
             except SharedMemoryFull as exc:
                 if not self._overflows:

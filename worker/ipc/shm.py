@@ -53,7 +53,7 @@ def segment_name(what: str, token: str | None = None) -> str:
 class Segment:
     """A mapped segment. ``buf`` is a writable memoryview over all of it."""
 
-    def __init__(self, name: str, size: int, create: bool) -> None:
+    def __init__(self, name: str, size: int, create: bool, advice: str = "") -> None:
         self.name = name
         self.path = SHM_DIR / name
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
@@ -61,7 +61,7 @@ class Segment:
         try:
             if create:
                 os.ftruncate(fd, size)
-                _reserve(fd, size, self.path)
+                _reserve(fd, size, self.path, advice)
             else:
                 size = os.fstat(fd).st_size
             self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
@@ -75,8 +75,9 @@ class Segment:
         self.buf = memoryview(self._map)
 
     @classmethod
-    def create(cls, name: str, size: int) -> Segment:
-        return cls(name, size, create=True)
+    def create(cls, name: str, size: int, advice: str = "") -> Segment:
+        """``advice``: what to change if /dev/shm has no room, after the size of /dev/shm itself."""
+        return cls(name, size, create=True, advice=advice)
 
     @classmethod
     def attach(cls, name: str) -> Segment:
@@ -95,7 +96,7 @@ class Segment:
         unlink(self.name)
 
 
-def _reserve(fd: int, size: int, path: Path) -> None:
+def _reserve(fd: int, size: int, path: Path, advice: str) -> None:
     """Allocate the segment's pages now (tmpfs zero-fills them). A sparse file would take its pages at
     first write, and a write that finds /dev/shm full kills the process with SIGBUS."""
     try:
@@ -108,8 +109,8 @@ def _reserve(fd: int, size: int, path: Path) -> None:
         free = shutil.disk_usage(path.parent).free
         raise SharedMemoryFull(
             f"{path.parent} has no room for {path.name} ({size / 2**20:.1f} MiB; {free / 2**20:.1f} MiB free, "
-            f"{os.strerror(exc.errno)}): give the container a larger /dev/shm (the chart sizes it; docker: "
-            f"--shm-size), or lower intake_processes, ipc_slots or ipc_slot_bytes") from exc
+            f"{os.strerror(exc.errno)}): give the container a larger /dev/shm (docker: --shm-size)"
+            + (f", {advice}" if advice else "")) from exc
 
 
 def unlink(name: str) -> None:

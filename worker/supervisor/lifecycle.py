@@ -116,7 +116,9 @@ class Supervisor:
         s = self.settings
         size = s.ipc_slots * s.ipc_slot_bytes
         # One ring per intake, shared by every GPU process: a slot belongs to one request at a time.
-        self.segments = [shm.Segment.create(shm.segment_name(f"{self.run_id}-ring{i + 1}", self.token), size)
+        advice = (f"or lower intake_processes, ipc_slots or ipc_slot_bytes ({self.k} rings of {s.ipc_slots} x "
+                  f"{s.ipc_slot_bytes} bytes; the chart sizes /dev/shm from them)")
+        self.segments = [shm.Segment.create(shm.segment_name(f"{self.run_id}-ring{i + 1}", self.token), size, advice)
                          for i in range(self.k)]
         self.links = [[self.ctx.Pipe(duplex=True) for _ in range(self.k)] for _ in self.devices]  # [gpu][intake]
         from worker.gpu import process as gpu_process
