@@ -67,8 +67,11 @@ class WorkerProc:
     """One worker process. ``args`` default to the real CLI; the HTTP port is chosen here."""
 
     def __init__(self, env: dict[str, str], log_path: Path, args: Sequence[str] = ("-m", "worker", "run"),
-                 name: str = "worker") -> None:
+                 name: str = "worker", prefix: Sequence[str] = ()) -> None:
+        """``prefix``: a command the interpreter runs under, which must exec it (``unshare ... sh -c 'exec
+        "$0" "$@"'``) so that ``pid`` stays the worker's."""
         self.name = name
+        self.prefix = list(prefix)
         self.port = free_port()
         self.env = dict(env, WORKER_HTTP_PORT=str(self.port))
         self.log_path = log_path
@@ -78,7 +81,7 @@ class WorkerProc:
 
     def start(self) -> WorkerProc:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in wait()
-        self.proc = subprocess.Popen([PYTHON, *self.args], env=self.env, cwd=ROOT, stdout=self._log,
+        self.proc = subprocess.Popen([*self.prefix, PYTHON, *self.args], env=self.env, cwd=ROOT, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.started_at = time.monotonic()
         return self

@@ -233,7 +233,7 @@ def test_a_segment_that_does_not_fit_fails_at_creation_with_the_sizes_and_leaves
         shm.Segment.create(name, 2 << 20)
     assert isinstance(caught.value, errors.ConfigError)  # at start-up: the CLI's configuration error, exit 2
     text = str(caught.value)
-    assert name in text and "2.0 MiB" in text and "MiB free" in text and "--shm-size" in text
+    assert name in text and "(2.0 MiB; 1.0 MiB free" in text and "--shm-size" in text
     with pytest.raises(errors.SharedMemoryFull, match=r"--shm-size\), lower ipc_slots$"):
         shm.Segment.create(name, 2 << 20, advice="lower ipc_slots")
     assert list(small_shm.iterdir()) == []
@@ -263,41 +263,74 @@ def _rows_request(nbytes: int, offset: int):
                             {"partition": 0, "offset": offset})
 
 
-async def test_a_large_image_waits_for_room_its_intake_frees_and_fails_clearly_when_none_is_coming(small_shm) -> None:
-    """Images larger than a slot travel in segments of their own. One that finds /dev/shm full while
-    another of its intake's is in flight waits for that one's answer (which frees its room) instead of
-    stopping the worker; with none in flight, no room is coming: SharedMemoryFull, its slot given back."""
+async def test_a_large_image_waits_for_room_the_runs_large_images_free_and_fails_clearly_when_none_can_come(
+        small_shm, monkeypatch) -> None:
+    """Images larger than a slot travel in segments of their own, each unlinked when answered. One that finds
+    /dev/shm full waits for its intake's own in flight, or for other intakes' (a segment of the run it did
+    not make, looked for again and again) instead of stopping the worker; where even all of those would not
+    make room, or the others' stay past OVERFLOW_WAIT_S, SharedMemoryFull: its slot is given back."""
     import asyncio
     from multiprocessing import Pipe
 
+    from worker.ipc import client as client_mod
     from worker.ipc.client import GpuClient
 
     ours, theirs = Pipe()
     seg = shm.Segment.create(shm.segment_name("test-link"), 4 * 1024)
     client = GpuClient([ours], seg, slots=4, slot_bytes=1024, decodes_on_device=False)
+    loop = asyncio.get_running_loop()
+    result = payload.encode_result([{}], 0.0, 0.0, 1)
+
+    async def answer_next() -> None:
+        sent = wire.unpack_requests(await loop.run_in_executor(None, theirs.recv_bytes))
+        theirs.send_bytes(wire.pack_replies([wire.Reply(r.request_id, -1, wire.Status.OK, len(result),
+                                                        wire.Placement.INLINE, result) for r in sent]))
+
     try:
         await client.start()
         first = _rows_request(600 * 1024, 0)
         await client.put(first)
         second = _rows_request(600 * 1024, 1)
         waiting = asyncio.ensure_future(client.put(second))
-        sent = wire.unpack_requests(await asyncio.get_running_loop().run_in_executor(None, theirs.recv_bytes))
-        assert [r.slot for r in sent] == [-1] and not waiting.done()  # the first went; the second has no room
-        result = payload.encode_result([{}], 0.0, 0.0, 1)
-        theirs.send_bytes(wire.pack_replies([wire.Reply(sent[0].request_id, -1, wire.Status.OK, len(result),
-                                                        wire.Placement.INLINE, result)]))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # no room until the first is answered
+        await answer_next()
         await asyncio.wait_for(first.future, 5)
         await asyncio.wait_for(waiting, 5)  # the first's answer unlinked its segment: room for the second
-        assert len(list(small_shm.iterdir())) == 2  # the ring and the second's segment
-        never = asyncio.ensure_future(client.put(_rows_request(2 << 20, 2)))  # larger than all of /dev/shm
-        sent = wire.unpack_requests(await asyncio.get_running_loop().run_in_executor(None, theirs.recv_bytes))
-        assert not never.done()  # waits for the second, the one room-freeing image in flight
-        theirs.send_bytes(wire.pack_replies([wire.Reply(sent[0].request_id, -1, wire.Status.OK, len(result),
-                                                        wire.Placement.INLINE, result)]))
-        with pytest.raises(errors.SharedMemoryFull, match="overflowPerIntake"):  # none of ours left: no room is coming
-            await asyncio.wait_for(never, 5)
+        with pytest.raises(errors.SharedMemoryFull, match="overflowPerIntake"):  # larger than all room to come
+            await client.put(_rows_request(2 << 20, 2))
+        await answer_next()
+        await asyncio.wait_for(second.future, 5)
+        # another intake's large image (a segment of the run's links this client did not make) holds the room
+        other = shm.Segment.create(wire.overflow_name(seg.name, 999), 700 * 1024)
+        other.close()
+        third_request = _rows_request(400 * 1024, 3)
+        third = asyncio.ensure_future(client.put(third_request))
+        await asyncio.sleep(0.3)
+        assert not third.done()  # looking again while the other's segment is there
+        shm.unlink(wire.overflow_name(seg.name, 999))
+        await asyncio.wait_for(third, 5)  # found the room the other's answer freed
+        await answer_next()
+        await asyncio.wait_for(third_request.future, 5)
+        other = shm.Segment.create(wire.overflow_name(seg.name, 998), 700 * 1024)
+        other.close()
+        monkeypatch.setattr(client_mod, "OVERFLOW_WAIT_S", 0.3)
+        with pytest.raises(errors.SharedMemoryFull):  # the other's stays: not forever
+            await client.put(_rows_request(400 * 1024, 4))
+        shm.unlink(wire.overflow_name(seg.name, 998))
     finally:
         client.stop()
         seg.close()
         seg.unlink()
     assert len(client._free) == 4 and not list(small_shm.iterdir())  # every slot back, no segment left
+
+
+def test_the_overflow_pattern_covers_every_ring_of_the_run_and_only_them() -> None:
+    from fnmatch import fnmatch
+
+    pattern = wire.overflow_pattern("gpuworker-12.345-abcd1234-ring3")
+    assert fnmatch(wire.overflow_name("gpuworker-12.345-abcd1234-ring1", 7), pattern)
+    assert fnmatch(wire.overflow_name("gpuworker-12.345-abcd1234-ring12", 7), pattern)
+    assert not fnmatch(wire.overflow_name("gpuworker-12.345-ffff0000-ring1", 7), pattern)  # another run
+    assert not fnmatch("gpuworker-12.345-abcd1234-ring1", pattern)  # a ring is not freed by an answer
+    assert wire.overflow_pattern("gpuworker-1.2-test-link") == "gpuworker-1.2-test-link-o*"

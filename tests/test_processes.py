@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import check_demo_result, kafka_clients
-from tests.procs import (PYTHON, PacedProducer, TopicReader, WorkerProc, duplicates,  # noqa: F401
+from tests.procs import (PacedProducer, TopicReader, WorkerProc, committed_offsets, duplicates,  # noqa: F401
                          no_leftover_workers, source_coords, worker_env)
 from tests.kafka_broker import both_brokers
 from worker.broker import create_topics
@@ -202,23 +202,78 @@ async def test_kill_9_of_the_supervisor_leaves_no_process_and_the_next_start_cle
     assert second.stop(60) == 0
 
 
+def small_dev_shm(size: str) -> list[str]:
+    """A command prefix that runs the worker in a mount namespace of its own with a /dev/shm of ``size``
+    (``mount`` needs root, as CI's runner is); skips where that is not allowed."""
+    import subprocess
+
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a /dev/shm of our own here: {probe.stderr.decode().strip()}")
+    return ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$0" "$@"']
+
+
 @pytest.mark.timeout(60)
 def test_a_dev_shm_too_small_for_the_rings_is_a_configuration_error_before_any_process_starts(tmp_path):
     """Two intakes' rings need 128 MiB; this /dev/shm holds 96 (Docker's default: 64). The rings' pages are
     taken at creation, so the worker says so and exits 2 before any child starts. Before, the files were sparse:
     the first write past the room killed an intake with SIGBUS mid-stream."""
-    import subprocess
-
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
     topics = {"input": "in", "output": "out", "dlq": "dlq", "group": "g"}
     env = worker_env("127.0.0.1:1", topics, intake_processes=K)  # no broker: nothing may get that far
-    script = f'mount -t tmpfs -o size=96m tmpfs /dev/shm && exec "{PYTHON}" -m worker run'
-    done = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True, text=True, timeout=50)
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "configuration error: /dev/shm has no room for" in done.stderr
-    assert "-ring2 (64.0 MiB; 32.0 MiB free" in done.stderr
-    assert "--shm-size" in done.stderr and "lower intake_processes" in done.stderr
-    assert f"{K} rings of 256 x 262144 bytes" in done.stderr
-    assert "gpu process started" not in done.stdout + done.stderr  # stopped before any child
+    worker = WorkerProc(env, tmp_path / "w.log", prefix=small_dev_shm("96m")).start()
+    assert worker.wait(50) == 2
+    text = worker.log_path.read_text()
+    assert "configuration error: /dev/shm has no room for" in text
+    assert "-ring2 (64.0 MiB; 32.0 MiB free" in text
+    assert "--shm-size" in text and "lower intake_processes" in text
+    assert f"{K} rings of 256 x 262144 bytes" in text
+    assert "gpu process started" not in text  # stopped before any child
+
+
+# Every request overflows its 4 KiB slot: the demo models' rows are 16 KiB an image.
+TINY_SLOTS = {"ipc_slots": 4, "ipc_slot_bytes": 4096}
+
+
+@pytest.mark.timeout(180)
+async def test_a_dev_shm_with_room_for_a_few_large_images_still_gives_every_result(broker, topics, tmp_path):
+    """The rings (2 x 16 KiB) and room for about two 16 KiB images at a time: each large image that finds
+    no room waits for the run's earlier ones to be answered. Every input still gets its exact result."""
+    n = 120
+    await setup(broker, topics)
+    values, pixels = pngs(n)
+    env = worker_env(broker.bootstrap, topics, intake_processes=K, max_batch_size=8, **TINY_SLOTS)
+    async with TopicReader(broker.bootstrap, topics["output"]) as out:
+        worker = WorkerProc(env, tmp_path / "w.log", prefix=small_dev_shm("72k")).start()
+        await worker.wait_ready(90)
+        coords = await PacedProducer(broker.bootstrap, topics["input"], values, 4, rate=2000).run()
+        records = await out.until(lambda r: len(r) >= n, timeout_s=120, settle_s=1.0, alive=worker.alive)
+        assert worker.stop(60) == 0, worker.log_tail()
+    by_coord = {source_coords(r): r for r in records}
+    assert len(records) == n and set(by_coord) == set(coords)
+    for (coord, image) in zip(coords, pixels):
+        check_demo_result(json.loads(by_coord[coord].value), image)
+    assert any(e.get("event", "").startswith("no room in /dev/shm") for e in worker.events()), \
+        "the test must make images wait for room"
+
+
+@pytest.mark.timeout(120)
+async def test_a_dev_shm_with_no_room_for_one_large_image_stops_the_worker_and_commits_nothing(broker, topics,
+                                                                                           tmp_path):
+    """Room for the rings and not for one 16 KiB image, with nothing in flight to free any: not the input's
+    fault, so no dead letter: the worker stops with exit 1 naming the room, and commits nothing."""
+    await setup(broker, topics)
+    values, _ = pngs(8)
+    env = worker_env(broker.bootstrap, topics, intake_processes=K, **TINY_SLOTS)
+    worker = WorkerProc(env, tmp_path / "w.log", prefix=small_dev_shm("40k")).start()
+    await worker.wait_ready(90)
+    await PacedProducer(broker.bootstrap, topics["input"], values, 4, rate=200).run()
+    assert worker.wait(60) == 1
+    text = worker.log_path.read_text()
+    assert "SharedMemoryFull" in text and "-ring1-o1 (16 KiB; " in text and "overflowPerIntake" in text
+    committed = await committed_offsets(broker.bootstrap, topics["group"], topics["input"], 4)
+    assert all(offset in (None, 0) for offset in committed.values()), committed
+    async with TopicReader(broker.bootstrap, topics["dlq"]) as dlq:
+        for _ in range(4):
+            await dlq.poll(500)
+        assert dlq.records == []

@@ -36,10 +36,14 @@ from worker.errors import FatalError, SharedMemoryFull
 from worker.gpu.requests import InferenceRequest, InferenceResult
 from worker.ipc import payload, wire
 from worker.ipc.router import GpuRouter
-from worker.ipc.shm import Segment, unlink
+from worker.ipc.shm import Segment, room_to_come, unlink
 
 OVERFLOW_ADVICE = ("room for images larger than ipc_slot_bytes, each in a segment of its own until answered "
                    "(the chart: sharedMemory.overflowPerIntake)")
+# A large image that finds /dev/shm full while only other intakes' large images hold the room looks again
+# this often, and gives up (stopping the worker) after this long: theirs are answered in a batch's time.
+OVERFLOW_POLL_S = 0.05
+OVERFLOW_WAIT_S = 30.0
 
 # How long a failed send waits for the reader thread's account of why the GPU process went (see ``_flush``).
 LINK_VERDICT_S = 1.0
@@ -68,6 +72,7 @@ class GpuClient:
         self._pending: dict[int, tuple[asyncio.Future, int, bool, int, int]] = {}
         self._overflows = 0  # of those, images in a segment of their own (each frees /dev/shm room when answered)
         self._overflow_freed = asyncio.Event()
+        self._overflow_pattern = wire.overflow_pattern(segment.name)  # every intake's large images of the run
         self._outgoing: list[list[wire.Request]] = [[] for _ in self.conns]
         self._flush_scheduled = False
         self._closing = False
@@ -130,20 +135,30 @@ class GpuClient:
 
     async def _write_overflow(self, rid: int, nbytes: int, parts: list[Any]) -> None:
         """Write an image larger than a slot into a segment of its own. Where /dev/shm has no room for it
-        now, each of this intake's large images still in flight frees its room when answered: wait for one
-        and try again. With none left to wait for, no room is coming: SharedMemoryFull stops the worker."""
+        now, the run's large images in flight free theirs when answered: wait for one of this intake's, or,
+        with none, look again for the other intakes' (at most OVERFLOW_WAIT_S). Where even all of them
+        would not make room, none is coming: SharedMemoryFull stops the worker."""
         name = wire.overflow_name(self.segment.name, rid)
+        loop = asyncio.get_running_loop()
+        since = None
         while True:
             try:
                 seg = Segment.create(name, max(1, nbytes), OVERFLOW_ADVICE)
                 break
             except SharedMemoryFull as exc:
-                if not self._overflows:
+                if room_to_come(self._overflow_pattern) < nbytes:
                     raise
-                self._log.warning("no room in /dev/shm for a large image; waiting for this intake's earlier ones",
-                                  nbytes=nbytes, in_flight=self._overflows, error=str(exc))
-                self._overflow_freed.clear()
-                await self._overflow_freed.wait()
+                if since is None:
+                    since = loop.time()
+                    self._log.warning("no room in /dev/shm for a large image; waiting for the run's earlier ones",
+                                      nbytes=nbytes, ours_in_flight=self._overflows, error=str(exc))
+                if self._overflows:
+                    self._overflow_freed.clear()
+                    await self._overflow_freed.wait()
+                elif loop.time() - since < OVERFLOW_WAIT_S:
+                    await asyncio.sleep(OVERFLOW_POLL_S)
+                else:
+                    raise
                 if self.fatal_error is not None:
                     raise FatalError(f"GPU process has stopped: {self.fatal_error}") from None
         try:

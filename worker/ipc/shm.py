@@ -108,9 +108,25 @@ def _reserve(fd: int, size: int, path: Path, advice: str) -> None:
             raise
         free = shutil.disk_usage(path.parent).free
         raise SharedMemoryFull(
-            f"{path.parent} has no room for {path.name} ({size / 2**20:.1f} MiB; {free / 2**20:.1f} MiB free, "
+            f"{path.parent} has no room for {path.name} ({_size(size)}; {_size(free)} free, "
             f"{os.strerror(exc.errno)}): give the container a larger /dev/shm (docker: --shm-size)"
             + (f", {advice}" if advice else "")) from exc
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def room_to_come(pattern: str) -> int:
+    """Bytes /dev/shm would have free once every segment matching ``pattern`` is gone: its free space now
+    plus theirs (a run's large images in flight, each unlinked when answered; see wire.overflow_pattern)."""
+    held = 0
+    for path in SHM_DIR.glob(pattern):
+        try:
+            held += path.stat().st_blocks * 512
+        except FileNotFoundError:  # answered meanwhile
+            pass
+    return shutil.disk_usage(SHM_DIR).free + held
 
 
 def unlink(name: str) -> None:

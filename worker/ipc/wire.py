@@ -12,6 +12,7 @@ after the request id (``overflow_name``).
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -67,6 +68,12 @@ class Reply:
 
 def overflow_name(link_name: str, request_id: int) -> str:
     return f"{link_name}-o{request_id}"
+
+
+def overflow_pattern(link_name: str) -> str:
+    """A glob of every overflow segment of the run's links (``<run>-ring<i>-o<id>``, any i), or of this
+    link's alone where its name is not a run's ring."""
+    return re.sub(r"-ring\d+$", "-ring*", link_name) + "-o*"
 
 
 def pack_requests(requests: list[Request]) -> bytes:
