@@ -140,7 +140,7 @@ class GpuClient:
         would not make room, none is coming: SharedMemoryFull stops the worker."""
         name = wire.overflow_name(self.segment.name, rid)
         loop = asyncio.get_running_loop()
-        since = None
+        warned, looking_since = False, None  # since when only other intakes' images could free room
         while True:
             try:
                 seg = Segment.create(name, max(1, nbytes), OVERFLOW_ADVICE)
@@ -148,17 +148,19 @@ class GpuClient:
             except SharedMemoryFull as exc:
                 if room_to_come(self._overflow_pattern) < nbytes:
                     raise
-                if since is None:
-                    since = loop.time()
+                if not warned:
+                    warned = True
                     self._log.warning("no room in /dev/shm for a large image; waiting for the run's earlier ones",
                                       nbytes=nbytes, ours_in_flight=self._overflows, error=str(exc))
                 if self._overflows:
+                    looking_since = None
                     self._overflow_freed.clear()
                     await self._overflow_freed.wait()
-                elif loop.time() - since < OVERFLOW_WAIT_S:
-                    await asyncio.sleep(OVERFLOW_POLL_S)
                 else:
-                    raise
+                    looking_since = loop.time() if looking_since is None else looking_since
+                    if loop.time() - looking_since >= OVERFLOW_WAIT_S:
+                        raise
+                    await asyncio.sleep(OVERFLOW_POLL_S)
                 if self.fatal_error is not None:
                     raise FatalError(f"GPU process has stopped: {self.fatal_error}") from None
         try:
