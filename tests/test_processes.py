@@ -204,7 +204,7 @@ async def test_kill_9_of_the_supervisor_leaves_no_process_and_the_next_start_cle
 
 def small_dev_shm(size: str) -> list[str]:
     """A command prefix that runs the worker in a mount namespace of its own with a /dev/shm of ``size``
-    (``mount`` needs root, as CI's runner is); skips where that is not allowed."""
+    (``mount`` needs root); skips, with the reason, where that is not allowed."""
     import subprocess
 
     probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
