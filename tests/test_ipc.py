@@ -204,7 +204,8 @@ def test_the_gpu_link_hands_a_jpeg_over_as_a_view_of_its_slot_and_rows_likewise(
 # --- /dev/shm room: pages taken at creation, a clear error where there is none -----------------------
 @pytest.fixture
 def small_shm(tmp_path, monkeypatch):
-    """A 1 MiB tmpfs standing in for /dev/shm (mounting one needs root; skipped, with the reason, where that is not allowed)."""
+    """A 1 MiB tmpfs standing in for /dev/shm (mounting one needs root; skipped, with the reason, where that
+    is not allowed)."""
     where = tmp_path / "shm"
     where.mkdir()
     made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
