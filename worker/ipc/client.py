@@ -106,7 +106,7 @@ class GpuClient:
     async def put(self, request: InferenceRequest) -> None:
         """Write the request's image into a free slot (waiting for one) and queue its header."""
         if self.fatal_error is not None:
-            raise FatalError(f"GPU process has stopped: {self.fatal_error}")
+            raise self._stopped()
         await self._slots.acquire()
         slot = self._free.popleft()
         rid = next(self._ids) & 0xFFFFFFFF
@@ -162,11 +162,14 @@ class GpuClient:
                         raise
                     await asyncio.sleep(OVERFLOW_POLL_S)
                 if self.fatal_error is not None:
-                    raise FatalError(f"GPU process has stopped: {self.fatal_error}") from None
+                    raise self._stopped() from None
         try:
             _write(seg.buf, 0, parts)
         finally:
             seg.close()
+
+    def _stopped(self) -> FatalError:
+        return FatalError(f"GPU process has stopped: {self.fatal_error}")
 
     def _unlink_overflow(self, rid: int) -> None:
         unlink(wire.overflow_name(self.segment.name, rid))
