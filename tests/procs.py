@@ -108,10 +108,14 @@ class WorkerProc:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            # Where it is stuck: every process logs its threads' and tasks' stacks on SIGUSR1 (worker.stacks)
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(3)
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"{self.name} (pid {self.proc.pid}) did not exit within {timeout}s; "
-                                 f"log: {self.log_path}") from None
+                                 f"log: {self.log_path}; its tail, with the stack dumps:\n"
+                                 f"{self.log_tail(60)}") from None
         finally:
             self._log.close()
 

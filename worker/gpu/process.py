@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from worker import log
+from worker import log, stacks
 from worker.ipc.board import Row
 from worker.ipc.lifetime import die_with_parent
 from worker.ipc.shm import Segment
@@ -42,6 +42,7 @@ SNAPSHOT_EVERY_S = 2.0
 def main(settings: Settings, links: list[tuple[Any, str]], control: Any, board: Any, run_dir: str,
          parent_pid: int, slot_bytes: int, engine_factory: Any = None, row: int = 0, name: str = "gpu") -> None:
     die_with_parent(parent_pid)
+    stacks.install()  # the supervisor passes SIGUSR1 on only once this process catches it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.configure(settings.log_format, settings.log_level)

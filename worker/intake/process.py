@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import Any, Protocol
 
-from worker import log
+from worker import log, stacks
 from worker.ipc.board import Row, intake_row, intake_rows
 from worker.ipc.lifetime import die_with_parent
 from worker.metrics import Metrics, write_snapshot
@@ -63,6 +63,7 @@ def main(index: int, settings: Settings, plan: Any, conns: list[Any], link_name:
          slot_bytes: int, decodes_on_device: bool, board: Any, run_dir: str, parent_pid: int,
          hooks: IntakeHooks | None = None, gpus: tuple[str, ...] = ("0",)) -> None:
     die_with_parent(parent_pid)
+    stacks.install()  # first: the supervisor passes SIGUSR1 on only once this process catches it
     # A SIGTERM before the worker installs its handlers (the supervisor stopping during our first
     # second) must still mean "drain and exit 0", not death by signal: noted here, honoured at start.
     early: list[int] = []

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from worker import errors, log
+from worker import errors, log, stacks
 from worker.gpu.devices import GpuDevice, describe, parse, resolve, visible_cuda_devices
 from worker.health import HealthServer
 from worker.ipc import shm
@@ -284,6 +284,10 @@ class Supervisor:
                 loop.add_signal_handler(sig, self._on_signal, sig)
             except (NotImplementedError, RuntimeError):  # not the main thread (tests)
                 pass
+        try:  # SIGUSR1: this process's stacks, then each child's
+            stacks.install(lambda: [p.pid for p in [*self.gpus, *self.intake_procs] if p.pid and p.is_alive()])
+        except ValueError:  # not the main thread (tests)
+            pass
 
     def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,103 @@
+"""``kill -USR1`` logs every thread's and task's stack, in every process of the worker, which goes on
+(worker.stacks)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.procs import PacedProducer, TopicReader, WorkerProc, source_coords, worker_env
+from tests.test_faults import create_test_topics, small_pngs
+from worker import log, stacks
+
+
+async def _parked(event: asyncio.Event) -> None:
+    await event.wait()
+
+
+async def test_a_snapshot_names_the_running_tasks_and_where_they_wait():
+    event = asyncio.Event()
+    task = asyncio.create_task(_parked(event), name="parked-here")
+    await asyncio.sleep(0)
+    try:
+        snap = stacks.snapshot()
+    finally:
+        event.set()
+        await task
+    stack = snap["tasks"]["parked-here _parked"]
+    assert "event.wait()" in stack
+    main = [stack for name, stack in snap["threads"].items() if name.startswith("MainThread")]
+    assert main and "test_a_snapshot_names_the_running_tasks" in main[0]
+
+
+def test_a_snapshot_outside_a_loop_has_threads_and_no_tasks():
+    snap = stacks.snapshot()
+    assert snap["tasks"] == {} and any(name.startswith("MainThread") for name in snap["threads"])
+
+
+def test_the_signal_logs_a_dump_and_the_process_goes_on():
+    out = io.StringIO()
+    log.configure("json", "info", stream=out)
+    old = signal.getsignal(stacks.DUMP_SIGNAL)
+    try:
+        stacks.install()
+        os.kill(os.getpid(), stacks.DUMP_SIGNAL)
+        time.sleep(0.05)  # the handler runs in this (main) thread at the next bytecode
+    finally:
+        signal.signal(stacks.DUMP_SIGNAL, old)
+        log.configure("json", "info")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    dump = [e for e in lines if e["event"] == "stack dump"]
+    assert len(dump) == 1 and dump[0]["signal"] == "SIGUSR1"
+    assert any("test_the_signal_logs_a_dump" in stack for stack in dump[0]["threads"].values())
+
+
+def test_only_a_process_that_catches_the_signal_is_sent_one():
+    old = signal.getsignal(stacks.DUMP_SIGNAL)
+    try:
+        stacks.install()
+        assert stacks.catches(os.getpid())
+    finally:
+        signal.signal(stacks.DUMP_SIGNAL, old)
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert not stacks.catches(plain.pid)  # SIGUSR1 would kill it: the supervisor sends it nothing
+    finally:
+        plain.kill()
+        plain.wait()
+    assert not stacks.catches(plain.pid)  # gone: no /proc entry
+
+
+@pytest.mark.timeout(180)
+async def test_sigusr1_dumps_every_process_of_a_running_worker_which_goes_on(broker, topics, tmp_path):
+    await create_test_topics(broker.bootstrap, topics, 2)
+    worker = WorkerProc(worker_env(broker.bootstrap, topics, intake_processes=2), tmp_path / "worker.log").start()
+    try:
+        await worker.wait_ready()
+        worker.signal(stacks.DUMP_SIGNAL)
+        deadline = time.monotonic() + 20
+        want = {None, "gpu", "intake-1", "intake-2"}  # the supervisor's lines carry no process field
+        while {e.get("process") for e in worker.events() if e.get("event") == "stack dump"} != want:
+            assert time.monotonic() < deadline, worker.log_tail()
+            await asyncio.sleep(0.2)
+        dumps = [e for e in worker.events() if e.get("event") == "stack dump"]
+        intake = next(e for e in dumps if e.get("process") == "intake-1")
+        names = " ".join(intake["tasks"])
+        assert "consume Worker._consume_loop" in names and "commit " in names  # the worker's stages, by name
+        # It goes on: new images are answered, and SIGTERM still stops it cleanly.
+        values, _ = small_pngs(10)
+        coords = await PacedProducer(broker.bootstrap, topics["input"], values, 2, rate=1000.0).run()
+        async with TopicReader(broker.bootstrap, topics["output"]) as out:
+            await out.until(lambda r: {source_coords(x) for x in r} >= set(coords), timeout_s=60,
+                            alive=worker.alive)
+        assert worker.stop(60) == 0, worker.log_tail()
+    finally:
+        worker.kill()
