@@ -37,7 +37,11 @@ def configure(log_format: str = "auto", level: str = "info", stream: Any = None)
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level_no),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write() per line, newline included: the supervisor, the GPU processes and the intakes share
+        # one stdout/stderr, and print() writes the line and its newline apart, so with unbuffered streams
+        # (PYTHONUNBUFFERED, as in the image) another process's line could land between the two: two JSON
+        # documents on one line, which a log collector drops.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     # The libraries (aiokafka) log through the standard library: the same lines (JSON off a terminal, with

@@ -1,5 +1,5 @@
 """Stack dumps on demand: ``kill -USR1 <pid>`` logs where every thread and every asyncio task of the
-process waits, as one JSON line (event ``stack dump``), and the process goes on.
+process waits, a JSON line (event ``stack dump``) each, and the process goes on.
 
 For a worker that is stuck without an error (a shutdown that does not end, a partition that stops
 moving): the dump shows the await it sits in, without a debugger, and without the restart that would
@@ -64,7 +64,13 @@ def install(children: Callable[[], Iterable[int]] | None = None) -> None:
     """Log a ``snapshot`` on SIGUSR1; then send the signal on to each of ``children()`` (pids) that
     catches it. Main thread only (Python's rule for signal handlers)."""
     def on_signal(_signum: int, _frame: Any) -> None:
-        log.get("stacks").warning("stack dump", signal="SIGUSR1", **snapshot())
+        snap, logger = snapshot(), log.get("stacks")
+        # A line per thread and per task, not one for all: the processes of a pod share one stdout, and
+        # only a write of up to 4 KiB to a pipe is whole; a line per stack mostly stays under it.
+        for name, stack in snap["threads"].items():
+            logger.warning("stack dump", signal="SIGUSR1", thread=name, stack=stack)
+        for name, stack in snap["tasks"].items():
+            logger.warning("stack dump", signal="SIGUSR1", task=name, stack=stack)
         for pid in children() if children is not None else ():
             if catches(pid):
                 try:
