@@ -2,7 +2,8 @@
 
 A worker here is ``python -m worker run`` in a subprocess, configured by ``WORKER_*`` variables, with its
 JSON log in a file; ``python -m tests.procs`` runs the same worker with a wrapped engine that raises a
-``DeviceError`` on a marker image (the fatal-error test). Topic readers and a paced producer talk to the
+``DeviceError`` on a marker image (the fatal-error test); ``python -m tests.procs stuck-on-stop``, with
+intakes whose shutdown never ends. Topic readers and a paced producer talk to the
 real broker with aiokafka, like the tests' other helpers.
 """
 
@@ -353,16 +354,31 @@ class FailingEngineFactory:
         return FailingEngine(create_engine(spec, settings), self.marker)
 
 
-def _main_with_failing_engine() -> int:
-    """`worker run` (the supervisor and its processes) with the GPU process's engines wrapped."""
+class StuckOnStop:
+    """Intake hooks (pickled into each intake): once the worker is told to stop, block the intake's event
+    loop, so that its shutdown never ends and the supervisor has to kill it."""
+
+    async def during(self, worker: Any) -> None:
+        await worker._stop.wait()
+        time.sleep(600)  # the loop's thread, blocked: no drain, no exit
+
+    def report(self, worker: Any, code: int) -> dict[str, Any]:
+        return {}
+
+
+def _main(mode: str) -> int:
+    """`worker run` (the supervisor and its processes) with, by ``mode``: the GPU process's engines
+    wrapped (``failing-engine``, FAKE_DEVICE_ERROR_MARKER), or intakes that hang on stop (``stuck-on-stop``)."""
     from worker import log, settings as settings_mod
     from worker.supervisor import supervise
 
     s = settings_mod.load()
     log.configure(s.log_format, s.log_level)
+    if mode == "stuck-on-stop":
+        return asyncio.run(supervise(s, hooks=StuckOnStop())).exit_code
     factory = FailingEngineFactory(int(os.environ["FAKE_DEVICE_ERROR_MARKER"]))
     return asyncio.run(supervise(s, engine_factory=factory)).exit_code
 
 
 if __name__ == "__main__":
-    sys.exit(_main_with_failing_engine())
+    sys.exit(_main(sys.argv[1] if len(sys.argv) > 1 else "failing-engine"))

@@ -79,3 +79,22 @@ def test_processes_sharing_one_stream_write_whole_lines():
     parsed = [json.loads(line) for line in lines]  # every line is one JSON document
     assert len(parsed) == 9000
     assert {(r["process"], r["i"]) for r in parsed} == {(f"p{k}", i) for k in range(3) for i in range(3000)}
+
+
+def test_the_signal_handlers_logger_writes_the_same_lines_without_the_streams_lock(tmp_path):
+    """A signal handler runs in the thread it interrupted, which may hold the stream's lock mid-line: its
+    logger writes with os.write, and its lines are those of log.get (fields, process name, JSON)."""
+    path = tmp_path / "log.jsonl"
+    with open(path, "w") as stream:
+        log.configure("json", "info", stream=stream)
+        log.bind_process("intake-3")
+        try:
+            lock = structlog.get_config()["logger_factory"]()._lock
+            with lock:  # held, as by an interrupted line: a lock-taking logger would wait forever here
+                log.for_signal_handler().warning("stack dump", thread="MainThread (1)", stack="here")
+        finally:
+            structlog.reset_defaults()
+            log.configure("json", "warning")
+    (line,) = [json.loads(x) for x in path.read_text().splitlines()]
+    assert (line["event"], line["process"], line["thread"], line["level"]) == (
+        "stack dump", "intake-3", "MainThread (1)", "warning")

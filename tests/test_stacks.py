@@ -57,7 +57,8 @@ def test_the_signal_logs_a_dump_and_the_process_goes_on():
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     dump = [e for e in lines if e["event"] == "stack dump"]
     assert dump and all(e["signal"] == "SIGUSR1" and "thread" in e for e in dump)  # no loop here: no tasks
-    assert any("test_the_signal_logs_a_dump" in e["stack"] for e in dump if e["thread"].startswith("MainThread"))
+    (main,) = [e["stack"] for e in dump if e["thread"].startswith("MainThread")]
+    assert "test_the_signal_logs_a_dump" in main and "on_signal" not in main  # where it was, not the handler
 
 
 def test_only_a_process_that_catches_the_signal_is_sent_one():
@@ -103,3 +104,28 @@ async def test_sigusr1_dumps_every_process_of_a_running_worker_which_goes_on(bro
         assert worker.stop(60) == 0, worker.log_tail()
     finally:
         worker.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_an_intake_stuck_on_stop_logs_where_before_the_supervisor_kills_it(broker, topics, tmp_path):
+    """Intakes whose event loop blocks once told to stop (tests.procs.StuckOnStop): the supervisor waits its
+    bound (drain + rebalance timeout + 30 s), asks each for its stacks a second before the end, kills them,
+    and exits 1. The dump names the blocking call."""
+    await create_test_topics(broker.bootstrap, topics, 2)
+    env = worker_env(broker.bootstrap, topics, intake_processes=2, drain_timeout_s=1, rebalance_timeout_s=1)
+    worker = WorkerProc(env, tmp_path / "worker.log", args=("-m", "tests.procs", "stuck-on-stop")).start()
+    try:
+        await worker.wait_ready()
+        assert worker.stop(90) == 1, worker.log_tail()
+    finally:
+        worker.kill()
+    events = worker.events()
+    for intake in ("intake-1", "intake-2"):
+        dumped = [i for i, e in enumerate(events) if e.get("event") == "stack dump" and e.get("process") == intake
+                  and e.get("thread", "").startswith("MainThread") and "time.sleep(600)" in e["stack"]]
+        killed = [i for i, e in enumerate(events) if e.get("event", "").startswith("intake did not stop in time")
+                  and e.get("child") == intake and "process" not in e]  # the supervisor's line
+        assert dumped and killed and dumped[0] < killed[0], worker.log_tail(40)
+    stopped = [e for e in events if e.get("event") == "stopped" and "process" not in e]
+    assert stopped and stopped[0]["exit_code"] == 1

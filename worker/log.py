@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -18,8 +19,12 @@ class _Handler(logging.StreamHandler):
     """The root handler ``configure`` installs (and replaces when called again)."""
 
 
+_stream: Any = None  # where configure() sends the lines
+
+
 def configure(log_format: str = "auto", level: str = "info", stream: Any = None) -> None:
-    stream = stream or sys.stderr
+    global _stream
+    stream = _stream = stream or sys.stderr
     if log_format == "auto":
         log_format = "console" if stream.isatty() else "json"
     renderer: Any = (structlog.processors.JSONRenderer() if log_format == "json"
@@ -80,3 +85,29 @@ def bind_process(name: str) -> None:
 
     processors = [p for p in structlog.get_config()["processors"] if getattr(p, "__name__", "") != "add_process"]
     structlog.configure(processors=[add_process, *processors])
+
+
+class _LockFreeWriter:
+    """structlog's logger for a signal handler: the line goes out in os.write calls, without the stream's
+    lock, which the code the signal interrupted (in the same thread) may be holding."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        data = (message + "\n").encode()
+        try:
+            fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):  # an in-memory stream (tests): no fd to write to
+            self._stream.write(data.decode())
+            return
+        while data:
+            data = data[os.write(fd, data):]
+
+    warning = info = error = msg
+
+
+def for_signal_handler() -> Any:
+    """A logger that is safe to call from a signal handler: the configured lines (JSON or console, with
+    the process name), written without taking a lock."""
+    return structlog.wrap_logger(_LockFreeWriter(_stream or sys.stderr))

@@ -21,6 +21,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from worker import log
@@ -28,12 +29,16 @@ from worker import log
 DUMP_SIGNAL = signal.SIGUSR1
 
 
-def snapshot() -> dict[str, Any]:
+def snapshot(interrupted: FrameType | None = None) -> dict[str, Any]:
     """{"threads": {"name (ident)": stack}, "tasks": {"name coroutine": stack}} of this process now (the
-    tasks of the calling thread's running loop, if any)."""
+    tasks of the calling thread's running loop, if any). ``interrupted``: the frame a signal handler was
+    called in, shown as the calling thread's stack (rather than the handler's own frames)."""
     names = {t.ident: t.name for t in threading.enumerate()}
+    frames = sys._current_frames()
+    if interrupted is not None:
+        frames[threading.get_ident()] = interrupted
     threads = {f"{names.get(ident, 'unknown')} ({ident})": "".join(traceback.format_stack(frame))
-               for ident, frame in sys._current_frames().items()}
+               for ident, frame in frames.items()}
     tasks: dict[str, str] = {}
     try:
         loop = asyncio.get_running_loop()
@@ -63,8 +68,8 @@ def catches(pid: int, sig: int = DUMP_SIGNAL) -> bool:
 def install(children: Callable[[], Iterable[int]] | None = None) -> None:
     """Log a ``snapshot`` on SIGUSR1; then send the signal on to each of ``children()`` (pids) that
     catches it. Main thread only (Python's rule for signal handlers)."""
-    def on_signal(_signum: int, _frame: Any) -> None:
-        snap, logger = snapshot(), log.get("stacks")
+    def on_signal(_signum: int, frame: FrameType | None) -> None:
+        snap, logger = snapshot(frame), log.for_signal_handler()
         # A line per thread and per task, not one for all: the processes of a pod share one stdout, and
         # only a write of up to 4 KiB to a pipe is whole; a line per stack mostly stays under it.
         for name, stack in snap["threads"].items():

@@ -24,6 +24,7 @@ from worker.supervisor.health import ProcessHealth
 from worker.supervisor.rundir import MergedMetrics, RunDir
 
 GPU_STOP_TIMEOUT_S = 30.0
+STACK_DUMP_S = 1.0  # how long before a kill a stuck child is asked for its stacks
 POLL_S = 0.1
 
 
@@ -239,14 +240,8 @@ class Supervisor:
                 os.kill(p.pid, signal.SIGTERM)
         # One deadline for all intakes (they drain at the same time), not one each: the pod's grace
         # period counts it once (docs/deploy.md).
-        budget = s.drain_timeout_s + s.rebalance_timeout_s + 30.0
-        deadline = time.monotonic() + budget
+        await self._join_or_kill(self.intake_procs, s.drain_timeout_s + s.rebalance_timeout_s + 30.0, "intake")
         for p in self.intake_procs:
-            await loop.run_in_executor(None, p.join, max(0.1, deadline - time.monotonic()))
-            if p.is_alive():
-                self._log.error("intake did not stop in time; killed", pid=p.pid, waited_s=budget)
-                p.kill()
-                await loop.run_in_executor(None, p.join, 5)
             if p.exitcode not in (0, None) and code == 0:
                 code = 1
         for gpu in self.gpus:
@@ -258,16 +253,31 @@ class Supervisor:
                     control.send_bytes(b"stop")  # all at once: they finish their queues side by side
                 except (OSError, ValueError):
                     pass
-        deadline = time.monotonic() + GPU_STOP_TIMEOUT_S
+        await self._join_or_kill(self.gpus, GPU_STOP_TIMEOUT_S, "gpu process")
         for gpu in self.gpus:
-            await loop.run_in_executor(None, gpu.join, max(0.1, deadline - time.monotonic()))
-            if gpu.is_alive():
-                self._log.error("gpu process did not stop in time; killed", pid=gpu.pid, gpu=gpu.name)
-                gpu.kill()
-                await loop.run_in_executor(None, gpu.join, 5)
             if gpu.exitcode not in (0, None) and code == 0 and self.intake_procs:
                 code = 1
         return code
+
+    async def _join_or_kill(self, procs: list[Any], budget: float, what: str) -> None:
+        """Wait up to ``budget`` s for ``procs`` to exit, then kill those left (and wait 5 s more). A second
+        before the end, each one still running is asked for its stacks (worker.stacks), so that the log
+        says where it was stuck: within the budget, which the pod's grace period counts."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + budget
+        for p in procs:
+            await loop.run_in_executor(None, p.join, max(0.0, deadline - STACK_DUMP_S - time.monotonic()))
+        stuck = [p for p in procs if p.is_alive()]
+        for p in stuck:
+            if stacks.catches(p.pid):
+                os.kill(p.pid, stacks.DUMP_SIGNAL)
+        for p in stuck:
+            await loop.run_in_executor(None, p.join, max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                self._log.error(f"{what} did not stop in time; killed (its stacks are logged just before)",
+                                pid=p.pid, child=p.name, waited_s=budget)
+                p.kill()
+                await loop.run_in_executor(None, p.join, 5)
 
     def _cleanup(self) -> None:
         for seg in self.segments:
