@@ -52,10 +52,9 @@ def test_library_logs_through_the_standard_library_are_json_lines():
         log.configure("json", "warning")
 
 
-def test_processes_sharing_one_stream_write_whole_lines():
-    """The supervisor, the GPU process and the intakes share one stdout/stderr (a pipe, in a container).
-    Unbuffered (PYTHONUNBUFFERED, as in the image), print() wrote a line and its newline in two writes, and
-    another process's line could land between them: 274 of 9,000 lines did not parse here before the fix."""
+def _three_processes_on_one_pipe(lines: int, pad: int, lock: str | None = None) -> list[dict]:
+    """Three processes logging ``lines`` lines of ``pad`` bytes each to one pipe, unbuffered (as in the
+    image); the lines read back, each parsed (a cut or spliced one fails here)."""
     import os
     import subprocess
     import sys
@@ -63,7 +62,8 @@ def test_processes_sharing_one_stream_write_whole_lines():
     from pathlib import Path
 
     code = ("import sys; from worker import log; log.configure('json', 'info'); log.bind_process(sys.argv[1]); "
-            "l = log.get('t'); [l.info('line', i=i, pad='x' * 200) for i in range(3000)]")
+            f"log.lock_lines({lock!r}); l = log.get('t'); "
+            f"[l.info('line', i=i, pad='x' * {pad}) for i in range({lines})]")
     read_end, write_end = os.pipe()
     chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read_end, 1 << 16), b"")))
@@ -75,10 +75,26 @@ def test_processes_sharing_one_stream_write_whole_lines():
         assert proc.wait(60) == 0
     reader.join(60)
     os.close(read_end)
-    lines = b"".join(chunks).decode().splitlines()
-    parsed = [json.loads(line) for line in lines]  # every line is one JSON document
-    assert len(parsed) == 9000
-    assert {(r["process"], r["i"]) for r in parsed} == {(f"p{k}", i) for k in range(3) for i in range(3000)}
+    parsed = [json.loads(line) for line in b"".join(chunks).decode().splitlines()]
+    assert {(r["process"], r["i"]) for r in parsed} == {(f"p{k}", i) for k in range(3) for i in range(lines)}
+    return parsed
+
+
+def test_lines_longer_than_a_pipe_writes_whole_are_written_under_the_pods_file_lock(tmp_path):
+    """A pipe takes up to 4 KiB in one piece; 20 KB lines of three processes were cut into each other
+    without the lock (68 of 1,200 did not parse here). The supervisor and its children share the lock
+    file of the run folder (log.lock_lines)."""
+    import select
+
+    parsed = _three_processes_on_one_pipe(400, 20_000, lock=str(tmp_path / "log.lock"))
+    assert len(parsed) == 1200 and 20_000 > 4 * select.PIPE_BUF
+
+
+def test_processes_sharing_one_stream_write_whole_lines():
+    """The supervisor, the GPU process and the intakes share one stdout/stderr (a pipe, in a container).
+    Unbuffered (PYTHONUNBUFFERED, as in the image), print() wrote a line and its newline in two writes, and
+    another process's line could land between them: 274 of 9,000 lines did not parse here before the fix."""
+    assert len(_three_processes_on_one_pipe(3000, 200)) == 9000
 
 
 def test_the_signal_handlers_logger_writes_the_same_lines_without_the_streams_lock(tmp_path):
@@ -89,8 +105,7 @@ def test_the_signal_handlers_logger_writes_the_same_lines_without_the_streams_lo
         log.configure("json", "info", stream=stream)
         log.bind_process("intake-3")
         try:
-            lock = structlog.get_config()["logger_factory"]()._lock
-            with lock:  # held, as by an interrupted line: a lock-taking logger would wait forever here
+            with log._LINES._thread_lock:  # held, as by an interrupted line: taking it would wait forever
                 log.for_signal_handler().warning("stack dump", thread="MainThread (1)", stack="here")
         finally:
             structlog.reset_defaults()

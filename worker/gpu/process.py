@@ -47,6 +47,7 @@ def main(settings: Settings, links: list[tuple[Any, str]], control: Any, board: 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     log.configure(settings.log_format, settings.log_level)
     log.bind_process(name)
+    log.lock_lines(os.path.join(run_dir, log.LINE_LOCK_FILE))
     sys.exit(_run(settings, links, control, Row(board, row), run_dir, slot_bytes, engine_factory, name))
 
 

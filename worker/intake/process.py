@@ -71,6 +71,7 @@ def main(index: int, settings: Settings, plan: Any, conns: list[Any], link_name:
         signal.signal(sig, lambda signum, _frame: early.append(signum))
     log.configure(settings.log_format, settings.log_level)
     log.bind_process(f"intake-{index}")
+    log.lock_lines(os.path.join(run_dir, log.LINE_LOCK_FILE))
     code = asyncio.run(_run(index, settings, plan, conns, link_name, slots, slot_bytes, decodes_on_device,
                             board, run_dir, hooks, early, gpus))
     sys.exit(code)

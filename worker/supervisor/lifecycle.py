@@ -81,6 +81,7 @@ class Supervisor:
     async def run(self) -> Outcome:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
+        log.lock_lines(os.path.join(self.run_dir, log.LINE_LOCK_FILE))  # the pod's long lines, one at a time
         from worker.codecs import check_codecs
 
         check_codecs()  # before any process starts: a missing codec library is a configuration error
@@ -105,6 +106,7 @@ class Supervisor:
             reports = self.rundir.reports()
             self.final_metrics = self.metrics.exposition()  # the children's last snapshots (the bench reads it)
             self._cleanup()
+            log.lock_lines(None)
             if server is not None:
                 await server.stop()
             self._remove_signals(loop)

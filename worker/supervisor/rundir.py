@@ -2,7 +2,8 @@
 
 Each child writes, under its process name: ``metrics-<name>.prom`` (its latest Prometheus snapshot),
 ``counts-<name>.json`` (its message counts) and, for intakes, ``report-<name>.json`` (IntakeHooks.report).
-A file half-written or gone is skipped: the next read, or the child's next snapshot, has it.
+A file half-written or gone is skipped: the next read, or the child's next snapshot, has it. ``log.lock``
+is the lock every process takes around a long log line (worker.log.lock_lines).
 """
 
 from __future__ import annotations
