@@ -70,8 +70,7 @@ def install(children: Callable[[], Iterable[int]] | None = None) -> None:
     catches it. Main thread only (Python's rule for signal handlers)."""
     def on_signal(_signum: int, frame: FrameType | None) -> None:
         snap, logger = snapshot(frame), log.for_signal_handler()
-        # A line per thread and per task, not one for all: the processes of a pod share one stdout, and
-        # only a write of up to 4 KiB to a pipe is whole; a line per stack mostly stays under it.
+        # A line per thread and per task, not one for all: each readable (and greppable) alone.
         for name, stack in snap["threads"].items():
             logger.warning("stack dump", signal="SIGUSR1", thread=name, stack=stack)
         for name, stack in snap["tasks"].items():

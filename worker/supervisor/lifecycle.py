@@ -236,7 +236,6 @@ class Supervisor:
     async def _stop_all(self, code: int) -> int:
         """Intakes drain first (SIGTERM), then the GPU process stops; returns the exit code."""
         s = self.settings
-        loop = asyncio.get_running_loop()
         for p in self.intake_procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
