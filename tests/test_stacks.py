@@ -125,7 +125,8 @@ async def test_an_intake_stuck_on_stop_logs_where_before_the_supervisor_kills_it
         dumped = [i for i, e in enumerate(events) if e.get("event") == "stack dump" and e.get("process") == intake
                   and e.get("thread", "").startswith("MainThread") and "time.sleep(600)" in e["stack"]]
         killed = [i for i, e in enumerate(events) if e.get("event", "").startswith("intake did not stop in time")
-                  and e.get("child") == intake and "process" not in e]  # the supervisor's line
+                  and e.get("child") == intake and "process" not in e  # the supervisor's line
+                  and e.get("stacks") == "logged just before"]
         assert dumped and killed and dumped[0] < killed[0], worker.log_tail(40)
     stopped = [e for e in events if e.get("event") == "stopped" and "process" not in e]
     assert stopped and stopped[0]["exit_code"] == 1

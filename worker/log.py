@@ -59,7 +59,8 @@ class _Lines:
     def write_in_signal_handler(self, line: str) -> None:
         """No lock of this process: the code the signal interrupted, in this very thread, may hold one
         (waiting for it would never end). The line goes out in os.write calls; the shared file lock is
-        taken unless this process already holds it (then the interrupted line is cut, not lost)."""
+        taken unless this process already holds it (the interrupted code, or another of its threads, mid-line:
+        then the two lines may be cut into each other, neither lost)."""
         data = line.encode()
         try:
             fd = self.stream.fileno()

@@ -65,9 +65,9 @@ def catches(pid: int, sig: int = DUMP_SIGNAL) -> bool:
     return False
 
 
-def install(children: Callable[[], Iterable[int]] | None = None) -> None:
+def install(children: Callable[[], Iterable[int]] | None = None) -> Any:
     """Log a ``snapshot`` on SIGUSR1; then send the signal on to each of ``children()`` (pids) that
-    catches it. Main thread only (Python's rule for signal handlers)."""
+    catches it. Main thread only (Python's rule for signal handlers). Returns the handler it replaced."""
     def on_signal(_signum: int, frame: FrameType | None) -> None:
         snap, logger = snapshot(frame), log.for_signal_handler()
         # A line per thread and per task, not one for all: each readable (and greppable) alone.
@@ -82,4 +82,4 @@ def install(children: Callable[[], Iterable[int]] | None = None) -> None:
                 except OSError:
                     pass
 
-    signal.signal(DUMP_SIGNAL, on_signal)
+    return signal.signal(DUMP_SIGNAL, on_signal)

@@ -65,6 +65,7 @@ class Supervisor:
         self.segments: list[shm.Segment] = []
         self.stop_requested = asyncio.Event()
         self.signals = 0
+        self._usr1: Any = None  # the SIGUSR1 handler stacks.install replaced, put back at the end
         self.device = ""
         self.final_metrics = b""
         self._log = log.get("supervisor")
@@ -269,14 +270,14 @@ class Supervisor:
         for p in procs:
             await loop.run_in_executor(None, p.join, max(0.0, deadline - STACK_DUMP_S - time.monotonic()))
         stuck = [p for p in procs if p.is_alive()]
-        for p in stuck:
-            if stacks.catches(p.pid):
-                os.kill(p.pid, stacks.DUMP_SIGNAL)
+        dumped = [p for p in stuck if stacks.catches(p.pid)]
+        for p in dumped:
+            os.kill(p.pid, stacks.DUMP_SIGNAL)
         for p in stuck:
             await loop.run_in_executor(None, p.join, max(0.0, deadline - time.monotonic()))
             if p.is_alive():
-                self._log.error(f"{what} did not stop in time; killed (its stacks are logged just before)",
-                                pid=p.pid, child=p.name, waited_s=budget)
+                self._log.error(f"{what} did not stop in time; killed", pid=p.pid, child=p.name, waited_s=budget,
+                                stacks="logged just before" if p in dumped else "not asked (no handler yet)")
                 p.kill()
                 await loop.run_in_executor(None, p.join, 5)
 
@@ -296,9 +297,10 @@ class Supervisor:
             except (NotImplementedError, RuntimeError):  # not the main thread (tests)
                 pass
         try:  # SIGUSR1: this process's stacks, then each child's
-            stacks.install(lambda: [p.pid for p in [*self.gpus, *self.intake_procs] if p.pid and p.is_alive()])
+            self._usr1 = stacks.install(
+                lambda: [p.pid for p in [*self.gpus, *self.intake_procs] if p.pid and p.is_alive()])
         except ValueError:  # not the main thread (tests)
-            pass
+            self._usr1 = None
 
     def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -306,6 +308,8 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError):
                 pass
+        if self._usr1 is not None:  # an in-process supervisor (demo, bench) leaves the handler it found
+            signal.signal(stacks.DUMP_SIGNAL, self._usr1)
 
     def _on_signal(self, signum: int) -> None:
         self.signals += 1
