@@ -4,7 +4,8 @@
 # (fp32 and fp16: BENCH_VARIANTS below), `python3 -m benchmarks` from this checkout (PYTHONPATH=$PWD).
 # .gpu-extra/ (carried, git-ignored) may hold test-only wheels (pytest-asyncio, pytest-timeout) and
 # pycuda-site.tgz, a pycuda built on an earlier machine of the same image, to skip its ~100 s build.
-# Usage: bash tests/gpu/run_on_device.sh [tests|bench|all|overlap]
+# Usage: bash tests/gpu/run_on_device.sh [tests|bench|all|overlap|repeat]
+# repeat: the issue's command once per variant in turn, several rounds, and their summary (below).
 # overlap: benchmarks.decode_overlap once per nvImageCodec backend setting (OVERLAP_CASES below), to see
 # whether JPEG decode still takes turns with inference on the card (docs/benchmarks.md, run 10).
 set -uo pipefail
@@ -77,6 +78,30 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
       --json "$out/bench-$name.json" > "$out/bench-$name.log" 2>&1
     tail -22 "$out/bench-$name.log"
   done
+fi
+if [ "$what" = repeat ]; then
+  # The issue's command (worker row and its ceiling only, ~1 min a run) once per variant in turn, A B A B ...,
+  # REPEATS rounds or until REPEAT_DEADLINE seconds from here, then benchmarks.repeats: per variant each
+  # run's ratio to its own ceiling, the median, how many reached 0.9 (one run says little on a host whose
+  # speed drifts: docs/benchmarks.md, run 26). REPEAT_VARIANTS: "name:flags;name:flags", added to the
+  # common flags; default: the issue's decoder (nvimgcodec) and the chart's (hybrid).
+  # REPEAT_COMMON replaces the common flags (a dry run on the CPU: --pipeline demo --device cpu ...)
+  common="--pipeline resnet50 --device cuda --count 8000 --max-batch-size 128 --max-wait-ms 5 --decode-workers 0"
+  common+=" --decode-threads 16 --ceiling-seconds 1.5 --skip decode,broker,baseline,sweeps,rates,round_trip,gpu_thread"
+  common=${REPEAT_COMMON:-$common}
+  IFS=';' read -ra variants <<< "${REPEAT_VARIANTS:-card:--decoder nvimgcodec;hybrid:--decoder hybrid}"
+  t0=$(date +%s)
+  for round in $(seq 1 "${REPEATS:-3}"); do
+    for variant in "${variants[@]}"; do
+      if [ $(( $(date +%s) - t0 )) -gt "${REPEAT_DEADLINE:-420}" ]; then break 2; fi
+      name=${variant%%:*}
+      # shellcheck disable=SC2086 # the flags are meant to split
+      timeout "${REPEAT_TIMEOUT:-150}" python3 -m benchmarks $common ${variant#*:} ${BENCH_EXTRA:-} \
+        --json "$out/repeat-$round-$name.json" > "$out/repeat-$round-$name.log" 2>&1
+      echo "== round $round $name: rc $? at $(( $(date +%s) - t0 )) s"
+    done
+  done
+  python3 -m benchmarks.repeats "$out"/repeat-*.json --json "$out/repeats.json" --markdown "$out/repeats.md"
 fi
 # PACK=1: everything under $OUT in one archive (the device returns at most 8 files)
 if [ "${PACK:-0}" = 1 ]; then
