@@ -775,6 +775,54 @@ async def test_hybrid_gives_the_room_back_when_a_batch_is_cut_before_its_cpu_sha
     assert handler._cpu_busy == 0
 
 
+class _BackloggedGpu(_RecordingGpu):
+    """A GPU client whose count of this intake's images waiting at the GPU process the test sets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth = 0
+
+    def queue_depth(self) -> int:
+        return self.depth
+
+
+async def test_hybrid_card_below_sends_jpegs_to_the_card_until_the_gpu_process_has_a_backlog(settings):
+    """hybrid_card_below=8: with fewer than 8 of the intake's images at the GPU process, a JPEG goes to the
+    card though a decode thread is free; at 8 and above the decode threads take it, as without the setting.
+    Other formats are decoded here either way. 0 (the default) keeps the decode threads first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aiokafka import TopicPartition
+
+    from worker.intake.handle import MessageHandler
+    from worker.policy.offsets import OffsetTracker
+
+    jpeg = encode(synth_image(np.random.default_rng(3), 96, 64, 3), "jpeg")
+    png = encode(synth_image(np.random.default_rng(4), 96, 64, 3), "png")
+    tp = TopicPartition("in", 0)
+
+    async def routes(card_below: int, depths: list[int], values: list[bytes]) -> list[bool]:
+        gpu = _BackloggedGpu()
+        pool = ThreadPoolExecutor(1)
+        handler = MessageHandler(settings.replace(decoder="hybrid", decode_workers=1, hybrid_card_below=card_below),
+                                 PIPELINE, gpu, _NullPublisher(), OffsetTracker(), Metrics(),
+                                 {"published": 0, "dead_lettered": 0, "failed": 0}, pool, lambda exc: None)
+        try:
+            for i, (depth, value) in enumerate(zip(depths, values)):
+                gpu.depth = depth
+                msg = SimpleNamespace(topic="in", partition=0, offset=i, timestamp=0, key=None, value=value,
+                                      headers=[])
+                await handler.handle(tp, msg)
+        finally:
+            pool.shutdown()
+        assert handler._cpu_busy == 0
+        return [r.encoded is not None for r in sorted(gpu.requests, key=lambda r: r.context["offset"])]
+
+    depths = [0, 7, 8, 30, 0]
+    assert await routes(8, depths, [jpeg] * 4 + [png]) == [True, True, False, False, False]
+    assert await routes(0, depths, [jpeg] * 4 + [png]) == [False, False, False, False, False]
+
+
 async def test_nvimgcodec_alone_never_decodes_jpegs_on_the_cpu(settings):
     from concurrent.futures import ThreadPoolExecutor
 

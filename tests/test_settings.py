@@ -21,6 +21,8 @@ def test_bad_values_are_specific():
         settings_mod.load({}, environ={"WORKER_MAX_BATCH_SIZE": "lots"})
     with pytest.raises(ConfigError, match=r"max_batch_size must be >= 1, got 0"):
         settings_mod.load({}, environ={"WORKER_MAX_BATCH_SIZE": "0"})
+    with pytest.raises(ConfigError, match=r"hybrid_card_below must be >= 0, got -1"):
+        settings_mod.load({}, environ={"WORKER_HYBRID_CARD_BELOW": "-1"})
     with pytest.raises(ConfigError, match=r"device='tpu' is not one of auto, cuda, cpu"):
         settings_mod.load({}, environ={"WORKER_DEVICE": "tpu"})
     with pytest.raises(ConfigError, match=r"resume_in_flight=9 must not exceed max_in_flight=8"):

@@ -205,6 +205,12 @@ class Settings:
         32, "With decoder hybrid: JPEGs queued per decode thread of an intake before the next ones go to the "
             "card as bytes. Higher: more of the decoding on the CPU, more latency in the queue; 32 measured best "
             "on an H100 host of 16 cores with 8 hardware queues (docs/benchmarks.md, run 14).")
+    hybrid_card_below: int = _opt(
+        0, "With decoder hybrid: while fewer than this many of an intake's images wait at the GPU process (no "
+           "backlog there), its JPEGs go to the card and its decode threads stay idle; from this many on, the "
+           "decode threads take them while they have room (hybrid_queue_per_thread), as at the peak. 0: the "
+           "decode threads first whenever they have room, which below the peak is every JPEG (2.3-3.8 ms of "
+           "intake CPU each at half load: docs/benchmarks.md). Not yet measured on a GPU.")
     nvimgcodec_backend: NvImageCodecBackend = _opt(
         NvImageCodecBackend.DEFAULT, "With decoder nvimgcodec or hybrid: which nvImageCodec decoders may take "
         "JPEGs: default (its own choice), hardware (the card's JPEG engines only; what they refuse is decoded "
@@ -278,7 +284,7 @@ class Settings:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "gil_switch_interval_ms", "drain_timeout_s", "rebalance_timeout_s", "decode_workers",
                      "max_bytes", "max_pixels", "resume_in_flight", "http_port", "socket_read_bytes",
-                     "intake_processes", "max_in_flight_bytes", "max_uncommitted_span",
+                     "intake_processes", "max_in_flight_bytes", "max_uncommitted_span", "hybrid_card_below",
                      "message_deadline_s"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")

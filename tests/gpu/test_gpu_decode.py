@@ -289,13 +289,14 @@ def test_malformed_inputs_get_the_cpu_decoders_verdicts():
     assert cases and not mismatches
 
 
-@pytest.mark.parametrize("decoder", ["nvimgcodec", "hybrid"])
-async def test_kafka_nvimgcodec_kafka_n_in_n_out(settings, decoder):
+@pytest.mark.parametrize("decoder, card_below", [("nvimgcodec", 0), ("hybrid", 0), ("hybrid", 64)])
+async def test_kafka_nvimgcodec_kafka_n_in_n_out(settings, decoder, card_below):
     """Lossless 64x64 images through the demo pipeline (decoded by OpenCV in the pool, copied into device
     rows: results exact), plus 640x480 JPEGs decoded on the GPU (close to the CPU decoder); with hybrid,
-    JPEGs decoded by a free decode thread instead (cpu-reduced) are close to that decoder."""
+    JPEGs decoded by a free decode thread instead (cpu-reduced) are close to that decoder; with
+    hybrid_card_below, the card takes the JPEGs while fewer than that wait at the GPU thread."""
     n_lossless, n_jpeg = 400, 200
-    settings = settings.replace(device="cuda", decoder=decoder, max_batch_size=64)
+    settings = settings.replace(device="cuda", decoder=decoder, max_batch_size=64, hybrid_card_below=card_below)
     await create_topics(settings.bootstrap_servers, [(settings.input_topic, 4), (settings.output_topic, 4),
                                                     (settings.dlq_topic, 1)])
     blobs, pixels = lossless_images(n_lossless, seed=5)

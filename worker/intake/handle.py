@@ -109,6 +109,9 @@ class MessageHandler:
         self._cpu_slots = (settings.decode_threads * settings.hybrid_queue_per_thread
                            if settings.decoder == "hybrid" else 0)
         self._cpu_busy = 0
+        # hybrid_card_below: under it the GPU process has no backlog of this intake's images, so the card's
+        # JPEG decoder (idle otherwise below the peak) takes them and the CPU is spared; over it, as above
+        self._card_below = settings.hybrid_card_below if settings.decoder == "hybrid" else 0
         self._threads = max(1, settings.decode_threads)
         self._log = log.get("worker")
 
@@ -187,7 +190,8 @@ class MessageHandler:
 
     async def _check_and_put(self, jobs: list[Job]) -> None:
         """The GPU decodes: header checks here (a JSON envelope in the pool), the bytes to the GPU; with
-        decoder=hybrid a JPEG is decoded here instead while a decode thread is free."""
+        decoder=hybrid a JPEG is decoded here instead while a decode thread is free (with hybrid_card_below,
+        only while the GPU process has a backlog of this intake's images)."""
         s = self.settings
         on_cpu: list[Job] = []
         try:
@@ -198,7 +202,7 @@ class MessageHandler:
                     job.error = exc
                     continue
                 job.decoded = encoded
-                if gpu_decodable(encoded) and self._cpu_busy >= self._cpu_slots:
+                if gpu_decodable(encoded) and (self._cpu_busy >= self._cpu_slots or self._no_gpu_backlog()):
                     to_card = InferenceRequest(None, None, None, job.where, encoded=encoded)  # type: ignore[arg-type]
                     await self._put(job, to_card)
                 else:  # OpenCV in the pool; the GPU thread copies the rows in
@@ -219,6 +223,10 @@ class MessageHandler:
                     self._failed_decode(job, out)
                     continue
                 await self._put(job, InferenceRequest(out, None, None, job.where))  # type: ignore[arg-type]
+
+    def _no_gpu_backlog(self) -> bool:
+        """hybrid_card_below is set and fewer of this intake's images than that wait at the GPU process."""
+        return self._card_below > 0 and self.gpu.queue_depth() < self._card_below
 
     async def _check(self, msg: Any) -> Encoded:
         """Header checks before the GPU thread decodes: ~8 us for a raw image, done right here on the
