@@ -209,8 +209,8 @@ class Settings:
         0, "With decoder hybrid: while fewer than this many of an intake's images wait at the GPU process (no "
            "backlog there), its JPEGs go to the card and its decode threads stay idle; from this many on, the "
            "decode threads take them while they have room (hybrid_queue_per_thread), as at the peak. 0: the "
-           "decode threads first whenever they have room, which below the peak is every JPEG (2.3-3.8 ms of "
-           "intake CPU each at half load: docs/benchmarks.md). Not yet measured on a GPU.")
+           "decode threads first whenever they have room, which below the peak is every JPEG (intake CPU "
+           "2.3-3.8 ms per image at half load, most of it decoding: docs/benchmarks.md). Not yet measured on a GPU.")
     nvimgcodec_backend: NvImageCodecBackend = _opt(
         NvImageCodecBackend.DEFAULT, "With decoder nvimgcodec or hybrid: which nvImageCodec decoders may take "
         "JPEGs: default (its own choice), hardware (the card's JPEG engines only; what they refuse is decoded "
