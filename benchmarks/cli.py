@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", default="", metavar="PART,..",
                    help="Leave out parts: decode, ceiling, gpu_thread, worker, broker, baseline, sweeps, rates, "
                         "round_trip (the broker's own round trip, for the latency bound of the 50%% run).")
+    p.add_argument("--broker", choices=("tansu", "kafka"), default="tansu",
+                   help="The broker started for the run where --bootstrap-servers is left at 'local': tansu (the "
+                        "embedded one, default) or kafka (Apache Kafka, single node, from tests/kafka_broker.py: "
+                        "java on PATH and the jars fetched once with Maven, or carried in WORKER_KAFKA_CACHE).")
     p.add_argument("--json", dest="json_path", default="", help="Write every number to this JSON file.")
     p.add_argument("--markdown", dest="markdown_path", default="", help="Write the table as Markdown here.")
     settings_mod.add_arguments(p, exclude=frozenset({"pipeline"}))
@@ -113,7 +117,7 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
                         sweep_batch=args.sweep_batch, sweep_wait=args.sweep_wait, sweep_count=args.sweep_count,
                         rates=args.rates, rate_seconds=args.rate_seconds, decode_threads=args.decode_threads,
                         ceiling_seconds=args.ceiling_seconds, sweep_intakes=args.sweep_intakes,
-                        sweep_replicas=args.sweep_replicas, skip=skip, argv=list(argv))
+                        sweep_replicas=args.sweep_replicas, skip=skip, argv=list(argv), broker=args.broker)
     console = Console(width=None if sys.stdout.isatty() else 200)  # a log file gets the whole table
     checkpoint = (lambda result: report.write_json(result, args.json_path)) if args.json_path else None
     result = asyncio.run(run_bench(opts, s, console, checkpoint))

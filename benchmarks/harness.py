@@ -15,7 +15,9 @@ Each worker run builds its own runtime and engines through ``serve``, as a deplo
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -35,6 +37,7 @@ from benchmarks.end_to_end import worker_run
 from benchmarks.round_trip import BOUND_FRACTION, broker_round_trip
 from worker.broker import LocalBroker
 from worker.decode.message import decode_message, inspect_message
+from worker.errors import ConfigError
 from worker.models.spec import load_pipeline
 from worker.settings import Settings
 
@@ -72,6 +75,20 @@ class BenchOptions:
     sweep_replicas: list[int] = field(default_factory=list)
     skip: set[str] = field(default_factory=set)
     argv: list[str] = field(default_factory=list)
+    broker: str = "tansu"  # started where bootstrap_servers is "local": tansu, or kafka (Apache Kafka)
+
+
+def start_broker(kind: str) -> Any:
+    """The run's broker: the embedded tansu, or Apache Kafka (single node, KRaft) for a run whose latency
+    must not be the local broker's (at ~200 MB/s of images tansu's own round trip reached 1.1 s at p99:
+    docs/benchmarks.md, run 26). Kafka comes from the tests' module, so from a checkout only."""
+    if kind == "kafka":
+        from tests.kafka_broker import KafkaBroker
+
+        if shutil.which("java") is None:  # (and mvn, until the jars are in the cache)
+            raise ConfigError("--broker kafka needs java on PATH (docs/gpu.md: a Java runtime for a GPU machine)")
+        return KafkaBroker(tls=False).start()  # the PLAINTEXT listener is all a run uses
+    return LocalBroker().start()
 
 
 async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
@@ -101,9 +118,11 @@ async def run_bench(opts: BenchOptions, settings: Settings, console: Console,
     broker = None
     bootstrap = settings.bootstrap_servers
     if bootstrap in ("", "local"):
-        broker = LocalBroker().start()
+        broker = await asyncio.to_thread(start_broker, opts.broker)  # Kafka's readiness probe runs its own loop
         bootstrap = broker.bootstrap
-        say(f"local broker (tansu) on {bootstrap}")
+        result["bench"]["broker"] = {"kind": opts.broker, "version": getattr(broker, "version", None),
+                                     "java": shutil.which("java") if opts.broker == "kafka" else None}
+        say(f"local broker ({opts.broker}) on {bootstrap}")
     pid = broker.pid if broker is not None else None
     try:
         say(f"generating {min(opts.unique, opts.count)} distinct 640x480 q90 JPEGs, {opts.count} messages")

@@ -178,16 +178,19 @@ def _cluster_id() -> str:
 class KafkaBroker(BrokerProcess):
     """Start with ``start()`` or as a context manager; ``bootstrap`` is the PLAINTEXT listener."""
 
-    def __init__(self, version: str = KAFKA_VERSION) -> None:
+    def __init__(self, version: str = KAFKA_VERSION, tls: bool = True) -> None:
+        """``tls=False``: the PLAINTEXT listener alone, no certificates (no ``openssl`` needed): the bench's
+        ``--broker kafka`` on a machine that has Java but perhaps no openssl CLI (the GPU machines)."""
         self.version_wanted = version
         self.version = ""
+        self.tls = tls
         self.home = Path(tempfile.mkdtemp(prefix="kafka-"))
         self.log_file = self.home / "logs" / "server.log"
-        self.ports = dict(zip(("PLAINTEXT", "SASL_SSL", "SSL", "MTLS", "CONTROLLER"), distinct_free_ports(5)))
+        names = ("PLAINTEXT", "SASL_SSL", "SSL", "MTLS", "CONTROLLER") if tls else ("PLAINTEXT", "CONTROLLER")
+        self.ports = dict(zip(names, distinct_free_ports(len(names))))
         self.bootstrap = f"127.0.0.1:{self.ports['PLAINTEXT']}"
-        self.sasl_ssl = f"127.0.0.1:{self.ports['SASL_SSL']}"
-        self.ssl = f"127.0.0.1:{self.ports['SSL']}"
-        self.mtls = f"127.0.0.1:{self.ports['MTLS']}"
+        at = {n: f"127.0.0.1:{port}" for n, port in self.ports.items()}
+        self.sasl_ssl, self.ssl, self.mtls = at.get("SASL_SSL", ""), at.get("SSL", ""), at.get("MTLS", "")
         self.users = dict(USERS)
         self.certs: dict[str, Path] = {}
         self._proc: subprocess.Popen | None = None
@@ -195,8 +198,6 @@ class KafkaBroker(BrokerProcess):
 
     def _properties(self) -> str:
         p = self.ports
-        ca, keystore = self.certs["ca"], self.certs["server_keystore"]
-        plain_users = " ".join(f'user_{u}="{pw}"' for u, pw in self.users.items())
         lines = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -204,8 +205,9 @@ class KafkaBroker(BrokerProcess):
             "listeners": ",".join(f"{n}://127.0.0.1:{port}" for n, port in p.items()),
             "advertised.listeners": ",".join(f"{n}://127.0.0.1:{port}" for n, port in p.items()
                                              if n != "CONTROLLER"),
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL,MTLS:SSL,"
-                                              "CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": ("PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL,MTLS:SSL,"
+                                               "CONTROLLER:PLAINTEXT") if self.tls else
+                                              "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.home / "data"),
@@ -220,6 +222,15 @@ class KafkaBroker(BrokerProcess):
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
             "log.flush.interval.messages": "100000000",
+        }
+        if self.tls:
+            lines |= self._tls_properties()
+        return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+    def _tls_properties(self) -> dict[str, str]:
+        ca, keystore = self.certs["ca"], self.certs["server_keystore"]
+        plain_users = " ".join(f'user_{u}="{pw}"' for u, pw in self.users.items())
+        return {
             # TLS: the same server key store on every TLS listener; MTLS demands a client certificate.
             "ssl.keystore.type": "PEM",
             "ssl.keystore.location": str(keystore),
@@ -234,7 +245,6 @@ class KafkaBroker(BrokerProcess):
             "listener.name.sasl_ssl.plain.sasl.jaas.config":
                 f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};",
         }
-        return "".join(f"{k}={v}\n" for k, v in lines.items())
 
     def _java(self, main: str, *args: str, **popen: object):
         assert self._libs is not None
@@ -250,7 +260,7 @@ class KafkaBroker(BrokerProcess):
     def start(self, timeout: float = 120.0) -> KafkaBroker:
         self._libs = fetch(self.version_wanted)
         self.version = kafka_version(self._libs)
-        self.certs = make_certificates(self.home / "certs")
+        self.certs = make_certificates(self.home / "certs") if self.tls else {}
         (self.home / "logs").mkdir(exist_ok=True)
         (self.home / "log4j2.properties").write_text(_LOG4J2)
         props = self.home / "server.properties"
@@ -266,16 +276,19 @@ class KafkaBroker(BrokerProcess):
                                       start_new_session=True)
         out.close()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"Kafka exited with {self._proc.returncode} while starting; "
-                                   f"logs: {self.home / 'logs'}\n{self.log_tail()}")
-            if self._answers_metadata():
-                return self
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"Kafka did not answer metadata on {self.bootstrap} within {timeout}s; "
-                           f"logs: {self.home / 'logs'}\n{self.log_tail()}")
+        try:
+            while time.monotonic() < deadline:
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"Kafka exited with {self._proc.returncode} while starting; "
+                                       f"logs: {self.home / 'logs'}\n{self.log_tail()}")
+                if self._answers_metadata():
+                    return self
+                time.sleep(0.3)
+            raise RuntimeError(f"Kafka did not answer metadata on {self.bootstrap} within {timeout}s; "
+                               f"logs: {self.home / 'logs'}\n{self.log_tail()}")
+        except BaseException:
+            self.stop()  # its own session: it would outlive us (seen: a probe that raised left it running)
+            raise
 
     def _answers_metadata(self) -> bool:
         try:

@@ -25,3 +25,38 @@ def test_the_cluster_id_never_reads_as_an_option():
 
     ids = [_cluster_id() for _ in range(2000)]  # about 31 of 2000 random ids start with "-"
     assert not [i for i in ids if i.startswith("-")] and all(len(i) == 22 for i in ids)
+
+
+def test_a_kafka_that_fails_its_start_is_not_left_running(monkeypatch):
+    """The broker runs in its own session, so nothing stops it with us: a start that fails after the
+    process was launched (here the readiness probe raises, as it once did when called inside an event
+    loop) stops it before the error propagates."""
+    import os
+
+    from tests.kafka_broker import KafkaBroker, tools_missing
+
+    why = tools_missing()
+    if why:
+        pytest.skip(why)
+    broker = KafkaBroker(tls=False)
+
+    def probe_fails() -> bool:
+        raise RuntimeError("probe failed")
+
+    monkeypatch.setattr(broker, "_answers_metadata", probe_fails)
+    with pytest.raises(RuntimeError, match="probe failed"):
+        broker.start()
+    assert broker._proc is not None and broker._proc.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(broker._proc.pid, 0)
+
+
+def test_a_plaintext_only_kafka_needs_no_certificates():
+    """``tls=False`` (the bench's --broker kafka): two listeners, no TLS or SASL settings to point at."""
+    from tests.kafka_broker import KafkaBroker
+
+    broker = KafkaBroker(tls=False)
+    props = dict(line.split("=", 1) for line in broker._properties().splitlines())
+    assert set(broker.ports) == {"PLAINTEXT", "CONTROLLER"} and broker.ssl == broker.sasl_ssl == broker.mtls == ""
+    assert props["listener.security.protocol.map"] == "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    assert not [k for k in props if k.startswith(("ssl.", "sasl.", "listener.name."))]

