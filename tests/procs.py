@@ -10,6 +10,7 @@ real broker with aiokafka, like the tests' other helpers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -110,8 +111,9 @@ class WorkerProc:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             # Where it is stuck: every process logs its threads' and tasks' stacks on SIGUSR1 (worker.stacks)
-            os.kill(self.proc.pid, signal.SIGUSR1)
-            time.sleep(3)
+            with contextlib.suppress(ProcessLookupError):  # it may have exited just now
+                os.kill(self.proc.pid, signal.SIGUSR1)
+                time.sleep(3)
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"{self.name} (pid {self.proc.pid}) did not exit within {timeout}s; "
