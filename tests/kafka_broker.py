@@ -178,12 +178,17 @@ def _cluster_id() -> str:
 class KafkaBroker(BrokerProcess):
     """Start with ``start()`` or as a context manager; ``bootstrap`` is the PLAINTEXT listener."""
 
-    def __init__(self, version: str = KAFKA_VERSION, tls: bool = True) -> None:
+    def __init__(self, version: str = KAFKA_VERSION, tls: bool = True, initial_rebalance_delay_ms: int = 0) -> None:
         """``tls=False``: the PLAINTEXT listener alone, no certificates (no ``openssl`` needed): the bench's
-        ``--broker kafka`` on a machine that has Java but perhaps no openssl CLI (the GPU machines)."""
+        ``--broker kafka`` on a machine that has Java but perhaps no openssl CLI (the GPU machines).
+        ``initial_rebalance_delay_ms``: how long the coordinator waits for more members after a new group's first
+        join (Kafka's ``group.initial.rebalance.delay.ms``). 0 here (a test's lone consumer joins at once); Kafka's
+        own default is 3000, what a real cluster runs and what the bench asks for: with 0, the first of a pod's
+        intakes gets a generation of its own and every later one forces a rebalance (run 27's K sweeps)."""
         self.version_wanted = version
         self.version = ""
         self.tls = tls
+        self.initial_rebalance_delay_ms = initial_rebalance_delay_ms
         self.home = Path(tempfile.mkdtemp(prefix="kafka-"))
         self.log_file = self.home / "logs" / "server.log"
         names = ("PLAINTEXT", "SASL_SSL", "SSL", "MTLS", "CONTROLLER") if tls else ("PLAINTEXT", "CONTROLLER")
@@ -220,7 +225,7 @@ class KafkaBroker(BrokerProcess):
             "transaction.state.log.num.partitions": "4",
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
-            "group.initial.rebalance.delay.ms": "0",
+            "group.initial.rebalance.delay.ms": str(self.initial_rebalance_delay_ms),
             "log.flush.interval.messages": "100000000",
         }
         if self.tls:

@@ -60,3 +60,14 @@ def test_a_plaintext_only_kafka_needs_no_certificates():
     assert set(broker.ports) == {"PLAINTEXT", "CONTROLLER"} and broker.ssl == broker.sasl_ssl == broker.mtls == ""
     assert props["listener.security.protocol.map"] == "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
     assert not [k for k in props if k.startswith(("ssl.", "sasl.", "listener.name."))]
+    assert props["group.initial.rebalance.delay.ms"] == "0"  # a test's lone consumer joins at once
+
+
+def test_the_initial_rebalance_delay_is_the_callers():
+    """The bench asks for Kafka's own default (3 s), so that a pod's intakes share the group's first generation."""
+    from benchmarks.harness import KAFKA_INITIAL_REBALANCE_DELAY_MS
+    from tests.kafka_broker import KafkaBroker
+
+    broker = KafkaBroker(tls=False, initial_rebalance_delay_ms=KAFKA_INITIAL_REBALANCE_DELAY_MS)
+    props = dict(line.split("=", 1) for line in broker._properties().splitlines())
+    assert props["group.initial.rebalance.delay.ms"] == "3000"
