@@ -692,7 +692,8 @@ async def test_hybrid_decodes_on_the_cpu_while_a_decode_thread_is_free_and_sends
         return real(*args, **kwargs)
 
     monkeypatch.setattr(handle_module, "decode_encoded", slow_decode)
-    settings = settings.replace(decoder="hybrid", decode_workers=1)  # room for hybrid_queue_per_thread
+    # room for hybrid_queue_per_thread; the rule at the peak (hybrid_card_below 0: as with a backlog at the GPU)
+    settings = settings.replace(decoder="hybrid", decode_workers=1, hybrid_card_below=0)
     gpu = _RecordingGpu()
     counts = {"published": 0, "dead_lettered": 0, "failed": 0}
     failures: list[BaseException] = []
@@ -755,7 +756,7 @@ async def test_hybrid_gives_the_room_back_when_a_batch_is_cut_before_its_cpu_sha
         async def put(self, request):  # a ring with no free slot: waits for ever
             await asyncio.Event().wait()
 
-    settings = settings.replace(decoder="hybrid", decode_workers=1)
+    settings = settings.replace(decoder="hybrid", decode_workers=1, hybrid_card_below=0)  # the rule at the peak
     pool = ThreadPoolExecutor(1)
     handler = MessageHandler(settings, PIPELINE, _FullGpu(), _NullPublisher(), OffsetTracker(), Metrics(),
                              {"published": 0, "dead_lettered": 0, "failed": 0}, pool, lambda exc: None)

@@ -206,11 +206,12 @@ class Settings:
             "card as bytes. Higher: more of the decoding on the CPU, more latency in the queue; 32 measured best "
             "on an H100 host of 16 cores with 8 hardware queues (docs/benchmarks.md, run 14).")
     hybrid_card_below: int = _opt(
-        0, "With decoder hybrid: while fewer than this many of an intake's images wait at the GPU process (no "
-           "backlog there), its JPEGs go to the card and its decode threads stay idle; from this many on, the "
-           "decode threads take them while they have room (hybrid_queue_per_thread), as at the peak. 0: the "
-           "decode threads first whenever they have room, which below the peak is every JPEG (intake CPU "
-           "2.3-3.8 ms per image at half load, most of it decoding: docs/benchmarks.md). Not yet measured on a GPU.")
+        32, "With decoder hybrid: while fewer than this many of an intake's images wait at the GPU process (no "
+            "backlog there), its JPEGs go to the card and its decode threads stay idle; from this many on, the "
+            "decode threads take them while they have room (hybrid_queue_per_thread), as at the peak. 0: the "
+            "decode threads first whenever they have room, which below the peak is every JPEG. 32 measured on an "
+            "H100 (docs/benchmarks.md, run 27): the peak unchanged (0.866-0.922x against 0.861-0.913x), at half "
+            "load intake CPU 1.70-1.83 ms per image against 3.87-4.17 and p99 137-153 ms against 160-600.")
     nvimgcodec_backend: NvImageCodecBackend = _opt(
         NvImageCodecBackend.DEFAULT, "With decoder nvimgcodec or hybrid: which nvImageCodec decoders may take "
         "JPEGs: default (its own choice), hardware (the card's JPEG engines only; what they refuse is decoded "
