@@ -41,7 +41,11 @@ def command_flags(command: str) -> dict[str, str]:
     i = 0
     while i < len(words):
         word = words[i]
-        if word.startswith("--"):
+        if word.startswith("--") and "=" in word:  # --flag=value
+            word, value = word.split("=", 1)
+            if word not in _OUTPUT_FLAGS:
+                flags[word] = value
+        elif word.startswith("--"):
             value = ""
             if i + 1 < len(words) and not words[i + 1].startswith("--"):
                 value = words[i + 1]

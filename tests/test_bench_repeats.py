@@ -31,6 +31,7 @@ def test_command_flags_leave_out_where_a_run_writes():
     flags = repeats.command_flags(BASE.format(decoder="hybrid", i=3) + " --sweep-intakes 1,2 --no-warmup")
     assert flags["--decoder"] == "hybrid" and flags["--count"] == "8000" and flags["--sweep-intakes"] == "1,2"
     assert flags["--no-warmup"] == ""
+    assert repeats.command_flags("python -m benchmarks --decoder=hybrid --json=x.json") == {"--decoder": "hybrid"}
     assert "--json" not in flags and "--log-level" not in flags
     assert "python" not in flags and "-m" not in flags
 

@@ -8,6 +8,8 @@ took them from the consumer's cached metadata, empty on Kafka without a subscrip
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.test_replay import test_until_end_covers_multi_record_batches as _until_end_over_multi_record_batches
@@ -51,12 +53,18 @@ def test_a_kafka_that_fails_its_start_is_not_left_running(monkeypatch):
         os.kill(broker._proc.pid, 0)
 
 
-def test_a_plaintext_only_kafka_needs_no_certificates():
-    """``tls=False`` (the bench's --broker kafka): two listeners, no TLS or SASL settings to point at."""
+def _plaintext_properties(**kwargs):
+    """A PLAINTEXT-only KafkaBroker (not started) and its server.properties as a dict; its home removed."""
     from tests.kafka_broker import KafkaBroker
 
-    broker = KafkaBroker(tls=False)
-    props = dict(line.split("=", 1) for line in broker._properties().splitlines())
+    broker = KafkaBroker(tls=False, **kwargs)
+    shutil.rmtree(broker.home)
+    return broker, dict(line.split("=", 1) for line in broker._properties().splitlines())
+
+
+def test_a_plaintext_only_kafka_needs_no_certificates():
+    """``tls=False`` (the bench's --broker kafka): two listeners, no TLS or SASL settings to point at."""
+    broker, props = _plaintext_properties()
     assert set(broker.ports) == {"PLAINTEXT", "CONTROLLER"} and broker.ssl == broker.sasl_ssl == broker.mtls == ""
     assert props["listener.security.protocol.map"] == "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
     assert not [k for k in props if k.startswith(("ssl.", "sasl.", "listener.name."))]
@@ -66,8 +74,6 @@ def test_a_plaintext_only_kafka_needs_no_certificates():
 def test_the_initial_rebalance_delay_is_the_callers():
     """The bench asks for Kafka's own default (3 s), so that a pod's intakes share the group's first generation."""
     from benchmarks.harness import KAFKA_INITIAL_REBALANCE_DELAY_MS
-    from tests.kafka_broker import KafkaBroker
 
-    broker = KafkaBroker(tls=False, initial_rebalance_delay_ms=KAFKA_INITIAL_REBALANCE_DELAY_MS)
-    props = dict(line.split("=", 1) for line in broker._properties().splitlines())
+    _, props = _plaintext_properties(initial_rebalance_delay_ms=KAFKA_INITIAL_REBALANCE_DELAY_MS)
     assert props["group.initial.rebalance.delay.ms"] == "3000"
