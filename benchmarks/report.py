@@ -237,8 +237,11 @@ def rows(result: dict) -> list[tuple[str, ...]]:
                         f"{rt['received']}/{rt['count']} records of {rt['payload_bytes']} B; produce->consumed"))
     if result.get("broker"):
         b = result["broker"]
-        out.append(("broker read, no processing", _f(b["records_per_s"]), "", "", "", "",
-                    f"{b['mb_per_s']:.0f} MB/s"))
+        for client, c in (b.get("clients") or {"aiokafka": b}).items():
+            cpu = c.get("cpu_ms_per_message")
+            out.append((f"broker read, no processing ({client} alone)", _f(c["records_per_s"]), "", "", "", "",
+                        f"{c['mb_per_s']:.0f} MB/s" + (f"; its CPU {cpu:.3f} ms per message (the intake's floor)"
+                                                       if cpu is not None else "")))
     for row in result.get("decode", []):
         if row["decoder"] == "nvimgcodec":
             out.append((f"decode nvimgcodec on the GPU, batch {row['batch_size']}", _f(row["images_per_s"]), "",

@@ -148,6 +148,19 @@ def test_intake_cpu_is_counted_per_intake_from_its_first_message(bench):
         assert set(run["cpu_ms_per_message"]) >= {"intake_processes", "gpu_process", "broker_process"}
 
 
+def test_broker_read_gives_each_client_s_floor_of_cpu_per_message(bench):
+    """Each client reads the worker run's topic alone, in a process of its own: every record, and the
+    CPU that took per record (the least an intake with that client can spend)."""
+    result, text, _ = bench
+    floor = result["broker"]
+    assert set(floor["clients"]) == {"aiokafka", "librdkafka"}
+    for client, c in floor["clients"].items():
+        assert c["client"] == client and c["records"] == COUNT
+        assert c["cpu_ms_per_message"] >= 0 and c["records_per_s"] >= 0  # 40 records may all come in the first poll
+        assert f"broker read, no processing ({client} alone)" in text
+    assert floor["records_per_s"] == floor["clients"]["aiokafka"]["records_per_s"]  # the bench's broker ceiling
+
+
 def test_decode_capacity_rows_and_ratios(bench):
     result, _, _ = bench
     assert {(r["decoder"], r["threads"]) for r in result["decode"]} == {
