@@ -31,7 +31,7 @@ from worker.decode.nvimgcodec import (
     warm_up_jpeg,
 )
 from worker.decode.resize_kernel import SOURCE, SOURCE_DTYPE, fill_sources
-from worker.errors import ConfigError, ModelRejectedInput, UndecodableImage
+from worker.errors import ConfigError, ModelRejectedInput, PoisonMessage, UndecodableImage
 from worker.decode.message import Encoded, decode_encoded, gpu_decodable, inspect_message
 from worker.gpu.thread import GpuThread
 from worker.gpu.requests import InferenceRequest, InferenceResult
@@ -105,6 +105,24 @@ def test_only_complete_jpegs_go_to_the_gpu_decoder():
     photo = jpeg[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + jpeg[2:]
     assert gpu_decodable(_encoded(photo))
     assert not gpu_decodable(_encoded(photo[:len(photo) - 300]))
+
+
+def test_a_jpeg_ending_in_its_end_marker_is_judged_without_searching_and_as_before():
+    """The shortcut for a JPEG that ends in EOI gives what the search from the end gives, for every cut
+    of a JPEG and of a photo with a thumbnail, with and without bytes after the end."""
+    def searched(data: bytes) -> bool:  # the rule the shortcut must keep: an EOI after the last SOS
+        sos = data.rfind(b"\xff\xda")
+        return sos > 0 and data.rfind(b"\xff\xd9") > sos
+
+    jpeg = encode(synth_image(np.random.default_rng(5), 96, 64, 3), "jpeg")
+    first_sos = jpeg.find(b"\xff\xda")
+    for end in range(first_sos + 40, len(jpeg) + 1, 7):
+        for data in (jpeg[:end], jpeg[:end] + b"\xff\xd9", jpeg[:end] + b"tail"):
+            try:
+                encoded = _encoded(data)
+            except PoisonMessage:
+                continue  # refused before the GPU's question comes up
+            assert gpu_decodable(encoded) == searched(data), (end, data[-6:])
 
 
 def test_decoded_size_must_match_the_header_or_its_rotation():

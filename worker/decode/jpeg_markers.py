@@ -27,15 +27,21 @@ def header(d: bytes) -> ImageInfo:
     # empty ones would hold the GIL for seconds in this loop, so stop counting well before that.
     for _ in range(_JPEG_MAX_STEPS):
         # Like libjpeg's next_marker: bytes before 0xFF are skipped (with a warning there), 0xFF fill bytes
-        # are skipped, and FF00 is stuffing rather than a marker.
-        pos = d.find(b"\xff", pos)
-        if pos < 0:
-            raise _truncated("JPEG", n, "a frame header (SOF) and a scan (SOS)")
-        pos = _FILL.match(d, pos).end()
-        if pos >= n:
-            raise _truncated("JPEG", n, "a marker after the 0xFF fill bytes at the end")
-        marker = d[pos]
-        pos += 1
+        # are skipped, and FF00 is stuffing rather than a marker. Real files put each marker right where the
+        # last segment ended, one 0xFF and its code: taken as it is, without the searches (this runs on the
+        # intake's event loop for every image the card decodes).
+        if pos + 1 < n and d[pos] == 0xFF and d[pos + 1] != 0xFF:
+            marker = d[pos + 1]
+            pos += 2
+        else:
+            pos = d.find(b"\xff", pos)
+            if pos < 0:
+                raise _truncated("JPEG", n, "a frame header (SOF) and a scan (SOS)")
+            pos = _FILL.match(d, pos).end()
+            if pos >= n:
+                raise _truncated("JPEG", n, "a marker after the 0xFF fill bytes at the end")
+            marker = d[pos]
+            pos += 1
         if marker == 0 or 0xD0 <= marker <= 0xD7 or marker == 0x01:
             continue  # stuffing; RSTn and TEM carry no length
         if marker == 0xD9:
