@@ -112,6 +112,55 @@ class _Message:
         return 42
 
 
+class _Record(_Message):
+    def __init__(self, offset: int) -> None:
+        self._offset = offset
+
+    def offset(self) -> int:
+        return self._offset
+
+    def error(self) -> None:
+        return None
+
+
+class _Queue:
+    """librdkafka's consumer queue as ``_consume`` sees it: ``queued`` now, ``coming`` within a wait. It
+    records each call, since librdkafka itself would hold a batch call with a timeout for all ``n``."""
+
+    def __init__(self, queued: int, coming: int) -> None:
+        self.queued = [_Record(i) for i in range(queued)]
+        self.coming = [_Record(queued + i) for i in range(coming)]
+        self.calls: list[tuple[int, float]] = []
+
+    def consume(self, n: int, timeout: float) -> list[_Record]:
+        self.calls.append((n, timeout))
+        if not self.queued and timeout > 0:
+            self.queued, self.coming = self.coming, []
+        out, self.queued = self.queued[:n], self.queued[n:]
+        return out
+
+    def get_watermark_offsets(self, tp, cached: bool) -> tuple[int, int]:
+        return 0, 100
+
+
+@pytest.mark.parametrize(("queued", "coming", "calls", "got"), [
+    (3, 0, [(500, 0)], 3),                      # records queued: taken at once, no wait for 500
+    (600, 0, [(500, 0)], 500),                  # more than asked: the first 500
+    (0, 3, [(500, 0), (1, 0.1), (499, 0)], 3),  # none: wait for the first, then take what came with it
+    (0, 0, [(500, 0), (1, 0.1)], 0),            # none within the timeout: an empty poll
+])
+def test_a_poll_returns_what_is_queued_and_waits_only_for_the_first_record(queued, coming, calls, got):
+    """As aiokafka's getmany: librdkafka's batch call with a timeout waits for all n records (or the
+    whole timeout), which held every record below the peak for up to the poll timeout."""
+    consumer = RdKafkaConsumer({})
+    consumer._consumer = queue = _Queue(queued, coming)
+    messages = consumer._consume(500, 0.1)
+    assert queue.calls == calls
+    assert [m.offset() for m in messages] == list(range(got))
+    if got:
+        assert consumer.highwater(consumer._tp("images", 3)) == 100
+
+
 @pytest.mark.parametrize("code", [confluent_kafka.KafkaError._BAD_MSG, confluent_kafka.KafkaError._BAD_COMPRESSION,
                                   confluent_kafka.KafkaError.TOPIC_AUTHORIZATION_FAILED])
 def test_a_corrupt_batch_or_a_refused_topic_stops_the_intake(code):

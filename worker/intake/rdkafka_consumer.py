@@ -209,8 +209,18 @@ class RdKafkaConsumer:
         return out
 
     def _consume(self, n: int, timeout_s: float) -> list[Any]:
-        """On the owner thread: one poll, and the high watermarks its fetches brought (no round trip)."""
-        messages = self._consumer.consume(n, timeout_s)
+        """On the owner thread: one poll, and the high watermarks its fetches brought (no round trip).
+
+        A poll answers as aiokafka's ``getmany`` does, which the worker is built around: whatever is queued
+        now (up to ``n``); with nothing queued, the first record to come within ``timeout_s`` and what came
+        with it. librdkafka's own batch call instead waits until all ``n`` are there or the whole timeout
+        has passed, so below the peak (room for hundreds, a few queued) every record waited up to the
+        worker's poll timeout (100 ms) before it was even started."""
+        messages = self._consumer.consume(n, 0)
+        if not messages and timeout_s > 0:
+            messages = self._consumer.consume(1, timeout_s)
+            if messages and n > 1:
+                messages.extend(self._consumer.consume(n - 1, 0))
         for key in {(m.topic(), m.partition()) for m in messages if m.error() is None}:
             try:
                 _, high = self._consumer.get_watermark_offsets(_native([self._tp(*key)])[0], cached=True)
