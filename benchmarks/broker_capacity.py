@@ -93,7 +93,8 @@ def _read_aiokafka(settings: Settings, bootstrap: str, topic: str, expected: int
 
 def _read_librdkafka(settings: Settings, bootstrap: str, topic: str, expected: int, timeout_s: float):
     """The intake's librdkafka configuration (worker.intake.rdkafka_consumer.config), every partition
-    assigned from the start, ``consume`` in batches as the intake's poll thread calls it."""
+    assigned from the start, ``consume`` in batches of ``max_in_flight`` (on a topic already full each one
+    fills at once: the intake's own polls take what is queued, RdKafkaConsumer._consume)."""
     import confluent_kafka
 
     from worker.intake.rdkafka_consumer import config
